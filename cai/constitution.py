@@ -17,7 +17,7 @@ import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -51,9 +51,9 @@ class SLExample:
     response: str
     critique: str
     revision: str
-    principle: Optional[str] = None  # id of the principle whose requests the example uses
-    critique_request: Optional[str] = None  # the request text, when it is not a principle's
-    revision_request: Optional[str] = None
+    principle: str | None = None  # id of the principle whose requests the example uses
+    critique_request: str | None = None  # the request text, when it is not a principle's
+    revision_request: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class RLExample:
     conversation: list[Message]
     chosen: str
     rejected: str
-    reasoning: Optional[str] = None
+    reasoning: str | None = None
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Constitution:
     sl_examples: list[SLExample] = field(default_factory=list)
     rl_examples: list[RLExample] = field(default_factory=list)
     ensemble_size: int = 1  # 0 = all RL principles
-    principle: Optional[str] = None  # a single RL principle id
+    principle: str | None = None  # a single RL principle id
     variant: str = "custom"  # the config option that chose the sampling (default/ensemble/single)
 
     def sl_principle(self, pid: str) -> SLPrinciple:
@@ -110,16 +110,16 @@ class Constitution:
         return rng.sample(self.rl_principles, self.ensemble_size)
 
     def digest(self) -> str:
-        """A hash of the content, for artifact manifests (a changed principle invalidates labels)."""
+        """A hash of the principles and examples (not how they are drawn), for artifact manifests."""
         blob = json.dumps(
-            {k: v for k, v in asdict(self).items() if k not in ("source", "variant")}, sort_keys=True, ensure_ascii=False
+            {k: v for k, v in asdict(self).items() if k not in ("source", "variant", "ensemble_size", "principle")},
+            sort_keys=True,
+            ensure_ascii=False,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def load_constitution(
-    path: str, ensemble_size: int = 1, principle: Optional[str] = None, variant: str = "custom"
-) -> Constitution:
+def load_constitution(path: str, ensemble_size: int = 1, principle: str | None = None, variant: str = "custom") -> Constitution:
     """Load a constitution YAML file or a folder of the paper authors' JSON files, and validate it."""
     p = Path(path).expanduser()
     if not p.exists():
@@ -309,7 +309,7 @@ def _between(text: str, start: str, end: str) -> str:
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
-def _paper_transcript(file: Path, i: int, text: str) -> tuple[list[Message], Optional[str]]:
+def _paper_transcript(file: Path, i: int, text: str) -> tuple[list[Message], str | None]:
     """Split '\\n\\nHuman: ..\\n\\nAssistant: ..' into turns; a trailing assistant turn is the response."""
     parts = _TURN.split(text)
     turns = [{"role": "user" if parts[k] == "Human" else "assistant", "content": parts[k + 1].strip()} for k in range(1, len(parts) - 1, 2)]

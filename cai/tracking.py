@@ -15,8 +15,9 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,13 +28,15 @@ log = logging.getLogger(__name__)
 BACKENDS = ("wandb", "csv", "none")
 
 
-def git_commit() -> Optional[str]:
+def git_commit() -> str | None:
     """The commit of the code that ran (with '-dirty' if there are local changes), or None."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cai.ROOT, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cai.ROOT, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cai.ROOT, capture_output=True, text=True, timeout=5
+        )
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -72,7 +75,7 @@ class Tracker:
         self,
         backend: str = "wandb",
         project: str = "cai",
-        entity: Optional[str] = None,
+        entity: str | None = None,
         mode: str = "offline",
         dir: str = "outputs",
         tags: Sequence[str] = (),
@@ -88,10 +91,10 @@ class Tracker:
         self.dir = Path(dir)
         self.tags = list(tags)
         self.run: Any = None  # the wandb run
-        self.name: Optional[str] = None
-        self._csv: Optional[Path] = None
+        self.name: str | None = None
+        self._csv: Path | None = None
 
-    def start(self, cfg: DictConfig, name: Optional[str] = None) -> "Tracker":
+    def start(self, cfg: DictConfig, name: str | None = None) -> Tracker:
         """Open the run: name it from the overrides, log the composed config and the git commit."""
         overrides = cli_overrides()
         self.name = name or cfg.get("run_name") or run_name_from_overrides(overrides)
@@ -118,7 +121,7 @@ class Tracker:
             (self.dir / "config.json").write_text(json.dumps({**config, "_meta": meta}, indent=2, default=str))
         return self
 
-    def log(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Scalars named `stage/split/name` (e.g. `pm/val/accuracy`)."""
         if self.backend == "wandb" and self.run is not None:
             self.run.log(metrics, step=step)

@@ -27,7 +27,9 @@ def options(group: str) -> list[str]:
 def test_groups_have_the_required_options():
     assert {"default", "ensemble", "single"} <= set(options("constitution"))
     assert {"hard", "soft", "cot", "human"} <= set(options("label"))
-    assert {"tiny", "smollm2_135m", "smollm2_360m", "smollm2_1_7b", "qwen2_5_0_5b", "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b"} <= set(options("model"))
+    assert {"tiny", "smollm2_135m", "smollm2_360m", "smollm2_1_7b", "qwen2_5_0_5b", "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b"} <= set(
+        options("model")
+    )
     assert set(options("strategy")) == {"auto", "ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"}
     assert set(options("generation")) == {"hf", "vllm"}
     assert set(options("logger")) == {"wandb", "csv", "none"}
@@ -105,7 +107,10 @@ def test_misspelled_field_fails_at_composition(make_cfg):
 def test_cfg_job_prints_the_composed_config():
     out = subprocess.run(
         [sys.executable, "train.py", "--cfg", "job", "constitution=ensemble", "label=soft"],
-        cwd=cai.ROOT, capture_output=True, text=True, timeout=120,
+        cwd=cai.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)

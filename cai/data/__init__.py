@@ -14,9 +14,9 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from cai.errors import CaiError
 
@@ -119,10 +119,7 @@ _TURN = re.compile(r"\n\n(Human|Assistant):")
 def parse_transcript(text: str) -> list[Message]:
     """'\\n\\nHuman: hi\\n\\nAssistant: hello' -> [{'role': 'user', ...}, {'role': 'assistant', ...}]."""
     parts = _TURN.split(text)
-    return [
-        {"role": "user" if parts[k] == "Human" else "assistant", "content": parts[k + 1].strip()}
-        for k in range(1, len(parts) - 1, 2)
-    ]
+    return [{"role": "user" if parts[k] == "Human" else "assistant", "content": parts[k + 1].strip()} for k in range(1, len(parts) - 1, 2)]
 
 
 def read_hh_rlhf(path: str | Path, field: str = "data") -> list[Comparison]:

@@ -8,8 +8,8 @@ tokens.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
 
 from cai.errors import CaiError
 
@@ -44,7 +44,7 @@ class Completion:
     finished: bool  # True when the model emitted eos before max_new_tokens
 
 
-def render_prompts(tokenizer, conversations: Sequence[list[Message]], prefixes: Optional[Sequence[str]] = None) -> list[list[int]]:
+def render_prompts(tokenizer, conversations: Sequence[list[Message]], prefixes: Sequence[str] | None = None) -> list[list[int]]:
     """Token ids of each conversation under the chat template, ready for the assistant's turn.
 
     A prefix, if given, is text the assistant's turn starts with (e.g. "Let's think step by step:").
@@ -84,8 +84,8 @@ class Generator(ABC):
     def generate(
         self,
         conversations: Sequence[list[Message]],
-        params: Optional[SamplingParams] = None,
-        prefixes: Optional[Sequence[str]] = None,
+        params: SamplingParams | None = None,
+        prefixes: Sequence[str] | None = None,
         desc: str = "generating",
     ) -> list[Completion]:
         """Answer every conversation (batched), in the order given."""
@@ -98,5 +98,5 @@ class Generator(ABC):
     @abstractmethod
     def _generate(self, prompts: list[list[int]], params: SamplingParams, desc: str) -> list[Completion]: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional hook: most backends hold nothing to free)
         """Free the model (and, for vLLM, the engine's workers)."""

@@ -30,7 +30,7 @@ class VLLMGenerator(Generator):
         gpu_memory_utilization: float = 0.4,
         tensor_parallel_size: int = 1,
         max_model_len: int = 2048,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
     ) -> None:
         super().__init__(batch_size, max_new_tokens, temperature, top_p, seed)
         try:
@@ -48,6 +48,8 @@ class VLLMGenerator(Generator):
             trust, path = False, str(model)
         if dtype == "auto":  # float32 is ~5x faster than bf16 on CPUs
             dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        if enforce_eager is None:  # on a CPU, graph compilation costs ~90 s at start for no gain here
+            enforce_eager = not torch.cuda.is_available()
         self._tokenizer = tokenizer
         self.llm = vllm.LLM(
             model=path,

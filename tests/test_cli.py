@@ -1,0 +1,59 @@
+"""`python train.py` on bad input: one clear line naming the file and field, no traceback wall."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import cai
+
+
+def train(*args: str, tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CAI_ROOT": str(tmp_path), "WANDB_MODE": "disabled"}
+    return subprocess.run(
+        [sys.executable, "train.py", *args, "logger=none"], cwd=cai.ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def assert_one_clear_line(out: subprocess.CompletedProcess, *needles: str) -> None:
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr
+    for n in needles:
+        assert n in out.stderr, out.stderr
+
+
+def test_constitution_with_a_missing_field(tmp_path):
+    data = yaml.safe_load((cai.ROOT / "constitutions" / "default.yaml").read_text())
+    del data["rl"]["principles"][5]["question"]
+    bad = tmp_path / "mine.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    out = train(f"constitution.path={bad}", tmp_path=tmp_path)
+    assert_one_clear_line(out, "error: ", "mine.yaml", "rl.principles[5] (id 'no-dangerous-help')", "missing field 'question'")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_model_name(tmp_path):
+    out = train("model=gpt5", tmp_path=tmp_path)
+    assert_one_clear_line(out, "Could not find 'model/gpt5'", "qwen2_5_7b", "smollm2_135m")
+
+
+def test_empty_prompt_file(tmp_path):
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text("")
+    out = train(f"data.red_team={empty}", tmp_path=tmp_path)
+    assert_one_clear_line(out, "error: data.red_team:", "prompts.jsonl: the prompt file is empty")
+
+
+@pytest.mark.parametrize(
+    "override,needle", [("label=fuzzy", "Could not find 'label/fuzzy'"), ("sl.n_revison=3", "Key 'n_revison' not in 'SLConfig'")]
+)
+def test_unknown_config_option_or_field(tmp_path, override, needle):
+    assert_one_clear_line(train(override, tmp_path=tmp_path), needle)
+
+
+def test_label_human_without_data(tmp_path):
+    assert_one_clear_line(train("label=human", tmp_path=tmp_path), "error: label.data: label=human needs an hh-rlhf-format file")

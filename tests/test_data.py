@@ -1,0 +1,66 @@
+"""Shipped prompt sets and the readers for hh-rlhf and MT-bench files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+from conftest import HH_DEV, MT_BENCH
+
+from cai.data import load_prompts, read_hh_rlhf, read_mt_bench, read_prompt_file
+from cai.errors import CaiError
+
+
+@pytest.mark.parametrize("kind", ["red_team", "helpful"])
+def test_shipped_sets_have_200_prompts_split_train_test(kind):
+    train, test = load_prompts(kind, split="train"), load_prompts(kind, split="test")
+    assert len(train) + len(test) >= 200
+    assert len(test) >= 30
+    assert not {p.text for p in train} & {p.text for p in test}
+    assert len({p.id for p in train + test}) == len(train) + len(test)
+    assert all(p.text.strip() for p in train + test)
+    assert len(load_prompts(kind, n=8)) == 8
+
+
+def test_hh_rlhf_reader_on_the_dev_split():
+    comps = read_hh_rlhf(HH_DEV)
+    assert len(comps) > 1100
+    for c in comps[:50]:
+        assert c.conversation[-1]["role"] == "user" and c.chosen != c.rejected
+        assert all(m["role"] in ("user", "assistant") for m in c.conversation)
+
+
+def test_hh_rlhf_reader_handles_plain_jsonl_and_bad_rows(tmp_path):
+    row = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    [c] = read_hh_rlhf(path)
+    assert (c.conversation, c.chosen, c.rejected) == ([{"role": "user", "content": "hi"}], "hello", "go away")
+    path.write_text(json.dumps({"chosen": "x"}) + "\n")
+    with pytest.raises(CaiError, match=r"x.jsonl: line 1: missing field 'rejected'"):
+        read_hh_rlhf(path)
+    gz = tmp_path / "y.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write(json.dumps(row) + "\n")
+    assert len(read_hh_rlhf(gz)) == 1
+
+
+def test_mt_bench_reader():
+    qs = read_mt_bench(MT_BENCH)
+    assert len(qs) == 80 and qs[0].id == "81" and qs[0].category == "writing"
+
+
+def test_prompt_files_txt_and_errors(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("one\n\ntwo\nthree\nfour\nfive\n")
+    assert [p.text for p in read_prompt_file(txt)] == ["one", "two", "three", "four", "five"]
+    assert [p.text for p in load_prompts("red_team", str(txt), "test")] == ["five"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(CaiError, match=r"data.red_team: .*empty.jsonl: the prompt file is empty"):
+        load_prompts("red_team", str(empty))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    with pytest.raises(CaiError, match=r"bad.jsonl: line 1: missing field 'prompt'"):
+        read_prompt_file(bad)

@@ -1,0 +1,66 @@
+"""Model loading: the tiny random model, the embedded GGUF conversion, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cai.errors import CaiError
+from cai.models import ModelSpec
+
+
+def test_tiny_model_shape_and_tokenizer(tiny_spec):
+    model = tiny_spec.load_model()
+    tok = tiny_spec.load_tokenizer()
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
+    assert model.config.vocab_size == len(tok) == 49152
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    # seeded: the same spec builds the same weights, another seed different ones
+    again = tiny_spec.load_model()
+    other = ModelSpec(name="tiny", source="tiny", seed=1, cache=tiny_spec.cache).load_model()
+    w = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(model.state_dict()[w], again.state_dict()[w])
+    assert not torch.equal(model.state_dict()[w], other.state_dict()[w])
+
+
+def test_tiny_local_dir_is_a_loadable_checkpoint(tiny_spec):
+    from transformers import AutoModelForCausalLM
+
+    path = Path(tiny_spec.local_dir())
+    assert (path / "config.json").exists() and (path / "tokenizer.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(path)
+    assert reloaded.config.num_hidden_layers == 2
+
+
+@pytest.mark.slow
+def test_embedded_model_converts_to_a_plain_checkpoint(embedded_spec):
+    path = Path(embedded_spec.local_dir())
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config  # vLLM refuses a gguf quantization_config
+    assert config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
+    assert (path / "model.safetensors").exists() and (path / ".complete").exists()
+    model = embedded_spec.load_model()
+    assert model.dtype == torch.float32
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+
+
+def test_bad_model_settings_fail_clearly(tmp_path):
+    with pytest.raises(CaiError, match="model.source: unknown source 'gguf'"):
+        ModelSpec(name="x", source="gguf")
+    with pytest.raises(CaiError, match="model.path: model 'x' has source=hub but no path"):
+        ModelSpec(name="x", source="hub")
+    with pytest.raises(CaiError, match="is not a directory"):
+        ModelSpec(name="x", source="local", path=str(tmp_path / "nope"))
+    with pytest.raises(CaiError, match="model.dtype: unknown dtype 'fp8'"):
+        ModelSpec(name="x", source="tiny", dtype="fp8")
+
+
+def test_unknown_hub_id_fails_clearly_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    spec = ModelSpec(name="nope", source="hub", path="no-such-org/no-such-model")
+    with pytest.raises(CaiError, match="model.path: could not load model 'nope' from 'no-such-org/no-such-model'"):
+        spec.load_tokenizer()
