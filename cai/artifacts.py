@@ -1,0 +1,149 @@
+"""Stage artifacts: one directory per stage, a manifest, skip when up to date, resume when not.
+
+A stage's directory `${paths.artifacts}/<stage>/` holds its data (JSONL shards or a checkpoint) and
+`manifest.json`: the stage config, hashes of its inputs, counts, versions and times. The
+*fingerprint* is a hash of the config and inputs. On a re-run:
+- a complete manifest with the same fingerprint: the stage is skipped;
+- the same fingerprint but not complete (interrupted): the stage resumes from what is there;
+- another fingerprint: the old directory is moved aside to `<stage>.stale-<fingerprint>` (nothing
+  already written is lost) and the stage starts afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cai
+from cai.errors import CaiError
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of JSON-able data."""
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {
+        "cai": cai.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file + rename), so a crash never leaves a torn manifest."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Write a whole shard atomically: it either exists complete or not at all."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+class StageDir:
+    """The output directory of one stage, for one fingerprint."""
+
+    def __init__(self, root: str | Path, stage: str, config: dict, inputs: dict) -> None:
+        self.stage = stage
+        self.path = Path(root).expanduser() / stage
+        self.config = config
+        self.inputs = inputs
+        self.fingerprint = fingerprint({"config": config, "inputs": inputs})
+        self.manifest_path = self.path / "manifest.json"
+        self._started = time.time()
+
+    def manifest(self) -> dict | None:
+        if not self.manifest_path.exists():
+            return None
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def is_complete(self) -> bool:
+        m = self.manifest()
+        return bool(m and m.get("fingerprint") == self.fingerprint and m.get("status") == "complete")
+
+    def open(self) -> StageDir:
+        """Get the directory ready: move a stale one aside, or keep a partial one to resume."""
+        m = self.manifest()
+        if self.path.exists() and any(self.path.iterdir()) and (m is None or m.get("fingerprint") != self.fingerprint):
+            old = (m or {}).get("fingerprint", "unknown")
+            aside = self.path.with_name(f"{self.stage}.stale-{old}-{int(time.time())}")
+            log.warning("%s: config or inputs changed; moving the old artifacts to %s", self.stage, aside)
+            os.replace(self.path, aside)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._write("running", {})
+        return self
+
+    def complete(self, counts: dict, extra: dict | None = None) -> dict:
+        """Mark the stage done: later runs with the same fingerprint skip it."""
+        return self._write("complete", counts, extra)
+
+    def _write(self, status: str, counts: dict, extra: dict | None = None) -> dict:
+        previous = self.manifest() or {}
+        data = {
+            "stage": self.stage,
+            "status": status,
+            "fingerprint": self.fingerprint,
+            "config": self.config,
+            "inputs": self.inputs,
+            "counts": counts,
+            "versions": versions(),
+            "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "seconds_this_run": round(time.time() - self._started, 1),
+            **(extra or {}),
+        }
+        write_json(self.manifest_path, data)
+        return data
+
+    def shards(self) -> Iterator[Path]:
+        return iter(sorted(self.path.glob("shard-*.jsonl")))
+
+
+def require_complete(root: str | Path, stage: str, needed_by: str) -> dict:
+    """The manifest of an upstream stage, or a clear error saying which stage to run first."""
+    path = Path(root).expanduser() / stage / "manifest.json"
+    if not path.exists():
+        raise CaiError(
+            f"stage '{needed_by}' needs the output of stage '{stage}' under {path.parent}; run `python train.py stage={stage}` first (or stage=all)"
+        )
+    m = json.loads(path.read_text())
+    if m.get("status") != "complete":
+        raise CaiError(f"stage '{stage}' under {path.parent} did not finish; re-run `python train.py stage={stage}` to resume it")
+    return m

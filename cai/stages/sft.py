@@ -1,0 +1,280 @@
+"""Stage `sft`: fine-tune the initial model on (prompt -> revision k) plus the helpful answers.
+
+The loss falls on the assistant's tokens only: prompt tokens carry label -100. Batches group
+sequences of similar length (length bucketing) so little compute goes to padding. The optimizer is
+AdamW with linear warmup and a cosine decay; gradient accumulation, bf16 where the hardware has it,
+and any `strategy=` come from Lightning. A Lightning checkpoint is written every
+`sft.checkpoint_every` optimizer steps, and an interrupted run resumes from the last one. The
+result is an HF safetensors checkpoint under `${paths.artifacts}/sft/model`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cai.artifacts import StageDir, read_jsonl, require_complete
+from cai.errors import CaiError
+from cai.pipeline import instantiate
+from cai.tracking import Tracker
+from cai.training import resolve_precision
+
+log = logging.getLogger(__name__)
+STAGE = "sft"
+IGNORE = -100  # label of tokens that carry no loss
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def select_pairs(rows: list[dict], revision: int) -> list[tuple[str, str]]:
+    """(prompt, target) pairs: red-team prompts with revision k (-1 = last), helpful prompts with their answer."""
+    rounds = [r["round"] for r in rows if r["kind"] == "red_team"]
+    last = max(rounds) if rounds else 0
+    k = last if revision == -1 else revision
+    if rounds and not 1 <= k <= last:
+        raise CaiError(f"sft.revision: the SL data has rounds 1..{last}; got {revision} (use -1 for the last round)")
+    pairs = []
+    for r in rows:
+        if r["kind"] == "red_team" and r["round"] == k:
+            pairs.append((r["prompt"], r["revision"]))
+        elif r["kind"] == "helpful":
+            pairs.append((r["prompt"], r["response"]))
+    return [(p, t) for p, t in pairs if t and t.strip()]
+
+
+def build_example(tokenizer, prompt: str, target: str, max_length: int) -> dict[str, list[int]] | None:
+    """Token ids and labels of one chat example; labels are -100 on every prompt token.
+
+    input_ids = chat(prompt, generation prompt) + target + eos
+    labels    = [-100] * len(prompt part)      + target + eos
+    Too-long targets are cut at max_length; a prompt that alone fills max_length is dropped (None).
+    """
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt_ids, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(prompt_ids) >= max_length:
+        return None
+    ids = (prompt_ids + target_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + target_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+class Examples(Dataset):
+    def __init__(self, examples: list[dict[str, list[int]]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.examples[i]
+
+
+def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence: pad tokens are masked out and carry no loss."""
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of similar-length sequences, in a seeded random order that changes every epoch.
+
+    Indices are shuffled, cut into pools of `batch_size * pool` items, each pool sorted by length
+    and cut into batches; then the batches are shuffled. Little padding, still random.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, pool: int = 50) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pool = pool
+        self.epoch = 0
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        self.epoch += 1
+        idx = list(range(len(self.lengths)))
+        rng.shuffle(idx)
+        size = self.batch_size * self.pool
+        batches = []
+        for start in range(0, len(idx), size):
+            chunk = sorted(idx[start : start + size], key=lambda i: self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at `total` steps."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class SFTModule(L.LightningModule):
+    """Causal-LM fine-tuning with the loss on assistant tokens only."""
+
+    def __init__(self, model_spec, lr: float, warmup_ratio: float) -> None:
+        super().__init__()
+        self.model_spec = model_spec
+        self.lr = lr
+        self.warmup_ratio = warmup_ratio
+        self.model = None
+        self._tokens = 0
+        self._t0 = None
+
+    def configure_model(self) -> None:
+        # Built here, not in __init__, so DeepSpeed ZeRO-3 can shard the weights as they load.
+        if self.model is None:
+            self.model = self.model_spec.load_model() if hasattr(self.model_spec, "load_model") else self.model_spec
+            self.model.train()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # HF shifts labels by one and averages cross-entropy over tokens whose label is not -100.
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        loss = self(batch)
+        self._tokens += int(batch["attention_mask"].sum())
+        self.log("sft/train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        elapsed = time.perf_counter() - self._t0
+        if elapsed > 0 and batch_idx > 0:
+            self.log("sft/train/tokens_per_s", self._tokens / elapsed, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("sft/val/loss", self(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.0)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warmup, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def full_state_dict(module: L.LightningModule, strategy) -> dict[str, torch.Tensor]:
+    """The model's full weights on the CPU, gathering ZeRO-3 shards first where needed."""
+    model = module.model
+    if getattr(strategy, "zero_stage_3", False):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def run(cfg: DictConfig, tracker: Tracker) -> dict:
+    upstream = require_complete(cfg.paths.artifacts, "sl_data", STAGE)
+    spec = instantiate(cfg.model)
+    precision = resolve_precision(cfg.trainer.precision)
+    config = {"sft": OmegaConf.to_container(cfg.sft), "model": spec.identity(), "precision": precision, "seed": cfg.seed}
+    out = StageDir(cfg.paths.artifacts, STAGE, config, {"sl_data": upstream["fingerprint"]})
+    if out.is_complete():
+        log.info("sft: up to date at %s, skipping", out.path)
+        m = out.manifest()
+        return {"metric": f"val loss {m['counts'].get('val_loss')} (cached)", "path": str(out.path / "model")}
+    out.open()
+
+    rows = [
+        row for shard in sorted((Path(cfg.paths.artifacts).expanduser() / "sl_data").glob("shard-*.jsonl")) for row in read_jsonl(shard)
+    ]
+    pairs = select_pairs(rows, cfg.sft.revision)
+    tokenizer = spec.load_tokenizer()
+    examples = [e for p, t in pairs if (e := build_example(tokenizer, p, t, cfg.sft.max_length)) is not None]
+    if len(examples) < 2:
+        raise CaiError(
+            f"sft: only {len(examples)} usable examples in {out.path.parent / 'sl_data'}; generate more SL data (data.n_red_team)"
+        )
+    random.Random(cfg.seed).shuffle(examples)
+    n_val = max(1, int(round(cfg.sft.val_fraction * len(examples)))) if cfg.sft.val_fraction > 0 else 0
+    val, train = examples[:n_val], examples[n_val:]
+
+    def loader(data: list[dict], shuffle: bool) -> DataLoader:
+        lengths = [len(e["input_ids"]) for e in data]
+        batching = (
+            {"batch_sampler": LengthBucketSampler(lengths, cfg.sft.batch_size, cfg.seed)} if shuffle else {"batch_size": cfg.sft.batch_size}
+        )
+        return DataLoader(Examples(data), collate_fn=lambda b: collate(b, tokenizer.pad_token_id), **batching)
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = SFTModule(spec, cfg.sft.lr, cfg.sft.warmup_ratio)
+    ckpt_dir = out.path / "checkpoints"
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=ckpt_dir, every_n_train_steps=cfg.sft.checkpoint_every, save_last=True, save_top_k=1
+    )
+    trainer = L.Trainer(
+        max_epochs=cfg.sft.epochs,
+        accumulate_grad_batches=cfg.sft.grad_accum,
+        precision=precision,
+        strategy=instantiate(cfg.strategy),
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        logger=tracker.lightning_logger(),
+        callbacks=[checkpoint],
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0 if val else 0,
+        default_root_dir=str(out.path),
+        enable_model_summary=False,
+    )
+    resume = ckpt_dir / "last.ckpt"
+    t0 = time.perf_counter()
+    trainer.fit(module, loader(train, True), loader(val, False) if val else None, ckpt_path=str(resume) if resume.exists() else None)
+    seconds = time.perf_counter() - t0
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    state = full_state_dict(module, trainer.strategy)
+    if trainer.is_global_zero:
+        model_dir = out.path / "model"
+        module.model.save_pretrained(model_dir, state_dict=state)
+        tokenizer.save_pretrained(model_dir)
+        train_tokens = sum(len(e["input_ids"]) for e in train) * cfg.sft.epochs
+        counts = {
+            "train_examples": len(train),
+            "val_examples": len(val),
+            "train_tokens": train_tokens,
+            "train_loss": round(metrics.get("sft/train/loss", float("nan")), 4),
+            "val_loss": round(metrics.get("sft/val/loss", float("nan")), 4),
+            "optimizer_steps": trainer.global_step,
+            "seconds": round(seconds, 1),
+            "train_tokens_per_s": round(train_tokens / seconds, 1),
+        }
+        out.complete(counts)
+        # The HF checkpoint is the output; the Lightning checkpoints (weights + optimizer) only
+        # served to resume an interrupted run.
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        tracker.artifact(model_dir, name="sft_model", type="model")
+        return {"metric": f"val loss {counts['val_loss']}, {counts['train_tokens_per_s']:.0f} train tok/s", "path": str(model_dir)}
+    return {"metric": "", "path": str(out.path / "model")}

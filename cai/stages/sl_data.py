@@ -1,0 +1,198 @@
+"""Stage `sl_data`: SL-CAI data. The helpful model answers red-team prompts, then critiques and revises.
+
+For every red-team prompt:
+  1. the initial (helpful-only) model answers;
+  2. for `sl.n_revisions` rounds, a principle is drawn at random from the SL constitution; the model
+     critiques its latest answer under the principle's critique request, then revises it under its
+     revision request (`sl.critique=false` revises without a critique: the paper's ablation).
+Every round is a row {id, kind, prompt, response, round, principle_id, critique, revision}, so SFT
+can train on any revision k. Helpfulness prompts are answered plainly and mixed in
+(`sl.helpful_mix` helpful rows per red-team prompt), as the paper does to keep the model helpful.
+
+Work is done shard by shard (`sl.shard_size` prompts). Within a shard every step is one batched
+generation across its prompts; a finished shard is written atomically and never rewritten, so an
+interrupted run resumes at the first missing shard. Principle draws and sampling seeds depend only
+on the seed, the prompt and the shard, so a resumed run writes what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from cai.artifacts import StageDir, fingerprint, read_jsonl, write_jsonl
+from cai.constitution import Constitution
+from cai.data import Prompt, load_prompts
+from cai.errors import CaiError
+from cai.generation import Generator
+from cai.pipeline import instantiate
+from cai.prompts import clean, critique_conversation, few_shot_turns, revision_conversation
+from cai.tracking import Tracker
+
+log = logging.getLogger(__name__)
+STAGE = "sl_data"
+
+
+def select_prompts(cfg: DictConfig) -> tuple[list[Prompt], list[Prompt]]:
+    """The red-team prompts, and `sl.helpful_mix` helpfulness prompts per red-team prompt."""
+    red = load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team)
+    pool = load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful)
+    if cfg.sl.helpful_mix < 0:
+        raise CaiError(f"sl.helpful_mix: must be >= 0, got {cfg.sl.helpful_mix}")
+    wanted = round(cfg.sl.helpful_mix * len(red))
+    if wanted > len(pool):
+        log.warning("sl.helpful_mix asks for %d helpful prompts but only %d are available; using all", wanted, len(pool))
+    return red, pool[:wanted]
+
+
+def stage_dir(cfg: DictConfig) -> StageDir:
+    """This stage's directory; its fingerprint covers everything that changes the rows."""
+    red, helpful = select_prompts(cfg)
+    constitution: Constitution = instantiate(cfg.constitution)
+    spec = instantiate(cfg.model)
+    config = {
+        "sl": OmegaConf.to_container(cfg.sl),
+        "generation": {k: v for k, v in OmegaConf.to_container(cfg.generation).items() if k not in ("batch_size", "_target_")},
+        "model": spec.identity(),
+        "seed": cfg.seed,
+    }
+    inputs = {
+        "red_team": fingerprint([(p.id, p.text) for p in red]),
+        "helpful": fingerprint([(p.id, p.text) for p in helpful]),
+        "constitution": constitution.digest(),
+    }
+    return StageDir(cfg.paths.artifacts, STAGE, config, inputs)
+
+
+class Counter:
+    """Generated tokens and seconds, for the tokens/s the benchmark and W&B report."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def generate(self, gen: Generator, convs, params, desc):
+        t = time.perf_counter()
+        out = gen.generate(convs, params, desc=desc)
+        self.seconds += time.perf_counter() - t
+        self.tokens += sum(len(c.token_ids) for c in out)
+        return out
+
+
+def make_rows(
+    items: list[tuple[str, Prompt]], shard: int, cfg: DictConfig, constitution: Constitution, gen: Generator, counter: Counter
+) -> list[dict]:
+    """All rows of one shard: batched initial answers, then batched critiques and revisions per round."""
+    sl = cfg.sl
+    base = cfg.seed * 1_000_003 + shard * 1_009  # distinct sampling seeds per shard and step
+
+    def params(step: int):
+        return gen.params(max_new_tokens=sl.max_new_tokens, seed=base + step)
+
+    answers = counter.generate(gen, [[{"role": "user", "content": p.text}] for _, p in items], params(0), f"shard {shard}: answers")
+    rows: list[dict] = []
+    red = []
+    for (kind, p), a in zip(items, answers):
+        if kind == "helpful":
+            rows.append(
+                {
+                    "id": p.id,
+                    "kind": kind,
+                    "prompt": p.text,
+                    "response": a.text,
+                    "round": 0,
+                    "principle_id": None,
+                    "critique": None,
+                    "revision": None,
+                }
+            )
+        else:
+            red.append((p, a.text))
+    latest = [answer for _, answer in red]
+    for r in range(1, sl.n_revisions + 1):
+        # Each prompt's principle and few-shot examples depend on (seed, prompt id, round) alone.
+        draws = []
+        for p, _ in red:
+            rng = random.Random(f"{cfg.seed}/{p.id}/{r}")
+            principle = constitution.draw_sl(rng)
+            shots = rng.sample(constitution.sl_examples, min(sl.n_few_shot, len(constitution.sl_examples)))
+            draws.append((principle, few_shot_turns(shots, constitution, sl.critique)))
+        critiques: list[str | None] = [None] * len(red)
+        if sl.critique:
+            convs = [critique_conversation(p.text, latest[i], draws[i][0], draws[i][1]) for i, (p, _) in enumerate(red)]
+            critiques = [clean(c.text) for c in counter.generate(gen, convs, params(2 * r - 1), f"shard {shard}: critiques {r}")]
+        convs = [revision_conversation(p.text, latest[i], draws[i][0], critiques[i], draws[i][1]) for i, (p, _) in enumerate(red)]
+        revisions = [clean(c.text) for c in counter.generate(gen, convs, params(2 * r), f"shard {shard}: revisions {r}")]
+        for i, (p, initial) in enumerate(red):
+            rows.append(
+                {
+                    "id": p.id,
+                    "kind": "red_team",
+                    "prompt": p.text,
+                    "response": initial,
+                    "round": r,
+                    "principle_id": draws[i][0].id,
+                    "critique": critiques[i],
+                    "revision": revisions[i],
+                }
+            )
+        latest = [rev or prev for rev, prev in zip(revisions, latest)]  # an empty revision keeps the last answer
+    return rows
+
+
+def run(cfg: DictConfig, tracker: Tracker) -> dict:
+    if cfg.sl.n_revisions < 1:
+        raise CaiError(f"sl.n_revisions: must be >= 1, got {cfg.sl.n_revisions}")
+    if cfg.sl.shard_size < 1:
+        raise CaiError(f"sl.shard_size: must be >= 1, got {cfg.sl.shard_size}")
+    out = stage_dir(cfg)
+    if out.is_complete():
+        log.info("sl_data: up to date at %s, skipping", out.path)
+        m = out.manifest()
+        return {"metric": f"{m['counts']['rows']} rows (cached)", "path": str(out.path)}
+    out.open()
+    red, helpful = select_prompts(cfg)
+    constitution: Constitution = instantiate(cfg.constitution)
+    # Helpful prompts are spread across shards, so every shard's batches mix both kinds.
+    items = [("red_team", p) for p in red] + [("helpful", p) for p in helpful]
+    random.Random(cfg.seed).shuffle(items)
+    shards = [items[i : i + cfg.sl.shard_size] for i in range(0, len(items), cfg.sl.shard_size)]
+    gen: Generator | None = None  # loaded only if some shard is missing
+    counter = Counter()
+    resumed = 0
+    try:
+        for i, chunk in enumerate(tqdm(shards, desc="sl_data shards", unit="shard")):
+            path = out.path / f"shard-{i:05d}.jsonl"
+            if path.exists():
+                resumed += 1
+                continue
+            if gen is None:
+                gen = instantiate(cfg.generation, model=instantiate(cfg.model))
+            write_jsonl(path, make_rows(chunk, i, cfg, constitution, gen, counter))
+    finally:
+        if gen is not None:
+            gen.close()
+    if resumed:
+        log.info("sl_data: resumed; %d of %d shards were already written", resumed, len(shards))
+    rows = [row for shard in out.shards() for row in read_jsonl(shard)]
+    tokens_per_s = counter.tokens / counter.seconds if counter.seconds else 0.0
+    counts = {
+        "rows": len(rows),
+        "red_team_prompts": len(red),
+        "helpful_prompts": len(helpful),
+        "revision_rows": sum(r["kind"] == "red_team" for r in rows),
+        "shards": len(shards),
+        "shards_resumed": resumed,
+        "generated_tokens": counter.tokens,
+        "generation_seconds": round(counter.seconds, 1),
+    }
+    tracker.log({"sl_data/gen/tokens_per_s": tokens_per_s, "sl_data/gen/tokens": counter.tokens, "sl_data/data/rows": len(rows)})
+    columns = ["id", "kind", "round", "principle_id", "prompt", "response", "critique", "revision"]
+    tracker.table("sl_data/samples", columns, [[r[c] for c in columns] for r in rows[:32]])
+    out.complete(counts, {"tokens_per_s": round(tokens_per_s, 1)})
+    tracker.artifact(out.path, name="sl_data", type="dataset")
+    return {"metric": f"{len(rows)} rows, {tokens_per_s:.0f} gen tok/s", "path": str(out.path)}

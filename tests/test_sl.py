@@ -1,0 +1,219 @@
+"""SL-CAI on the tiny model: critique/revision data with resume, and SFT with assistant-only loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import cai.stages.sl_data as sl_data
+from cai.artifacts import read_jsonl
+from cai.constitution import load_constitution
+from cai.data import load_prompts
+from cai.errors import CaiError
+from cai.generation.hf import HFGenerator
+from cai.pipeline import run
+from cai.prompts import clean
+from cai.stages.sft import IGNORE, LengthBucketSampler, SFTModule, build_example, collate, cosine_with_warmup, select_pairs
+
+SMALL = ("model=tiny", "data.n_red_team=8", "sl.helpful_mix=0.25", "sl.max_new_tokens=12", "generation.batch_size=8")
+
+
+def rows_of(root: Path) -> list[dict]:
+    return [r for shard in sorted((root / "artifacts" / "sl_data").glob("shard-*.jsonl")) for r in read_jsonl(shard)]
+
+
+@pytest.fixture
+def spy_generate(monkeypatch):
+    """Record every completion the HF backend produces, to check rows hold the model's own text."""
+    produced: list[str] = []
+    calls: list[int] = []
+    original = HFGenerator.generate
+
+    def generate(self, conversations, params=None, prefixes=None, desc="generating"):
+        out = original(self, conversations, params, prefixes, desc)
+        produced.extend(c.text for c in out)
+        calls.append(len(conversations))
+        return out
+
+    monkeypatch.setattr(HFGenerator, "generate", generate)
+    return produced, calls
+
+
+def test_sl_data_rows(make_cfg, tmp_path, spy_generate):
+    produced, calls = spy_generate
+    cfg = make_cfg("stage=sl_data", *SMALL, "sl.n_revisions=2", "sl.shard_size=64")
+    [summary] = run(cfg)
+    rows = rows_of(tmp_path)
+    red = [r for r in rows if r["kind"] == "red_team"]
+    helpful = [r for r in rows if r["kind"] == "helpful"]
+    assert len(red) == 8 * 2 and len(helpful) == 2  # 2 rounds per red-team prompt; 0.25 * 8 helpful
+    assert sorted(r["round"] for r in red) == [1] * 8 + [2] * 8
+    ids = {p.id for p in load_constitution(cfg.constitution.path).sl_principles}
+    assert all(r["principle_id"] in ids for r in red)
+    # the critiques and revisions are the model's own generated text, not copies of anything else
+    own = {clean(t) for t in produced}
+    for r in red:
+        assert r["critique"] in own and r["revision"] in own
+        assert r["critique"] != r["prompt"] and r["revision"] != r["response"]
+    for r in helpful:
+        assert r["response"] in own and r["critique"] is None
+    # batched: one call per step (answers, then critiques and revisions per round), never per prompt
+    assert calls == [10, 8, 8, 8, 8]
+    manifest = json.loads((tmp_path / "artifacts" / "sl_data" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["rows"] == 18
+    assert manifest["inputs"]["constitution"] and manifest["versions"]["torch"]
+    assert summary["stage"] == "sl_data"
+
+
+def test_sl_data_without_critique(make_cfg, tmp_path):
+    run(make_cfg("stage=sl_data", *SMALL, "sl.critique=false"))
+    red = [r for r in rows_of(tmp_path) if r["kind"] == "red_team"]
+    assert len(red) == 8 and all(r["critique"] is None and isinstance(r["revision"], str) for r in red)
+
+
+def test_sl_data_resumes_after_an_interruption(make_cfg, tmp_path, tmp_path_factory, monkeypatch):
+    args = ("stage=sl_data", *SMALL, "sl.shard_size=3")  # 10 prompts -> 4 shards
+    original = sl_data.make_rows
+    done: list[int] = []
+
+    def interrupted(items, shard, *a):
+        if shard == 2:
+            raise KeyboardInterrupt  # killed while working on the third shard
+        done.append(shard)
+        return original(items, shard, *a)
+
+    monkeypatch.setattr(sl_data, "make_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_cfg(*args))
+    assert done == [0, 1] and len(list((tmp_path / "artifacts" / "sl_data").glob("shard-*.jsonl"))) == 2
+
+    resumed: list[int] = []
+
+    def counting(items, shard, *a):
+        resumed.append(shard)
+        return original(items, shard, *a)
+
+    monkeypatch.setattr(sl_data, "make_rows", counting)
+    run(make_cfg(*args))
+    assert resumed == [2, 3]  # only the missing shards were generated
+    rows = rows_of(tmp_path)
+    keys = [(r["id"], r["round"]) for r in rows]
+    expected = {(p.id, 1) for p in load_prompts("red_team", n=8)} | {(p.id, 0) for p in load_prompts("helpful", n=2)}
+    assert len(keys) == len(set(keys)) == 10 and set(keys) == expected
+
+    # a resumed run writes exactly what an uninterrupted one writes
+    monkeypatch.setattr(sl_data, "make_rows", original)
+    other = tmp_path_factory.mktemp("uninterrupted")
+    run(make_cfg(*args, f"paths.root={other}"))
+    assert rows_of(other) == rows
+
+    # complete and unchanged: the next run skips the stage without loading a model
+    monkeypatch.setattr(sl_data, "make_rows", lambda *a: pytest.fail("should have been skipped"))
+    [summary] = run(make_cfg(*args))
+    assert "cached" in summary["metric"]
+
+
+def test_changed_config_moves_old_data_aside(make_cfg, tmp_path):
+    run(make_cfg("stage=sl_data", *SMALL))
+    run(make_cfg("stage=sl_data", *SMALL, "sl.max_new_tokens=8"))
+    stale = list((tmp_path / "artifacts").glob("sl_data.stale-*"))
+    assert len(stale) == 1 and list(stale[0].glob("shard-*.jsonl"))  # nothing already written is lost
+
+
+def test_build_example_puts_loss_on_assistant_tokens_only(tiny_spec):
+    tok = tiny_spec.load_tokenizer()
+    ex = build_example(tok, "How do I bake bread?", "Mix flour, water and yeast.", max_length=512)
+    prompt_text = tok.apply_chat_template([{"role": "user", "content": "How do I bake bread?"}], add_generation_prompt=True, tokenize=False)
+    prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+    target_ids = tok("Mix flour, water and yeast.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ex["input_ids"] == prompt_ids + target_ids
+    assert ex["labels"] == [IGNORE] * len(prompt_ids) + target_ids
+    assert tok.decode(ex["input_ids"][: len(prompt_ids)]).endswith("<|im_start|>assistant\n")
+    # truncation cuts the target, and a prompt that fills max_length is dropped
+    cut = build_example(tok, "How do I bake bread?", "Mix flour, water and yeast.", max_length=len(prompt_ids) + 2)
+    assert cut["labels"] == [IGNORE] * len(prompt_ids) + target_ids[:2]
+    assert build_example(tok, "How do I bake bread?", "x", max_length=len(prompt_ids)) is None
+
+
+def test_collate_pads_without_loss():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_length_buckets_cover_every_example_once():
+    lengths = [5, 50, 6, 49, 7, 48, 8, 47, 9]
+    sampler = LengthBucketSampler(lengths, batch_size=3, seed=0, pool=50)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(9)) and len(batches) == len(sampler) == 3
+    for b in batches:  # similar lengths together
+        assert max(lengths[i] for i in b) - min(lengths[i] for i in b) <= 41
+    assert list(map(tuple, LengthBucketSampler(lengths, 3, 0).__iter__())) == list(map(tuple, batches))  # seeded
+
+
+def test_cosine_with_warmup():
+    assert cosine_with_warmup(0, 2, 10) == pytest.approx(0.5)
+    assert cosine_with_warmup(1, 2, 10) == pytest.approx(1.0)
+    assert cosine_with_warmup(2, 2, 10) == pytest.approx(1.0)
+    assert cosine_with_warmup(6, 2, 10) == pytest.approx(0.5)
+    assert cosine_with_warmup(10, 2, 10) == pytest.approx(0.0)
+
+
+def test_select_pairs_picks_revision_k():
+    rows = [
+        {"kind": "red_team", "prompt": "p", "response": "a0", "round": 1, "revision": "r1"},
+        {"kind": "red_team", "prompt": "p", "response": "a0", "round": 2, "revision": "r2"},
+        {"kind": "helpful", "prompt": "h", "response": "ha", "round": 0, "revision": None},
+    ]
+    assert select_pairs(rows, -1) == [("p", "r2"), ("h", "ha")]
+    assert select_pairs(rows, 1) == [("p", "r1"), ("h", "ha")]
+    with pytest.raises(CaiError, match="sft.revision: the SL data has rounds 1..2; got 3"):
+        select_pairs(rows, 3)
+
+
+def test_sft_loss_falls_on_a_repeated_batch(tiny_spec):
+    tok = tiny_spec.load_tokenizer()
+    examples = [build_example(tok, f"Question {i}?", f"A short answer number {i}.", 128) for i in range(4)]
+    batch = collate(examples, tok.pad_token_id)
+    module = SFTModule(tiny_spec, lr=3e-3, warmup_ratio=0.0)
+    module.configure_model()
+    with torch.no_grad():
+        before = module(batch).item()
+    loader = torch.utils.data.DataLoader([batch] * 20, batch_size=None)
+    trainer = L.Trainer(
+        max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu"
+    )
+    trainer.fit(module, loader)
+    with torch.no_grad():
+        after = module(batch).item()
+    assert after < before - 1.0, (before, after)
+
+
+def test_sft_stage_trains_and_writes_an_hf_checkpoint(make_cfg, tmp_path, tiny_spec):
+    from transformers import AutoModelForCausalLM
+
+    run(make_cfg("stage=sl_data", *SMALL))
+    [summary] = run(make_cfg("stage=sft", *SMALL, "logger=csv", f"logger.dir={tmp_path}/run", "sft.lr=1e-3"))
+    model_dir = tmp_path / "artifacts" / "sft" / "model"
+    assert summary["path"] == str(model_dir) and (model_dir / "model.safetensors").exists()
+    trained = AutoModelForCausalLM.from_pretrained(model_dir)
+    initial = tiny_spec.load_model()
+    w = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(trained.state_dict()[w], initial.state_dict()[w])  # parameters changed
+    manifest = json.loads((tmp_path / "artifacts" / "sft" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["optimizer_steps"] >= 1
+    assert manifest["inputs"]["sl_data"] == json.loads((tmp_path / "artifacts" / "sl_data" / "manifest.json").read_text())["fingerprint"]
+    metrics = (tmp_path / "run").rglob("metrics.csv")
+    text = "".join(p.read_text() for p in metrics)
+    assert "sft/train/loss" in text and "sft/val/loss" in text
+    assert not (tmp_path / "artifacts" / "sft" / "checkpoints").exists()
+
+
+def test_sft_needs_sl_data(make_cfg):
+    with pytest.raises(CaiError, match="stage 'sft' needs the output of stage 'sl_data'"):
+        run(make_cfg("stage=sft", *SMALL))
