@@ -94,11 +94,19 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class LengthBucketSampler(Sampler[list[int]]):
     """Batches of similar-length sequences, in a seeded random order that changes every epoch.
 
     Indices are shuffled, cut into pools of `batch_size * pool` items, each pool sorted by length
-    and cut into batches; then the batches are shuffled. Little padding, still random.
+    and cut into batches; then the batches are shuffled. Little padding, still random. Under
+    DDP/DeepSpeed each rank takes every world_size-th batch (the same seed on every rank keeps them
+    disjoint), with the list padded by wrapping so all ranks run the same number of steps.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, pool: int = 50) -> None:
@@ -119,10 +127,14 @@ class LengthBucketSampler(Sampler[list[int]]):
             chunk = sorted(idx[start : start + size], key=lambda i: self.lengths[i])
             batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         rng.shuffle(batches)
+        rank, world = _rank_and_world()
+        if world > 1:
+            per_rank = math.ceil(len(batches) / world)
+            batches = (batches * world)[: per_rank * world][rank::world]
         return iter(batches)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / _rank_and_world()[1])
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -248,6 +260,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         limit_val_batches=1.0 if val else 0,
         default_root_dir=str(out.path),
         enable_model_summary=False,
+        use_distributed_sampler=False,  # LengthBucketSampler shards batches across ranks itself
     )
     resume = ckpt_dir / "last.ckpt"
     t0 = time.perf_counter()
