@@ -17,9 +17,11 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 import cai
 from cai.errors import CaiError
@@ -134,6 +136,31 @@ class StageDir:
 
     def shards(self) -> Iterator[Path]:
         return iter(sorted(self.path.glob("shard-*.jsonl")))
+
+    def rows(self) -> list[dict]:
+        """Every row of every shard, in shard order."""
+        return [row for shard in self.shards() for row in read_jsonl(shard)]
+
+    def write_shards(self, chunks: list[list[Any]], make: Callable[[list[Any], int], list[dict]], desc: str) -> int:
+        """Write one JSONL shard per chunk with make(chunk, index), skipping shards already written.
+
+        A shard is written whole or not at all, so an interrupted stage resumes at the first missing
+        shard with nothing lost or duplicated. Returns how many shards were already there.
+        """
+        resumed = 0
+        for i, chunk in enumerate(tqdm(chunks, desc=desc, unit="shard")):
+            path = self.path / f"shard-{i:05d}.jsonl"
+            if path.exists():
+                resumed += 1
+                continue
+            write_jsonl(path, make(chunk, i))
+        if resumed:
+            log.info("%s: resumed; %d of %d shards were already written", self.stage, resumed, len(chunks))
+        return resumed
+
+
+def chunked(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def require_complete(root: str | Path, stage: str, needed_by: str) -> dict:

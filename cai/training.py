@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import time
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from omegaconf import DictConfig
 
 from cai.errors import CaiError
 
@@ -34,3 +39,60 @@ def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def fit(
+    module: L.LightningModule,
+    train_loader,
+    val_loader,
+    cfg: DictConfig,
+    out_dir: Path,
+    *,
+    epochs: int,
+    grad_accum: int,
+    checkpoint_every: int,
+    strategy: Any,
+    logger: Any,
+) -> tuple[L.Trainer, float]:
+    """Train with Lightning, checkpointing every N optimizer steps and resuming from the last one.
+
+    The checkpoints (weights + optimizer) live in out_dir/checkpoints only until the stage has
+    written its real output: call `drop_checkpoints(out_dir)` then.
+    """
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=checkpoint_every, save_last=True, save_top_k=1)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accumulate_grad_batches=grad_accum,
+        precision=resolve_precision(cfg.trainer.precision),
+        strategy=strategy,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        logger=logger,
+        callbacks=[checkpoint],
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0 if val_loader is not None else 0,
+        default_root_dir=str(out_dir),
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # our batch samplers shard across ranks themselves
+    )
+    resume = ckpt_dir / "last.ckpt"
+    t0 = time.perf_counter()
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume.exists() else None)
+    return trainer, time.perf_counter() - t0
+
+
+def drop_checkpoints(out_dir: Path) -> None:
+    shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
+
+
+def gathered_state_dict(model: torch.nn.Module, strategy: Any) -> dict[str, torch.Tensor]:
+    """A module's full weights on the CPU, gathering DeepSpeed ZeRO-3 shards first where needed."""
+    if getattr(strategy, "zero_stage_3", False):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}

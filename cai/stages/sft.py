@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from cai.artifacts import StageDir, read_jsonl, require_complete
 from cai.errors import CaiError
 from cai.pipeline import instantiate
 from cai.tracking import Tracker
-from cai.training import resolve_precision
+from cai.training import drop_checkpoints, fit, gathered_state_dict, resolve_precision
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
@@ -192,17 +191,6 @@ class SFTModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def full_state_dict(module: L.LightningModule, strategy) -> dict[str, torch.Tensor]:
-    """The model's full weights on the CPU, gathering ZeRO-3 shards first where needed."""
-    model = module.model
-    if getattr(strategy, "zero_stage_3", False):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
 # --- the stage -----------------------------------------------------------------------------------
 
 
@@ -241,34 +229,21 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = SFTModule(spec, cfg.sft.lr, cfg.sft.warmup_ratio)
-    ckpt_dir = out.path / "checkpoints"
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=ckpt_dir, every_n_train_steps=cfg.sft.checkpoint_every, save_last=True, save_top_k=1
-    )
-    trainer = L.Trainer(
-        max_epochs=cfg.sft.epochs,
-        accumulate_grad_batches=cfg.sft.grad_accum,
-        precision=precision,
+    trainer, seconds = fit(
+        module,
+        loader(train, True),
+        loader(val, False) if val else None,
+        cfg,
+        out.path,
+        epochs=cfg.sft.epochs,
+        grad_accum=cfg.sft.grad_accum,
+        checkpoint_every=cfg.sft.checkpoint_every,
         strategy=instantiate(cfg.strategy),
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes,
         logger=tracker.lightning_logger(),
-        callbacks=[checkpoint],
-        log_every_n_steps=1,
-        num_sanity_val_steps=0,
-        limit_val_batches=1.0 if val else 0,
-        default_root_dir=str(out.path),
-        enable_model_summary=False,
-        use_distributed_sampler=False,  # LengthBucketSampler shards batches across ranks itself
     )
-    resume = ckpt_dir / "last.ckpt"
-    t0 = time.perf_counter()
-    trainer.fit(module, loader(train, True), loader(val, False) if val else None, ckpt_path=str(resume) if resume.exists() else None)
-    seconds = time.perf_counter() - t0
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    state = full_state_dict(module, trainer.strategy)
+    state = gathered_state_dict(module.model, trainer.strategy)
     if trainer.is_global_zero:
         model_dir = out.path / "model"
         module.model.save_pretrained(model_dir, state_dict=state)
@@ -285,9 +260,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
             "train_tokens_per_s": round(train_tokens / seconds, 1),
         }
         out.complete(counts)
-        # The HF checkpoint is the output; the Lightning checkpoints (weights + optimizer) only
-        # served to resume an interrupted run.
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        drop_checkpoints(out.path)  # the HF checkpoint is the output; those only served to resume
         tracker.artifact(model_dir, name="sft_model", type="model")
         return {"metric": f"val loss {counts['val_loss']}, {counts['train_tokens_per_s']:.0f} train tok/s", "path": str(model_dir)}
     return {"metric": "", "path": str(out.path / "model")}

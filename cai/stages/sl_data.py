@@ -22,9 +22,8 @@ import random
 import time
 
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from cai.artifacts import StageDir, fingerprint, read_jsonl, write_jsonl
+from cai.artifacts import StageDir, chunked, fingerprint
 from cai.constitution import Constitution
 from cai.data import Prompt, load_prompts
 from cai.errors import CaiError
@@ -160,25 +159,22 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     # Helpful prompts are spread across shards, so every shard's batches mix both kinds.
     items = [("red_team", p) for p in red] + [("helpful", p) for p in helpful]
     random.Random(cfg.seed).shuffle(items)
-    shards = [items[i : i + cfg.sl.shard_size] for i in range(0, len(items), cfg.sl.shard_size)]
     gen: Generator | None = None  # loaded only if some shard is missing
     counter = Counter()
-    resumed = 0
+
+    def make(chunk: list[tuple[str, Prompt]], index: int) -> list[dict]:
+        nonlocal gen
+        if gen is None:
+            gen = instantiate(cfg.generation, model=instantiate(cfg.model))
+        return make_rows(chunk, index, cfg, constitution, gen, counter)
+
     try:
-        for i, chunk in enumerate(tqdm(shards, desc="sl_data shards", unit="shard")):
-            path = out.path / f"shard-{i:05d}.jsonl"
-            if path.exists():
-                resumed += 1
-                continue
-            if gen is None:
-                gen = instantiate(cfg.generation, model=instantiate(cfg.model))
-            write_jsonl(path, make_rows(chunk, i, cfg, constitution, gen, counter))
+        shards = chunked(items, cfg.sl.shard_size)
+        resumed = out.write_shards(shards, make, "sl_data shards")
     finally:
         if gen is not None:
             gen.close()
-    if resumed:
-        log.info("sl_data: resumed; %d of %d shards were already written", resumed, len(shards))
-    rows = [row for shard in out.shards() for row in read_jsonl(shard)]
+    rows = out.rows()
     tokens_per_s = counter.tokens / counter.seconds if counter.seconds else 0.0
     counts = {
         "rows": len(rows),
