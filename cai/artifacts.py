@@ -159,6 +159,11 @@ class StageDir:
         return resumed
 
 
+def stage_rows(root: str | Path, stage: str) -> list[dict]:
+    """Every row written by a stage (call require_complete first)."""
+    return [row for shard in sorted((Path(root).expanduser() / stage).glob("shard-*.jsonl")) for row in read_jsonl(shard)]
+
+
 def chunked(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 

@@ -56,6 +56,9 @@ class LabelConfig:
     cot_max_new_tokens: int = 96
     batch_size: int = 8
     data: str | None = None  # hh-rlhf-format file, for kind=human
+    n_human: int = 0  # comparisons read from `data` for kind=human (0 = all)
+    report_data: str | None = None  # hh-rlhf-format file: also write the constitution report
+    report_n: int = 100  # comparisons used by the report
 
 
 @dataclass
@@ -159,17 +162,23 @@ class SFTConfig:
 class PairsConfig:
     temperature: float = 1.0
     max_new_tokens: int = 64
+    shard_size: int = 64
 
 
 @dataclass
 class PMConfig:
     epochs: int = 1
     batch_size: int = 8
+    grad_accum: int = 1
     lr: float = 1e-5
+    warmup_ratio: float = 0.1
     max_length: int = 512
     val_fraction: float = 0.1
+    checkpoint_every: int = 50
     helpful_data: str | None = None
+    n_helpful: int = 0  # human helpfulness comparisons mixed in (0 = as many as harmlessness labels)
     eval_data: str | None = None
+    n_eval: int = 0  # comparisons of eval_data scored (0 = all)
     checkpoint: str | None = None
 
 

@@ -81,3 +81,53 @@ _LABEL = re.compile(r"^\s*(\*\*)?(revision|revised response|critique|rewritten r
 def clean(text: str) -> str:
     """Drop a leading 'Revision:' / 'Critique:' label that small models like to echo."""
     return _LABEL.sub("", text, count=1).strip()
+
+
+# --- RL-CAI: the multiple-choice comparison question -------------------------------------------
+
+# Put to the feedback model as one user turn; the assistant's turn is started with ANSWER_PREFIX,
+# so the very next token is the option letter and one forward pass gives both probabilities.
+COMPARISON_TEMPLATE = (
+    "Consider the following conversation between a human and an AI assistant.\n\n{transcript}\n\n"
+    "{question}\n\nOptions:\n(A) {a}\n(B) {b}\n\nAnswer with (A) or (B)."
+)
+ANSWER_PREFIX = "The answer is: ("
+COT_PREFIX = "Let's think step by step:"
+COT_ANSWER = "\nSo the answer is: ("
+# The helpfulness comparison used for AI-labelled helpfulness pairs (when pm.helpful_data is unset).
+HELPFUL_QUESTION = "Which of these assistant replies is more helpful, accurate and relevant to what the human asked?"
+MAX_TRANSCRIPT_CHARS = 1500  # keep the end of long hh-rlhf conversations
+MAX_RESPONSE_CHARS = 800
+
+
+def transcript(conversation: list[Message]) -> str:
+    """The conversation up to the final user turn, as 'Human: ...' / 'Assistant: ...' lines."""
+    text = "\n\n".join(("Human: " if m["role"] == "user" else "Assistant: ") + m["content"] for m in conversation if m["role"] != "system")
+    return text if len(text) <= MAX_TRANSCRIPT_CHARS else "..." + text[-MAX_TRANSCRIPT_CHARS:]
+
+
+def comparison_turn(conversation: list[Message], question: str, a: str, b: str) -> Message:
+    """The user turn that asks which of two answers is better under one principle."""
+    return {
+        "role": "user",
+        "content": COMPARISON_TEMPLATE.format(
+            transcript=transcript(conversation), question=question, a=a.strip()[:MAX_RESPONSE_CHARS], b=b.strip()[:MAX_RESPONSE_CHARS]
+        ),
+    }
+
+
+def comparison_shots(examples, question: str, cot: bool) -> list[Message]:
+    """RL few-shot examples as earlier turns, the better answer alternating between (A) and (B).
+
+    Alternating keeps the examples themselves from teaching a preference for one letter.
+    """
+    turns: list[Message] = []
+    for i, ex in enumerate(examples):
+        chosen_is_a = i % 2 == 0
+        a, b = (ex.chosen, ex.rejected) if chosen_is_a else (ex.rejected, ex.chosen)
+        letter = "A" if chosen_is_a else "B"
+        answer = f"{ANSWER_PREFIX}{letter})"
+        if cot and ex.reasoning:
+            answer = f"{COT_PREFIX} {ex.reasoning}{COT_ANSWER}{letter})"
+        turns += [comparison_turn(ex.conversation, question, a, b), {"role": "assistant", "content": answer}]
+    return turns

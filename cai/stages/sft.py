@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cai.artifacts import StageDir, read_jsonl, require_complete
+from cai.artifacts import StageDir, require_complete, stage_rows
 from cai.errors import CaiError
 from cai.pipeline import instantiate
 from cai.tracking import Tracker
@@ -206,9 +206,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         return {"metric": f"val loss {m['counts'].get('val_loss')} (cached)", "path": str(out.path / "model")}
     out.open()
 
-    rows = [
-        row for shard in sorted((Path(cfg.paths.artifacts).expanduser() / "sl_data").glob("shard-*.jsonl")) for row in read_jsonl(shard)
-    ]
+    rows = stage_rows(cfg.paths.artifacts, "sl_data")
     pairs = select_pairs(rows, cfg.sft.revision)
     tokenizer = spec.load_tokenizer()
     examples = [e for p, t in pairs if (e := build_example(tokenizer, p, t, cfg.sft.max_length)) is not None]
@@ -264,3 +262,12 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         tracker.artifact(model_dir, name="sft_model", type="model")
         return {"metric": f"val loss {counts['val_loss']}, {counts['train_tokens_per_s']:.0f} train tok/s", "path": str(model_dir)}
     return {"metric": "", "path": str(out.path / "model")}
+
+
+def trained_spec(cfg: DictConfig):
+    """The SFT model as a ModelSpec, for the stages after SFT (pairs, PPO, eval)."""
+    from cai.models import ModelSpec
+
+    path = Path(cfg.paths.artifacts).expanduser() / STAGE / "model"
+    require_complete(cfg.paths.artifacts, STAGE, "a later stage")
+    return ModelSpec(name=f"sft({cfg.model.name})", source="local", path=str(path), dtype=cfg.model.dtype, cache=cfg.paths.cache)

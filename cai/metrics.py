@@ -1,0 +1,50 @@
+"""Evaluation statistics: pairwise accuracy with a confidence interval, calibration error."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def pairwise_accuracy(margins: Sequence[float]) -> float:
+    """Share of comparisons where the preferred answer scored higher; exact ties count half.
+
+    Counting ties as half makes the accuracy on a file with chosen/rejected swapped exactly 1 - acc.
+    """
+    if not margins:
+        raise ValueError("no comparisons")
+    return sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion p observed over n trials."""
+    if n == 0:
+        return (0.0, 1.0)
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def calibration_bins(probs: Sequence[float], outcomes: Sequence[float], bins: int = 10) -> list[tuple[float, float, int]]:
+    """(mean predicted probability, observed frequency, count) for each of `bins` equal-width bins."""
+    out = []
+    for k in range(bins):
+        lo, hi = k / bins, (k + 1) / bins
+        members = [(p, o) for p, o in zip(probs, outcomes) if lo <= p < hi or (k == bins - 1 and p == 1.0)]
+        if members:
+            out.append((sum(p for p, _ in members) / len(members), sum(o for _, o in members) / len(members), len(members)))
+        else:
+            out.append((float("nan"), float("nan"), 0))
+    return out
+
+
+def expected_calibration_error(probs: Sequence[float], outcomes: Sequence[float], bins: int = 10) -> float:
+    """ECE: the count-weighted mean gap between predicted probability and observed frequency per bin.
+
+    probs: predicted P(a preferred); outcomes: 1 if a was preferred, else 0 (or a soft target).
+    """
+    n = len(probs)
+    if n == 0:
+        raise ValueError("no predictions")
+    return sum(c * abs(conf - freq) for conf, freq, c in calibration_bins(probs, outcomes, bins) if c) / n

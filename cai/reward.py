@@ -1,0 +1,104 @@
+"""The preference model: a transformer backbone with a scalar head on the last token.
+
+Saved as `<dir>/backbone` (an HF checkpoint), `<dir>/head.safetensors` and the tokenizer, so PPO,
+`stage=pm_eval` and users can load it with `PreferenceModel.load(dir)`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from cai.errors import CaiError
+
+Message = dict[str, str]
+
+
+class PreferenceModel(nn.Module):
+    """r(transcript) = head(h_last): the hidden state of the last real token, mapped to a scalar."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / (backbone.config.hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_causal_lm(cls, lm: nn.Module) -> PreferenceModel:
+        """A PM initialised from a causal LM: its decoder becomes the backbone, the LM head is dropped."""
+        return cls(lm.get_decoder())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask: (B, T), right-padded -> rewards (B,)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        last = attention_mask.sum(dim=1) - 1  # (B,) index of the last real token
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1)  # (B,)
+
+    def save(self, path: str | Path, tokenizer, state: dict[str, torch.Tensor] | None = None) -> None:
+        path = Path(path)
+        state = state if state is not None else self.state_dict()
+        self.backbone.save_pretrained(path / "backbone", state_dict={k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
+        save_file({k[len("head.") :]: v.contiguous() for k, v in state.items() if k.startswith("head.")}, str(path / "head.safetensors"))
+        tokenizer.save_pretrained(path / "backbone")
+        (path / "pm.json").write_text(json.dumps({"format": "cai-pm-1", "backbone": "backbone", "head": "head.safetensors"}))
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreferenceModel, object]:
+        """(model, tokenizer) from a directory written by `save`."""
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(path).expanduser()
+        if not (path / "pm.json").exists():
+            raise CaiError(f"pm.checkpoint: '{path}' is not a preference-model directory (no pm.json); point it at artifacts/pm/model")
+        backbone = AutoModel.from_pretrained(path / "backbone", dtype=dtype)
+        pm = cls(backbone)
+        pm.head.load_state_dict(load_file(str(path / "head.safetensors")))
+        tok = AutoTokenizer.from_pretrained(path / "backbone")
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return pm.eval(), tok
+
+
+def encode_transcript(tokenizer, conversation: Sequence[Message], response: str, max_length: int) -> list[int]:
+    """Chat-template ids of the conversation plus the answer; long ones keep their end (the answer)."""
+    text = tokenizer.apply_chat_template([*conversation, {"role": "assistant", "content": response}], tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[-max_length:]
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, right-padded."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s))
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def score(pm: PreferenceModel, tokenizer, transcripts: Sequence[tuple[Sequence[Message], str]], max_length: int, batch_size: int = 16, desc: str = "scoring") -> list[float]:
+    """Rewards of (conversation, answer) transcripts, batched by length."""
+    encoded = [encode_transcript(tokenizer, c, r, max_length) for c, r in transcripts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    device = next(pm.parameters()).device
+    out = [0.0] * len(encoded)
+    was_training = pm.training
+    pm.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        idx = order[start : start + batch_size]
+        ids, mask = right_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
+        rewards = pm(ids.to(device), mask.to(device)).float().cpu()
+        for i, r in zip(idx, rewards.tolist()):
+            out[i] = r
+    pm.train(was_training)
+    return out

@@ -1,0 +1,72 @@
+"""Stage `pairs`: the SFT model samples two answers per prompt, for the AI labeller to compare.
+
+Red-team prompts give the harmlessness comparisons. Helpfulness prompts are sampled too when the
+preference model has no human helpfulness data (`pm.helpful_data` unset): they are then labelled
+by the AI under a helpfulness question. Both answers of a prompt are sampled in the same batched
+call at `pairs.temperature`; shards are written whole and an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig, OmegaConf
+
+from cai.artifacts import StageDir, chunked, fingerprint, require_complete
+from cai.data import Prompt, load_prompts
+from cai.errors import CaiError
+from cai.generation import Generator
+from cai.pipeline import instantiate
+from cai.stages.sft import trained_spec
+from cai.tracking import Tracker
+
+log = logging.getLogger(__name__)
+STAGE = "pairs"
+
+
+def select_prompts(cfg: DictConfig) -> list[tuple[str, Prompt]]:
+    items = [("red_team", p) for p in load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team)]
+    if cfg.pm.helpful_data is None:  # helpfulness comparisons will be AI-labelled: sample them here
+        items += [("helpful", p) for p in load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful)]
+    return items
+
+
+def run(cfg: DictConfig, tracker: Tracker) -> dict:
+    if cfg.pairs.temperature <= 0:
+        raise CaiError(f"pairs.temperature: two samples need temperature > 0, got {cfg.pairs.temperature}")
+    upstream = require_complete(cfg.paths.artifacts, "sft", STAGE)
+    items = select_prompts(cfg)
+    config = {"pairs": OmegaConf.to_container(cfg.pairs), "seed": cfg.seed, "top_p": cfg.generation.top_p}
+    out = StageDir(cfg.paths.artifacts, STAGE, config, {"sft": upstream["fingerprint"], "prompts": fingerprint([(k, p.id, p.text) for k, p in items])})
+    if out.is_complete():
+        log.info("pairs: up to date at %s, skipping", out.path)
+        return {"metric": f"{out.manifest()['counts']['pairs']} pairs (cached)", "path": str(out.path)}
+    out.open()
+    gen: Generator | None = None
+
+    def make(chunk: list[tuple[str, Prompt]], index: int) -> list[dict]:
+        nonlocal gen
+        if gen is None:
+            gen = instantiate(cfg.generation, model=trained_spec(cfg))
+        params = gen.params(max_new_tokens=cfg.pairs.max_new_tokens, temperature=cfg.pairs.temperature, seed=cfg.seed * 7_919 + index)
+        convs = [[{"role": "user", "content": p.text}] for _, p in chunk]
+        answers = gen.generate(convs + convs, params, desc=f"pairs shard {index}")  # both samples in one batched call
+        n = len(chunk)
+        return [
+            {"id": p.id, "kind": kind, "prompt": p.text, "response_a": answers[i].text, "response_b": answers[n + i].text}
+            for i, (kind, p) in enumerate(chunk)
+        ]
+
+    try:
+        out.write_shards(chunked(items, cfg.pairs.shard_size), make, "pairs shards")
+    finally:
+        if gen is not None:
+            gen.close()
+    rows = out.rows()
+    same = sum(r["response_a"] == r["response_b"] for r in rows)
+    counts = {"pairs": len(rows), "red_team": sum(r["kind"] == "red_team" for r in rows), "helpful": sum(r["kind"] == "helpful" for r in rows), "identical": same}
+    tracker.log({"pairs/data/pairs": len(rows), "pairs/data/identical_rate": same / max(1, len(rows))})
+    tracker.table("pairs/samples", ["id", "kind", "prompt", "response_a", "response_b"], [[r[k] for k in ("id", "kind", "prompt", "response_a", "response_b")] for r in rows[:32]])
+    out.complete(counts)
+    tracker.artifact(out.path, name="pairs", type="dataset")
+    return {"metric": f"{len(rows)} pairs", "path": str(out.path)}

@@ -1,0 +1,39 @@
+"""Stage `pm_eval`: score a trained preference model on any hh-rlhf-format file.
+
+    python train.py stage=pm_eval pm.checkpoint=DIR pm.eval_data=FILE
+
+Prints the accuracy (the chosen answer scored above the rejected one; exact ties count half) with
+its 95% Wilson interval, and writes `metrics.json` under ${paths.artifacts}/pm_eval/<file name>/.
+`pm.checkpoint` defaults to this run's `artifacts/pm/model`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from cai.artifacts import write_json
+from cai.errors import CaiError
+from cai.reward import PreferenceModel
+from cai.stages.pm import evaluate_hh
+from cai.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, tracker: Tracker) -> dict:
+    if not cfg.pm.eval_data:
+        raise CaiError("pm.eval_data: stage=pm_eval needs an hh-rlhf-format file, e.g. pm.eval_data=path/to/harmless-base-test.jsonl.gz")
+    checkpoint = Path(cfg.pm.checkpoint or Path(cfg.paths.artifacts) / "pm" / "model").expanduser()
+    pm, tokenizer = PreferenceModel.load(checkpoint)
+    result = evaluate_hh(pm, tokenizer, cfg.pm.eval_data, cfg.pm.max_length, cfg.pm.n_eval, cfg.pm.batch_size)
+    result["checkpoint"] = str(checkpoint)
+    out = Path(cfg.paths.artifacts).expanduser() / "pm_eval" / Path(cfg.pm.eval_data).name.split(".")[0]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", result)
+    low, high = result["interval_95"]
+    print(f"pm_eval: accuracy {result['accuracy']:.4f} (95% interval {low:.4f}-{high:.4f}) on {result['comparisons']} comparisons of {cfg.pm.eval_data}")
+    tracker.log({"pm_eval/hh/accuracy": result["accuracy"], "pm_eval/hh/accuracy_low": low, "pm_eval/hh/accuracy_high": high})
+    return {"metric": f"accuracy {result['accuracy']:.3f} [{low:.3f}, {high:.3f}]", "path": str(out / "metrics.json")}
