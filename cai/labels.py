@@ -100,7 +100,9 @@ class Labeller:
         with_a = self.tok(text + "A", add_special_tokens=False)["input_ids"]
         with_b = self.tok(text + "B", add_special_tokens=False)["input_ids"]
         if len(with_a) != len(with_b) or with_a[:-1] != with_b[:-1]:
-            raise CaiError("label: this tokenizer merges the option letter with the text before it; the answer prefix needs changing for this model")
+            raise CaiError(
+                "label: this tokenizer merges the option letter with the text before it; the answer prefix needs changing for this model"
+            )
         return with_a[:-1], with_a[-1], with_b[-1]
 
     @torch.no_grad()

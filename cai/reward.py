@@ -45,7 +45,9 @@ class PreferenceModel(nn.Module):
     def save(self, path: str | Path, tokenizer, state: dict[str, torch.Tensor] | None = None) -> None:
         path = Path(path)
         state = state if state is not None else self.state_dict()
-        self.backbone.save_pretrained(path / "backbone", state_dict={k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
+        self.backbone.save_pretrained(
+            path / "backbone", state_dict={k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+        )
         save_file({k[len("head.") :]: v.contiguous() for k, v in state.items() if k.startswith("head.")}, str(path / "head.safetensors"))
         tokenizer.save_pretrained(path / "backbone")
         (path / "pm.json").write_text(json.dumps({"format": "cai-pm-1", "backbone": "backbone", "head": "head.safetensors"}))
@@ -86,7 +88,14 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def score(pm: PreferenceModel, tokenizer, transcripts: Sequence[tuple[Sequence[Message], str]], max_length: int, batch_size: int = 16, desc: str = "scoring") -> list[float]:
+def score(
+    pm: PreferenceModel,
+    tokenizer,
+    transcripts: Sequence[tuple[Sequence[Message], str]],
+    max_length: int,
+    batch_size: int = 16,
+    desc: str = "scoring",
+) -> list[float]:
     """Rewards of (conversation, answer) transcripts, batched by length."""
     encoded = [encode_transcript(tokenizer, c, r, max_length) for c, r in transcripts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))

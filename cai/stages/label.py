@@ -61,7 +61,19 @@ def human_rows(cfg: DictConfig) -> list[dict]:
         flip = rng.random() < 0.5
         a, b = (c.rejected, c.chosen) if flip else (c.chosen, c.rejected)
         p = 0.0 if flip else 1.0
-        rows.append({"id": c.id, "kind": "red_team", "conversation": c.conversation, "response_a": a, "response_b": b, "p_a": p, "label": p, "per_principle": {}, "label_type": "human"})
+        rows.append(
+            {
+                "id": c.id,
+                "kind": "red_team",
+                "conversation": c.conversation,
+                "response_a": a,
+                "response_b": b,
+                "p_a": p,
+                "label": p,
+                "per_principle": {},
+                "label_type": "human",
+            }
+        )
     return rows
 
 
@@ -124,7 +136,9 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
             items, drawn = [], []
             for r in chunk:
                 # The principles of a pair depend on (seed, pair id) alone, so a resumed run draws the same.
-                principles = (HELPFUL,) if r["kind"] == "helpful" else tuple(constitution.draw_rl(random.Random(f"{cfg.seed}/{r['id']}/label")))
+                principles = (
+                    (HELPFUL,) if r["kind"] == "helpful" else tuple(constitution.draw_rl(random.Random(f"{cfg.seed}/{r['id']}/label")))
+                )
                 conversation = [{"role": "user", "content": r["prompt"]}]
                 items.append(Item(conversation, r["response_a"], r["response_b"], principles))
                 drawn.append(conversation)
@@ -158,7 +172,20 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     tracker.table(
         "label/samples",
         columns,
-        [[r["id"], r["kind"], r["conversation"][-1]["content"], r["response_a"], r["response_b"], r["p_a"], r["label"], ",".join(r["per_principle"]), r["label_type"]] for r in rows[:32]],
+        [
+            [
+                r["id"],
+                r["kind"],
+                r["conversation"][-1]["content"],
+                r["response_a"],
+                r["response_b"],
+                r["p_a"],
+                r["label"],
+                ",".join(r["per_principle"]),
+                r["label_type"],
+            ]
+            for r in rows[:32]
+        ],
     )
     counts = {"labels": len(rows), "harmlessness": len(harmless), "helpfulness": len(rows) - len(harmless)}
     extra = {}
@@ -167,9 +194,16 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         report = constitution_report(labeller, constitution, cfg.label.report_data, cfg.label.report_n)
         write_json(out.path / "report.json", report)
         tracker.log({"label/report/ensemble_agreement": report["ensemble_agreement"]})
-        tracker.table("label/report", ["principle", "agreement"], [[k, v] for k, v in report["per_principle_agreement"].items()] + [["ensemble", report["ensemble_agreement"]]])
+        tracker.table(
+            "label/report",
+            ["principle", "agreement"],
+            [[k, v] for k, v in report["per_principle_agreement"].items()] + [["ensemble", report["ensemble_agreement"]]],
+        )
         extra["report"] = {k: report[k] for k in ("comparisons", "ensemble_agreement", "ensemble_interval")}
-        log.info("constitution report: the labeller agrees with the human choice %.1f%% of the time (ensemble)", 100 * report["ensemble_agreement"])
+        log.info(
+            "constitution report: the labeller agrees with the human choice %.1f%% of the time (ensemble)",
+            100 * report["ensemble_agreement"],
+        )
     out.complete(counts, extra)
     tracker.artifact(out.path, name="labels", type="dataset")
     return {"metric": f"{len(rows)} {cfg.label.kind} labels, mean p_a {stats['label/data/mean_p_a']:.2f}", "path": str(out.path)}

@@ -37,7 +37,9 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     upstream = require_complete(cfg.paths.artifacts, "sft", STAGE)
     items = select_prompts(cfg)
     config = {"pairs": OmegaConf.to_container(cfg.pairs), "seed": cfg.seed, "top_p": cfg.generation.top_p}
-    out = StageDir(cfg.paths.artifacts, STAGE, config, {"sft": upstream["fingerprint"], "prompts": fingerprint([(k, p.id, p.text) for k, p in items])})
+    out = StageDir(
+        cfg.paths.artifacts, STAGE, config, {"sft": upstream["fingerprint"], "prompts": fingerprint([(k, p.id, p.text) for k, p in items])}
+    )
     if out.is_complete():
         log.info("pairs: up to date at %s, skipping", out.path)
         return {"metric": f"{out.manifest()['counts']['pairs']} pairs (cached)", "path": str(out.path)}
@@ -64,9 +66,18 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
             gen.close()
     rows = out.rows()
     same = sum(r["response_a"] == r["response_b"] for r in rows)
-    counts = {"pairs": len(rows), "red_team": sum(r["kind"] == "red_team" for r in rows), "helpful": sum(r["kind"] == "helpful" for r in rows), "identical": same}
+    counts = {
+        "pairs": len(rows),
+        "red_team": sum(r["kind"] == "red_team" for r in rows),
+        "helpful": sum(r["kind"] == "helpful" for r in rows),
+        "identical": same,
+    }
     tracker.log({"pairs/data/pairs": len(rows), "pairs/data/identical_rate": same / max(1, len(rows))})
-    tracker.table("pairs/samples", ["id", "kind", "prompt", "response_a", "response_b"], [[r[k] for k in ("id", "kind", "prompt", "response_a", "response_b")] for r in rows[:32]])
+    tracker.table(
+        "pairs/samples",
+        ["id", "kind", "prompt", "response_a", "response_b"],
+        [[r[k] for k in ("id", "kind", "prompt", "response_a", "response_b")] for r in rows[:32]],
+    )
     out.complete(counts)
     tracker.artifact(out.path, name="pairs", type="dataset")
     return {"metric": f"{len(rows)} pairs", "path": str(out.path)}

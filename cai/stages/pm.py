@@ -38,7 +38,10 @@ STAGE = "pm"
 
 def comparisons(cfg: DictConfig) -> list[dict]:
     """{conversation, response_a, response_b, p_a, source} rows: AI (or human) labels, plus helpfulness."""
-    rows = [{**r, "source": f"ai-{r['kind']}" if r["label_type"] != "human" else "human-harmless"} for r in stage_rows(cfg.paths.artifacts, "label")]
+    rows = [
+        {**r, "source": f"ai-{r['kind']}" if r["label_type"] != "human" else "human-harmless"}
+        for r in stage_rows(cfg.paths.artifacts, "label")
+    ]
     if cfg.pm.helpful_data:
         human = read_hh_rlhf(cfg.pm.helpful_data, field="pm.helpful_data")
         n = cfg.pm.n_helpful or sum(r["kind"] == "red_team" for r in rows)
@@ -46,7 +49,9 @@ def comparisons(cfg: DictConfig) -> list[dict]:
         for c in human[:n]:
             flip = rng.random() < 0.5
             a, b = (c.rejected, c.chosen) if flip else (c.chosen, c.rejected)
-            rows.append({"conversation": c.conversation, "response_a": a, "response_b": b, "label": 0.0 if flip else 1.0, "source": "human-helpful"})
+            rows.append(
+                {"conversation": c.conversation, "response_a": a, "response_b": b, "label": 0.0 if flip else 1.0, "source": "human-helpful"}
+            )
         rows = [r for r in rows if r["source"] != "ai-helpful"]  # human helpfulness data replaces AI-labelled helpfulness
     return rows
 
@@ -147,7 +152,9 @@ def calibration_plot(probs: list[float], outcomes: list[float], path: Path) -> N
     plt.close(fig)
 
 
-def evaluate_hh(pm: PreferenceModel, tokenizer, path: str, max_length: int, n: int = 0, batch_size: int = 16, field: str = "pm.eval_data") -> dict:
+def evaluate_hh(
+    pm: PreferenceModel, tokenizer, path: str, max_length: int, n: int = 0, batch_size: int = 16, field: str = "pm.eval_data"
+) -> dict:
     """Accuracy of a PM on hh-rlhf comparisons (chosen scored above rejected), with a 95% interval."""
     comps = read_hh_rlhf(path, field=field)
     comps = comps[:n] if n else comps
@@ -156,7 +163,13 @@ def evaluate_hh(pm: PreferenceModel, tokenizer, path: str, max_length: int, n: i
     margins = [rewards[i] - rewards[len(comps) + i] for i in range(len(comps))]
     acc = pairwise_accuracy(margins)
     low, high = wilson_interval(acc, len(comps))
-    return {"data": str(path), "comparisons": len(comps), "accuracy": acc, "interval_95": [low, high], "mean_margin": sum(margins) / len(margins)}
+    return {
+        "data": str(path),
+        "comparisons": len(comps),
+        "accuracy": acc,
+        "interval_95": [low, high],
+        "mean_margin": sum(margins) / len(margins),
+    }
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -170,7 +183,11 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         inputs["helpful_data"] = file_hash(cfg.pm.helpful_data)
     if cfg.pm.eval_data:
         inputs["eval_data"] = file_hash(cfg.pm.eval_data)
-    config = {"pm": {k: v for k, v in OmegaConf.to_container(cfg.pm).items() if k != "checkpoint"}, "pm_model": spec.identity(), "seed": cfg.seed}
+    config = {
+        "pm": {k: v for k, v in OmegaConf.to_container(cfg.pm).items() if k != "checkpoint"},
+        "pm_model": spec.identity(),
+        "seed": cfg.seed,
+    }
     out = StageDir(cfg.paths.artifacts, STAGE, config, inputs)
     if out.is_complete():
         log.info("pm: up to date at %s, skipping", out.path)
@@ -187,7 +204,9 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     val, train = data[:n_val], data[n_val:]
     pad = tokenizer.pad_token_id
     lengths = [max(len(d["a"]), len(d["b"])) for d in train]
-    train_loader = DataLoader(train, batch_sampler=LengthBucketSampler(lengths, cfg.pm.batch_size, cfg.seed), collate_fn=lambda b: collate_pairs(b, pad))
+    train_loader = DataLoader(
+        train, batch_sampler=LengthBucketSampler(lengths, cfg.pm.batch_size, cfg.seed), collate_fn=lambda b: collate_pairs(b, pad)
+    )
     val_loader = DataLoader(val, batch_size=cfg.pm.batch_size, collate_fn=lambda b: collate_pairs(b, pad)) if val else None
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -222,7 +241,9 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         metrics["pm/hh/accuracy_low"], metrics["pm/hh/accuracy_high"] = hh["interval_95"]
         tracker.log({k: metrics[k] for k in ("pm/hh/accuracy", "pm/hh/accuracy_low", "pm/hh/accuracy_high")})
         log.info("pm/hh/accuracy %.3f (95%% interval %.3f-%.3f) on %d comparisons", hh["accuracy"], *hh["interval_95"], hh["comparisons"])
-    write_json(out.path / "metrics.json", {**metrics, "train_comparisons": len(train), "val_comparisons": len(val), "seconds": round(seconds, 1)})
+    write_json(
+        out.path / "metrics.json", {**metrics, "train_comparisons": len(train), "val_comparisons": len(val), "seconds": round(seconds, 1)}
+    )
     counts = {
         "train_comparisons": len(train),
         "val_comparisons": len(val),

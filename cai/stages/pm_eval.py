@@ -34,6 +34,8 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
     low, high = result["interval_95"]
-    print(f"pm_eval: accuracy {result['accuracy']:.4f} (95% interval {low:.4f}-{high:.4f}) on {result['comparisons']} comparisons of {cfg.pm.eval_data}")
+    print(
+        f"pm_eval: accuracy {result['accuracy']:.4f} (95% interval {low:.4f}-{high:.4f}) on {result['comparisons']} comparisons of {cfg.pm.eval_data}"
+    )
     tracker.log({"pm_eval/hh/accuracy": result["accuracy"], "pm_eval/hh/accuracy_low": low, "pm_eval/hh/accuracy_high": high})
     return {"metric": f"accuracy {result['accuracy']:.3f} [{low:.3f}, {high:.3f}]", "path": str(out / "metrics.json")}

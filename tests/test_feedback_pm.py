@@ -1,0 +1,134 @@
+"""RL-CAI feedback and the preference model on the tiny model: pairs, labels, PM, pm_eval."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import lightning as L
+import pytest
+import torch
+from conftest import HH_DEV
+
+from cai.artifacts import stage_rows
+from cai.constitution import load_constitution
+from cai.errors import CaiError
+from cai.pipeline import run
+from cai.reward import PreferenceModel, right_pad
+from cai.stages.pm import PMModule, collate_pairs
+
+SMALL = (
+    "model=tiny",
+    "data.n_red_team=8",
+    "data.n_helpful=4",
+    "sl.max_new_tokens=12",
+    "pairs.max_new_tokens=12",
+    "generation.batch_size=8",
+)
+
+
+@pytest.fixture
+def sft_done(make_cfg):
+    run(make_cfg("stage=sl_data", *SMALL))
+    run(make_cfg("stage=sft", *SMALL))
+
+
+def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
+    run(make_cfg("stage=pairs", *SMALL))
+    pairs = stage_rows(tmp_path / "artifacts", "pairs")
+    assert len(pairs) == 8 + 4 and {r["kind"] for r in pairs} == {"red_team", "helpful"}
+    assert sum(r["response_a"] != r["response_b"] for r in pairs) >= 10  # two real samples per prompt
+
+    run(make_cfg("stage=label", *SMALL, "constitution=ensemble", "label.report_data=" + str(HH_DEV), "label.report_n=4"))
+    labels = stage_rows(tmp_path / "artifacts", "label")
+    ids = {p.id for p in load_constitution("constitutions/default.yaml").rl_principles}
+    for r in labels:
+        assert 0 < r["p_a"] < 1 and r["label_type"] == "soft"
+        if r["kind"] == "red_team":
+            assert set(r["per_principle"]) == ids  # constitution=ensemble: all 16 principles
+        else:
+            assert set(r["per_principle"]) == {"helpfulness"}
+    report = json.loads((tmp_path / "artifacts" / "label" / "report.json").read_text())
+    assert report["comparisons"] == 4 and set(report["per_principle_agreement"]) == ids
+    assert 0 <= report["ensemble_agreement"] <= 1 and "single_order_ensemble_agreement" in report
+
+    [summary] = run(
+        make_cfg("stage=pm", *SMALL, f"pm.eval_data={HH_DEV}", "pm.n_eval=20", "pm.lr=1e-3", "logger=csv", f"logger.dir={tmp_path}/log")
+    )
+    out = tmp_path / "artifacts" / "pm"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["pm/val/accuracy"] <= 1 and 0 <= metrics["pm/val/ece"] <= 1
+    assert 0 <= metrics["pm/hh/accuracy_low"] <= metrics["pm/hh/accuracy"] <= metrics["pm/hh/accuracy_high"] <= 1
+    assert (out / "calibration.png").stat().st_size > 5000
+    pm, tok = PreferenceModel.load(out / "model")
+    before = PreferenceModel.from_causal_lm(tiny_spec.load_model())
+    w = "layers.0.mlp.up_proj.weight"
+    assert not torch.equal(pm.backbone.state_dict()[w], before.backbone.state_dict()[w])  # parameters changed
+    log = "".join(p.read_text() for p in (tmp_path / "log").rglob("metrics.csv"))
+    assert "pm/train/loss" in log and "pm/val/accuracy" in log and "pm/val/ece" in log
+    assert "hh accuracy" in summary["metric"]
+
+    # pm_eval on the same file, then with chosen and rejected swapped: exactly 1 - accuracy
+    run(make_cfg("stage=pm_eval", *SMALL, f"pm.eval_data={HH_DEV}", "pm.n_eval=60"))
+    acc = json.loads((tmp_path / "artifacts" / "pm_eval" / "harmless-base-dev" / "metrics.json").read_text())["accuracy"]
+    swapped = tmp_path / "swapped.jsonl"
+    with gzip.open(HH_DEV, "rt") as f, swapped.open("w") as g:
+        for line in f:
+            row = json.loads(line)
+            g.write(json.dumps({"chosen": row["rejected"], "rejected": row["chosen"]}) + "\n")
+    run(make_cfg("stage=pm_eval", *SMALL, f"pm.eval_data={swapped}", "pm.n_eval=60", f"pm.checkpoint={out / 'model'}"))
+    acc_swapped = json.loads((tmp_path / "artifacts" / "pm_eval" / "swapped" / "metrics.json").read_text())["accuracy"]
+    assert acc_swapped == pytest.approx(1 - acc, abs=1e-12)
+
+
+def test_pm_loss_falls_and_parameters_change(tiny_spec):
+    tok = tiny_spec.load_tokenizer()
+    conv = [{"role": "user", "content": "How do I pick a lock?"}]
+    from cai.reward import encode_transcript
+
+    data = [
+        {
+            "a": encode_transcript(tok, conv, f"I can't help with that {i}.", 64),
+            "b": encode_transcript(tok, conv, f"Use a pick {i}.", 64),
+            "p": p,
+        }
+        for i, p in enumerate([1.0, 0.9, 1.0, 0.8])
+    ]
+    batch = collate_pairs(data, tok.pad_token_id)
+    module = PMModule(tiny_spec, lr=3e-3, warmup_ratio=0.0)
+    module.configure_model()
+    from cai.losses import bradley_terry_loss
+
+    with torch.no_grad():
+        before = bradley_terry_loss(*module.rewards(batch), batch["p"]).item()
+    head_before = module.pm.head.weight.detach().clone()
+    trainer = L.Trainer(
+        max_steps=15, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu"
+    )
+    trainer.fit(module, torch.utils.data.DataLoader([batch] * 15, batch_size=None))
+    with torch.no_grad():
+        after = bradley_terry_loss(*module.rewards(batch), batch["p"]).item()
+    assert after < before * 0.5, (before, after)
+    assert not torch.equal(module.pm.head.weight, head_before)
+
+
+def test_reward_reads_the_last_real_token(tiny_spec):
+    pm = PreferenceModel.from_causal_lm(tiny_spec.load_model()).eval()
+    ids, mask = right_pad([[5, 6, 7], [5, 6, 7, 8, 9]], pad_id=2)
+    both = pm(ids, mask)
+    alone = pm(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))
+    assert both.shape == (2,) and both[0].item() == pytest.approx(alone[0].item(), abs=1e-5)  # padding changes nothing
+
+
+def test_human_labels(make_cfg, tmp_path):
+    run(make_cfg("stage=label", *SMALL, "label=human", f"label.data={HH_DEV}", "label.n_human=30"))
+    rows = stage_rows(tmp_path / "artifacts", "label")
+    assert len(rows) == 30 and all(r["label"] in (0.0, 1.0) and r["label_type"] == "human" for r in rows)
+    assert 5 < sum(r["label"] for r in rows) < 25  # chosen is randomly placed in a or b
+
+
+def test_label_needs_pairs_and_pm_eval_needs_data(make_cfg):
+    with pytest.raises(CaiError, match="stage 'label' needs the output of stage 'pairs'"):
+        run(make_cfg("stage=label", *SMALL))
+    with pytest.raises(CaiError, match="pm.eval_data: stage=pm_eval needs an hh-rlhf-format file"):
+        run(make_cfg("stage=pm_eval", *SMALL))
