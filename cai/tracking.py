@@ -112,7 +112,7 @@ class Tracker:
                 mode=self.mode,
                 dir=str(self.dir),
                 config={**config, "_meta": meta},
-                tags=self.tags + [o for o in overrides if not o.startswith("hydra")][:20],
+                tags=(self.tags + [o[:64] for o in overrides if not o.startswith("hydra")])[:20],  # W&B caps tags at 64 chars
                 reinit="finish_previous",
             )
         elif self.backend == "csv":

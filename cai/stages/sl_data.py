@@ -48,10 +48,8 @@ def select_prompts(cfg: DictConfig) -> tuple[list[Prompt], list[Prompt]]:
     return red, pool[:wanted]
 
 
-def stage_dir(cfg: DictConfig) -> StageDir:
+def stage_dir(cfg: DictConfig, red: list[Prompt], helpful: list[Prompt], constitution: Constitution) -> StageDir:
     """This stage's directory; its fingerprint covers everything that changes the rows."""
-    red, helpful = select_prompts(cfg)
-    constitution: Constitution = instantiate(cfg.constitution)
     spec = instantiate(cfg.model)
     config = {
         "sl": OmegaConf.to_container(cfg.sl),
@@ -148,14 +146,14 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         raise CaiError(f"sl.n_revisions: must be >= 1, got {cfg.sl.n_revisions}")
     if cfg.sl.shard_size < 1:
         raise CaiError(f"sl.shard_size: must be >= 1, got {cfg.sl.shard_size}")
-    out = stage_dir(cfg)
+    red, helpful = select_prompts(cfg)
+    constitution: Constitution = instantiate(cfg.constitution)
+    out = stage_dir(cfg, red, helpful, constitution)
     if out.is_complete():
         log.info("sl_data: up to date at %s, skipping", out.path)
         m = out.manifest()
         return {"metric": f"{m['counts']['rows']} rows (cached)", "path": str(out.path)}
     out.open()
-    red, helpful = select_prompts(cfg)
-    constitution: Constitution = instantiate(cfg.constitution)
     # Helpful prompts are spread across shards, so every shard's batches mix both kinds.
     items = [("red_team", p) for p in red] + [("helpful", p) for p in helpful]
     random.Random(cfg.seed).shuffle(items)
