@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +40,23 @@ def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at `total` steps."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def adamw_with_cosine(params, lr: float, warmup_ratio: float, total_steps: int) -> dict:
+    """AdamW with linear warmup then cosine decay, stepped every optimizer step (Lightning's format)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    total = max(1, total_steps)
+    warmup = int(warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warmup, total))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def fit(

@@ -25,9 +25,9 @@ from cai.losses import bradley_terry_loss
 from cai.metrics import calibration_bins, expected_calibration_error, pairwise_accuracy, wilson_interval
 from cai.pipeline import instantiate
 from cai.reward import PreferenceModel, encode_transcript, right_pad, score
-from cai.stages.sft import LengthBucketSampler, cosine_with_warmup
+from cai.stages.sft import LengthBucketSampler
 from cai.tracking import Tracker
-from cai.training import drop_checkpoints, fit, gathered_state_dict
+from cai.training import adamw_with_cosine, drop_checkpoints, fit, gathered_state_dict
 
 log = logging.getLogger(__name__)
 STAGE = "pm"
@@ -125,11 +125,7 @@ class PMModule(L.LightningModule):
         self.log("pm/val/ece", expected_calibration_error(probs, outcomes))
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.pm.parameters(), lr=self.lr, weight_decay=0.0)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.warmup_ratio * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warmup, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_cosine(self.pm.parameters(), self.lr, self.warmup_ratio, int(self.trainer.estimated_stepping_batches))
 
 
 def calibration_plot(probs: list[float], outcomes: list[float], path: Path) -> None:

@@ -25,7 +25,7 @@ from cai.artifacts import StageDir, require_complete, stage_rows
 from cai.errors import CaiError
 from cai.pipeline import instantiate
 from cai.tracking import Tracker
-from cai.training import drop_checkpoints, fit, gathered_state_dict, resolve_precision
+from cai.training import adamw_with_cosine, drop_checkpoints, fit, gathered_state_dict, resolve_precision
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
@@ -139,14 +139,6 @@ class LengthBucketSampler(Sampler[list[int]]):
 # --- model ---------------------------------------------------------------------------------------
 
 
-def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
-    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at `total` steps."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 class SFTModule(L.LightningModule):
     """Causal-LM fine-tuning with the loss on assistant tokens only."""
 
@@ -184,11 +176,7 @@ class SFTModule(L.LightningModule):
         self.log("sft/val/loss", self(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.0)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.warmup_ratio * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warmup, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_cosine(self.model.parameters(), self.lr, self.warmup_ratio, int(self.trainer.estimated_stepping_batches))
 
 
 # --- the stage -----------------------------------------------------------------------------------
