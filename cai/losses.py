@@ -15,3 +15,129 @@ def bradley_terry_loss(r_a: torch.Tensor, r_b: torch.Tensor, p_a: torch.Tensor) 
     """
     margin = r_a - r_b  # (B,)
     return -(p_a * F.logsigmoid(margin) + (1 - p_a) * F.logsigmoid(-margin)).mean()
+
+
+# --- PPO -------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over positions where mask is 1. x, mask: same shape."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise x to unit variance (and zero mean if shift_mean) over the masked positions.
+
+    x, mask: (B, T). Masked-out positions come back as 0. Advantages are whitened with the mean
+    shifted; rewards are usually scaled only, so their sign keeps its meaning.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs. (B, T) -> (B, T).
+
+    k1 = log p - log q           (unbiased, can be negative; the usual RLHF penalty)
+    k2 = (log p - log q)^2 / 2   (biased, low variance, always >= 0)
+    k3 = (q/p - 1) - log(q/p)    (unbiased, always >= 0; Schulman's estimator)
+    """
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator '{kind}'; choose k1, k2 or k3")
+
+
+def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token rewards: -beta * KL at every response token, plus the PM score at the last one.
+
+    score: (B,), kl and mask: (B, T) over response tokens -> (B, T).
+    """
+    rewards = -beta * kl * mask  # (B, T)
+    last = mask.sum(dim=1).long() - 1  # (B,) index of each response's last token
+    rewards[torch.arange(rewards.shape[0]), last.clamp(min=0)] += score
+    return rewards
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens. rewards, values, mask: (B, T).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1}
+    with V and A zero past the last response token. Returns (advantages, returns = A + V), (B, T).
+    """
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    next_adv = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = adv * m
+        # past the end of a response (m = 0) nothing flows back
+        next_value = values[:, t] * m
+        next_adv = adv * m
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped surrogate: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), masked mean. (B, T) inputs.
+
+    Also returns clipfrac (share of tokens where the clip was active) and approx_kl (k3 of old vs new).
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(kl_estimate(old_logp, logp, "k3"), mask)
+    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> torch.Tensor:
+    """Clipped value loss: 0.5 * max((V - R)^2, (V_old + clip(V - V_old, +-eps) - R)^2), masked mean."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position. (B, T, V) -> (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon.
+
+    With adaptive=False, beta stays fixed. The state (beta) is saved in PPO checkpoints.
+    """
+
+    def __init__(self, beta: float, target: float, horizon: int, adaptive: bool = True) -> None:
+        self.beta, self.target, self.horizon, self.adaptive = beta, target, horizon, adaptive
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if self.adaptive:
+            error = max(-0.2, min(0.2, kl / self.target - 1.0))
+            self.beta *= 1.0 + error * n_steps / self.horizon
+        return self.beta
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = state["beta"]
