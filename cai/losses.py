@@ -62,8 +62,9 @@ def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, bet
     score: (B,), kl and mask: (B, T) over response tokens -> (B, T).
     """
     rewards = -beta * kl * mask  # (B, T)
-    last = mask.sum(dim=1).long() - 1  # (B,) index of each response's last token
-    rewards[torch.arange(rewards.shape[0]), last.clamp(min=0)] += score
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask * positions).argmax(dim=1)  # (B,) index of each response's last token (responses follow prompts)
+    rewards[torch.arange(rewards.shape[0]), last] += score
     return rewards
 
 

@@ -93,6 +93,10 @@ def test_token_rewards_put_the_score_on_the_last_token():
     m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     out = token_rewards(torch.tensor([2.0, -1.0]), kl, m, beta=0.5)
     assert out.flatten().tolist() == pytest.approx([-0.05, -0.1, 1.85, -1.25, 0.0, 0.0])
+    # responses start after their prompt: the score still lands on the last response token
+    after_prompt = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    out = token_rewards(torch.tensor([3.0]), torch.zeros(1, 4), after_prompt, beta=0.5)
+    assert out.flatten().tolist() == [0.0, 0.0, 3.0, 0.0]
 
 
 def test_whiten():

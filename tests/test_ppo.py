@@ -1,0 +1,149 @@
+"""PPO on the tiny model: the optimiser raises a synthetic reward, resume equals an uninterrupted run,
+and the stage runs end to end against a real preference model."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cai.config import PPOConfig
+from cai.generation import SamplingParams
+from cai.generation.hf import HFGenerator
+from cai.pipeline import run
+from cai.stages.ppo import PPOModule, batch_rollouts, train_ppo
+
+PROMPTS = [[{"role": "user", "content": f"Tell me something about topic {i}."}] for i in range(16)]
+TRAINER = OmegaConf.create({"trainer": {"precision": "32-true", "accelerator": "cpu", "devices": 1}})
+
+
+def ppo_cfg(**kw):
+    base = dict(rollouts=8, max_new_tokens=8, minibatch_size=4, ppo_epochs=2, lr=1e-3, kl_coef=0.01, adaptive_kl=False, table_every=0)
+    return OmegaConf.structured(PPOConfig(**{**base, **kw}))
+
+
+def test_batch_rollouts_masks_the_response_tokens():
+    b = batch_rollouts([[1, 2, 3], [4, 5]], [[7, 8], [9]], pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 7, 8], [4, 5, 9, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    # position j scores token j+1: response tokens 7, 8 sit at 3, 4 -> positions 2, 3
+    assert b["action_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]
+
+
+def test_ppo_raises_a_synthetic_reward(tiny_spec):
+    actor, tok = tiny_spec.load_model(), tiny_spec.load_tokenizer()
+    # The random model is near-uniform over 49k tokens, so no token would be sampled often enough
+    # to learn from. Sharpen it (logits x10 through the tied embeddings), then reward +1 per
+    # occurrence of the token it samples most.
+    with torch.no_grad():
+        actor.model.embed_tokens.weight.mul_(10.0)
+    sample = HFGenerator(actor, tok, batch_size=16).generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=0))
+    target = collections.Counter(t for c in sample for t in c.token_ids).most_common(1)[0][0]
+
+    def reward(convs, completions):
+        return [float(sum(t == target for t in c.token_ids)) for c in completions]
+
+    module = PPOModule(actor.train(), tok, reward, PROMPTS, ppo_cfg(), seed=0)
+    train_ppo(module, 30, "unused", 0, TRAINER)
+    rewards = [h["ppo/train/reward"] for h in module.history]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 2.0 and last > 2 * first, rewards
+    assert all(h["ppo/train/kl"] == h["ppo/train/kl"] for h in module.history)  # no NaN
+
+
+class Stop(Exception):
+    pass
+
+
+class StopAfter(L.Callback):
+    def __init__(self, iterations: int) -> None:
+        self.iterations = iterations
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if trainer.current_epoch + 1 == self.iterations:
+            raise Stop
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_spec, tmp_path):
+    def module():
+        def reward(convs, completions):
+            return [len(c.token_ids) / 8 + (c.token_ids[0] % 7) / 7 for c in completions]
+
+        return PPOModule(
+            tiny_spec.load_model().train(),
+            tiny_spec.load_tokenizer(),
+            reward,
+            PROMPTS,
+            ppo_cfg(rollouts=4, max_new_tokens=6, adaptive_kl=True, target_kl=0.1),
+            seed=3,
+        )
+
+    straight = module()
+    train_ppo(straight, 6, tmp_path / "straight", 0, TRAINER)
+
+    interrupted = module()
+    with pytest.raises(Stop):
+        train_ppo(interrupted, 6, tmp_path / "resumed", 2, TRAINER, callbacks=[StopAfter(4)])
+    assert len(interrupted.history) == 4 and (tmp_path / "resumed" / "checkpoints" / "last.ckpt").exists()
+    resumed = module()
+    train_ppo(resumed, 6, tmp_path / "resumed", 2, TRAINER)
+    assert [h["iteration"] for h in resumed.history] == list(range(6))
+    for a, b in zip(straight.history, resumed.history):
+        assert a["ppo/train/reward"] == pytest.approx(b["ppo/train/reward"], abs=1e-6)
+        assert a["ppo/train/kl_coef"] == pytest.approx(b["ppo/train/kl_coef"], abs=1e-9)
+    assert (
+        resumed.kl_ctl.beta == pytest.approx(straight.kl_ctl.beta) and resumed.kl_ctl.beta != 0.01
+    )  # the controller moved and was restored
+    for (name, p), q in zip(straight.actor.named_parameters(), resumed.actor.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
+
+
+def test_ppo_stage_end_to_end(make_cfg, tmp_path):
+    small = (
+        "model=tiny",
+        "data.n_red_team=8",
+        "data.n_helpful=4",
+        "sl.max_new_tokens=12",
+        "pairs.max_new_tokens=12",
+        "generation.batch_size=8",
+    )
+    for stage in ("sl_data", "sft", "pairs", "label", "pm"):
+        run(make_cfg(f"stage={stage}", *small))
+    ppo = (
+        "ppo.iterations=4",
+        "ppo.rollouts=8",
+        "ppo.max_new_tokens=8",
+        "ppo.minibatch_size=4",
+        "ppo.checkpoint_every=2",
+        "ppo.table_every=2",
+        "eval.snapshot_every=2",
+    )
+    [summary] = run(make_cfg("stage=ppo", *small, *ppo, "logger=csv", f"logger.dir={tmp_path}/log"))
+    out = tmp_path / "artifacts" / "ppo"
+    assert (out / "model" / "model.safetensors").exists() and summary["path"] == str(out / "model")
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["iter-00002", "iter-00004"]
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 4
+    for key in (
+        "reward",
+        "kl",
+        "entropy",
+        "clipfrac",
+        "approx_kl",
+        "value_loss",
+        "policy_loss",
+        "response_len",
+        "refusal_rate",
+        "boilerplate_rate",
+        "tokens_per_s",
+    ):
+        assert f"ppo/train/{key}" in history[-1]
+    assert 0 < history[-1]["ppo/train/response_len"] <= 8
+    log = "".join(p.read_text() for p in (tmp_path / "log").rglob("metrics.csv"))
+    assert "ppo/train/kl" in log and "ppo/time/generation_s" in log
+    assert list((tmp_path / "log" / "tables").glob("ppo_rollouts_*.jsonl"))
+    assert not (out / "checkpoints").exists()
