@@ -224,7 +224,7 @@ class PPOModule(L.LightningModule):
                     ("clipfrac", info["clipfrac"]),
                     ("approx_kl", info["approx_kl"]),
                 ):
-                    stats[key].append(float(value))
+                    stats[key].append(float(value.detach()))
         t3 = time.perf_counter()
 
         mean_kl = float(kl.sum(1).mean())  # nats per answer
