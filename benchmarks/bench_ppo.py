@@ -34,7 +34,9 @@ def main() -> None:
     run(cfg)
     wall = time.perf_counter() - t
     history = json.loads((root / "artifacts" / "ppo" / "history.json").read_text())
-    print(f"\n== PPO benchmark: {cfg.ppo.iterations} iterations x {cfg.ppo.rollouts} rollouts x <= {cfg.ppo.max_new_tokens} tokens, {cfg.ppo.ppo_epochs} PPO epoch(s)")
+    print(
+        f"\n== PPO benchmark: {cfg.ppo.iterations} iterations x {cfg.ppo.rollouts} rollouts x <= {cfg.ppo.max_new_tokens} tokens, {cfg.ppo.ppo_epochs} PPO epoch(s)"
+    )
     print("iter  reward    kl  gen_s  score_s  update_s  len  tok/s  refusal  boilerplate")
     for h in history:
         print(
