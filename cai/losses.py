@@ -116,10 +116,17 @@ def value_loss(
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution at each position. (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def logprobs_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) and the entropy of the next-token distribution at each position.
+
+    logits: (B, T, V), targets: (B, T) -> (B, T), (B, T) or None. One log-softmax serves both.
+    """
+    logp_all = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp, entropy
 
 
 class AdaptiveKLController:

@@ -59,9 +59,9 @@ def test_expected_calibration_error():
 
 from cai.losses import (  # noqa: E402
     AdaptiveKLController,
-    entropy_from_logits,
     gae,
     kl_estimate,
+    logprobs_and_entropy,
     masked_mean,
     ppo_policy_loss,
     token_rewards,
@@ -146,7 +146,9 @@ def test_value_loss_clips():
 
 def test_entropy_and_masked_mean():
     uniform = torch.zeros(1, 1, 4)
-    assert entropy_from_logits(uniform).item() == pytest.approx(math.log(4))
+    logp, entropy = logprobs_and_entropy(uniform, torch.tensor([[2]]))
+    assert entropy.item() == pytest.approx(math.log(4)) and logp.item() == pytest.approx(-math.log(4))
+    assert logprobs_and_entropy(uniform, torch.tensor([[2]]), with_entropy=False)[1] is None
     assert masked_mean(torch.tensor([1.0, 3.0, 100.0]), torch.tensor([1.0, 1.0, 0.0])).item() == 2.0
 
 

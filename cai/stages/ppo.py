@@ -39,9 +39,9 @@ from cai.generation import Completion, Generator, SamplingParams
 from cai.generation.hf import HFGenerator
 from cai.losses import (
     AdaptiveKLController,
-    entropy_from_logits,
     gae,
     kl_estimate,
+    logprobs_and_entropy,
     masked_mean,
     ppo_policy_loss,
     token_rewards,
@@ -91,8 +91,7 @@ def batch_rollouts(prompts: Sequence[list[int]], responses: Sequence[list[int]],
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log p(token j+1 | prefix) for every position j. logits (B, L, V), ids (B, L) -> (B, L-1)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return logprobs_and_entropy(logits[:, :-1], input_ids[:, 1:], with_entropy=False)[0]
 
 
 class PPOModule(L.LightningModule):
@@ -137,11 +136,12 @@ class PPOModule(L.LightningModule):
 
     # --- the roles' forward passes ------------------------------------------------------------
 
-    def actor_forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Log-probs of the taken tokens, entropies and values, each (B, L-1)."""
+    def actor_forward(
+        self, batch: dict[str, torch.Tensor], with_entropy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Log-probs of the taken tokens, entropies (if asked) and values, each (B, L-1)."""
         out = self.actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=self.critic is None)
-        logp = token_logprobs(out.logits, batch["input_ids"])
-        entropy = entropy_from_logits(out.logits[:, :-1])
+        logp, entropy = logprobs_and_entropy(out.logits[:, :-1], batch["input_ids"][:, 1:], with_entropy)
         if self.critic is None:
             values = self.value_head(out.hidden_states[-1][:, :-1].to(self.value_head.weight.dtype)).squeeze(-1)
         else:
@@ -186,7 +186,7 @@ class PPOModule(L.LightningModule):
         }
         mask = rb["action_mask"]
         with torch.no_grad():
-            old_logp, _, old_values = self.actor_forward(rb)
+            old_logp, _, old_values = self.actor_forward(rb, with_entropy=False)
             ref_logp = token_logprobs(self.ref(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits, rb["input_ids"])
             kl = kl_estimate(old_logp, ref_logp, "k1") * mask  # (B, L-1)
             shaped = scores.to(self.device)
