@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from cai.data import parse_transcript
 from cai.errors import CaiError
 
 Message = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": str}
@@ -306,13 +307,9 @@ def _between(text: str, start: str, end: str) -> str:
     return (rest[:j] if j >= 0 else rest).strip()
 
 
-_TURN = re.compile(r"\n\n(Human|Assistant):")
-
-
 def _paper_transcript(file: Path, i: int, text: str) -> tuple[list[Message], str | None]:
     """Split '\\n\\nHuman: ..\\n\\nAssistant: ..' into turns; a trailing assistant turn is the response."""
-    parts = _TURN.split(text)
-    turns = [{"role": "user" if parts[k] == "Human" else "assistant", "content": parts[k + 1].strip()} for k in range(1, len(parts) - 1, 2)]
+    turns = parse_transcript(text)
     while turns and not turns[-1]["content"]:
         turns.pop()  # a dangling "Assistant:" (or "Human:") with nothing after it
     response = None

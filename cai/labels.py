@@ -142,7 +142,6 @@ class Labeller:
         gen = HFGenerator(self.model, self.tok, batch_size=self.batch_size)
         prompts = [self.tok(c + COT_PREFIX, add_special_tokens=False)["input_ids"] for c in chats]
         reasoning = gen._generate(prompts, SamplingParams(max_new_tokens=self.cot_max_new_tokens, temperature=0), "reasoning")
-        self.reasoning = [r.text for r in reasoning]
         return [c + COT_PREFIX + " " + r.text.split("So the answer is")[0].strip() + COT_ANSWER for c, r in zip(chats, reasoning)]
 
     # --- comparisons ----------------------------------------------------------------------
