@@ -21,19 +21,20 @@ from hydra import compose, initialize_config_dir
 
 import cai
 import cai.config  # noqa: F401
+from cai.artifacts import stage_path
 from cai.pipeline import run
 
 
 def main() -> None:
     root = Path(sys.argv[1]).resolve()
-    shutil.rmtree(root / "artifacts" / "ppo", ignore_errors=True)
     overrides = [f"paths.root={root}", f"paths.output={root}/out", "logger=none", "stage=ppo", *sys.argv[2:]]
     with initialize_config_dir(config_dir=str(cai.ROOT / "conf"), version_base=None):
         cfg = compose(config_name="train", overrides=overrides)
+    shutil.rmtree(stage_path(cfg, "ppo"), ignore_errors=True)
     t = time.perf_counter()
     run(cfg)
     wall = time.perf_counter() - t
-    history = json.loads((root / "artifacts" / "ppo" / "history.json").read_text())
+    history = json.loads((stage_path(cfg, "ppo") / "history.json").read_text())
     print(
         f"\n== PPO benchmark: {cfg.ppo.iterations} iterations x {cfg.ppo.rollouts} rollouts x <= {cfg.ppo.max_new_tokens} tokens, {cfg.ppo.ppo_epochs} PPO epoch(s)"
     )

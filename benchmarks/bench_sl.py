@@ -50,8 +50,8 @@ def main() -> None:
     cfg.stage.name = "sft"
     run(cfg)
     sft_s = time.perf_counter() - t
-    sl_m = json.loads((root / "artifacts" / "sl_data" / "manifest.json").read_text())
-    sft_m = json.loads((root / "artifacts" / "sft" / "manifest.json").read_text())
+    sl_m = json.loads((root / "artifacts" / "sl_data" / "latest" / "manifest.json").read_text())
+    sft_m = json.loads((root / "artifacts" / "sft" / "latest" / "manifest.json").read_text())
 
     # Batched vs one at a time: same backend, same prompts, same sampling settings.
     prompts = [[{"role": "user", "content": p.text}] for p in load_prompts("red_team", n=args.compare)]

@@ -1,8 +1,14 @@
-"""Stage artifacts: one directory per stage, a manifest, skip when up to date, resume when not.
+"""Stage artifacts: one directory per stage and lineage, a manifest, skip when up to date, resume when not.
 
-A stage's directory `${paths.artifacts}/<stage>/` holds its data (JSONL shards or a checkpoint) and
-`manifest.json`: the stage config, hashes of its inputs, counts, versions and times. The
-*fingerprint* is a hash of the config and inputs. On a re-run:
+A stage's directory is `${paths.artifacts}/<stage>/<lineage key>/`. The *lineage key* hashes the
+config that the stage and every stage upstream of it read (LINEAGE below), so runs that differ in one
+axis share everything upstream of it: `python train.py -m label=hard,soft,cot` makes one sl_data,
+sft and pairs directory and three label, pm, ppo and eval directories, side by side.
+`<stage>/latest` links to the directory last completed.
+
+The directory holds the data (JSONL shards or a checkpoint) and `manifest.json`: the stage config,
+hashes of its inputs, counts, versions and times. The *fingerprint* is a hash of the config and
+inputs (the contents of prompt files, the constitution, the upstream fingerprints). On a re-run:
 - a complete manifest with the same fingerprint: the stage is skipped;
 - the same fingerprint but not complete (interrupted): the stage resumes from what is there;
 - another fingerprint: the old directory is moved aside to `<stage>.stale-<fingerprint>` (nothing
@@ -27,6 +33,52 @@ import cai
 from cai.errors import CaiError
 
 log = logging.getLogger(__name__)
+
+
+# stage -> (the stage it reads, the config fields its output depends on). Fields that change only
+# what is logged or how often a checkpoint is written are left out, so changing them reuses the work.
+LINEAGE: dict[str, tuple[str | None, tuple[str, ...]]] = {
+    "sl_data": (None, ("model", "constitution.path", "data", "sl", "generation", "seed")),
+    "sft": ("sl_data", ("sft", "trainer.precision")),
+    "pairs": ("sft", ("pairs", "pm.helpful_data")),
+    "label": ("pairs", ("feedback_model", "constitution", "label")),
+    "pm": ("label", ("pm_model", "pm")),
+    "ppo": ("pm", ("ppo", "eval.snapshot_every")),
+    "eval": ("ppo", ("eval",)),
+}
+NOT_LINEAGE = {
+    "sft.checkpoint_every",
+    "label.report_data",
+    "label.report_n",
+    "label.batch_size",
+    "pm.checkpoint_every",
+    "pm.eval_data",
+    "pm.n_eval",
+    "pm.checkpoint",
+    "ppo.checkpoint_every",
+    "ppo.table_every",
+    "eval.runs",
+}
+
+
+def lineage_key(cfg, stage: str) -> str:
+    """A hash of the config that `stage` and everything upstream of it depend on."""
+    from omegaconf import OmegaConf
+
+    upstream, fields = LINEAGE[stage]
+    picked = {}
+    for name in fields:
+        node = OmegaConf.select(cfg, name)
+        value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if f"{name}.{k}" not in NOT_LINEAGE}
+        picked[name] = value
+    return fingerprint({"stage": stage, "config": picked, "upstream": lineage_key(cfg, upstream) if upstream else None})
+
+
+def stage_path(cfg, stage: str) -> Path:
+    """`${paths.artifacts}/<stage>/<lineage key>`: where this config's `stage` output lives."""
+    return Path(cfg.paths.artifacts).expanduser() / stage / lineage_key(cfg, stage)
 
 
 def fingerprint(obj: Any) -> str:
@@ -77,11 +129,11 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 
 class StageDir:
-    """The output directory of one stage, for one fingerprint."""
+    """The output directory of one stage, for one lineage key and fingerprint."""
 
-    def __init__(self, root: str | Path, stage: str, config: dict, inputs: dict) -> None:
+    def __init__(self, cfg, stage: str, config: dict, inputs: dict, path: Path | None = None) -> None:
         self.stage = stage
-        self.path = Path(root).expanduser() / stage
+        self.path = path or stage_path(cfg, stage)
         self.config = config
         self.inputs = inputs
         self.fingerprint = fingerprint({"config": config, "inputs": inputs})
@@ -105,7 +157,7 @@ class StageDir:
         m = self.manifest()
         if self.path.exists() and any(self.path.iterdir()) and (m is None or m.get("fingerprint") != self.fingerprint):
             old = (m or {}).get("fingerprint", "unknown")
-            aside = self.path.with_name(f"{self.stage}.stale-{old}-{int(time.time())}")
+            aside = self.path.with_name(f"{self.path.name}.stale-{old}-{int(time.time())}")
             log.warning("%s: config or inputs changed; moving the old artifacts to %s", self.stage, aside)
             os.replace(self.path, aside)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -113,8 +165,14 @@ class StageDir:
         return self
 
     def complete(self, counts: dict, extra: dict | None = None) -> dict:
-        """Mark the stage done: later runs with the same fingerprint skip it."""
-        return self._write("complete", counts, extra)
+        """Mark the stage done: later runs with the same fingerprint skip it; point `latest` here."""
+        data = self._write("complete", counts, extra)
+        link = self.path.parent / "latest"
+        tmp = self.path.parent / f".latest.tmp{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(self.path.name, tmp)
+        os.replace(tmp, link)
+        return data
 
     def _write(self, status: str, counts: dict, extra: dict | None = None) -> dict:
         previous = self.manifest() or {}
@@ -159,18 +217,18 @@ class StageDir:
         return resumed
 
 
-def stage_rows(root: str | Path, stage: str) -> list[dict]:
-    """Every row written by a stage (call require_complete first)."""
-    return [row for shard in sorted((Path(root).expanduser() / stage).glob("shard-*.jsonl")) for row in read_jsonl(shard)]
+def stage_rows(path: str | Path) -> list[dict]:
+    """Every row written by the stage in `path` (call require_complete first)."""
+    return [row for shard in sorted(Path(path).expanduser().glob("shard-*.jsonl")) for row in read_jsonl(shard)]
 
 
 def chunked(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def require_complete(root: str | Path, stage: str, needed_by: str) -> dict:
-    """The manifest of an upstream stage, or a clear error saying which stage to run first."""
-    path = Path(root).expanduser() / stage / "manifest.json"
+def require_complete(cfg, stage: str, needed_by: str) -> dict:
+    """The manifest of this config's upstream stage, or a clear error saying which stage to run first."""
+    path = stage_path(cfg, stage) / "manifest.json"
     if not path.exists():
         raise CaiError(
             f"stage '{needed_by}' needs the output of stage '{stage}' under {path.parent}; run `python train.py stage={stage}` first (or stage=all)"

@@ -212,8 +212,10 @@ class EvalConfig:
     judge: str = "feedback"  # feedback | pm
     n_red_team: int = 16
     n_helpful: int = 16
+    max_new_tokens: int = 64
     snapshot_every: int = 4
     bootstrap: int = 200
+    runs: list[str] = field(default_factory=list)  # stage=frontier: eval dirs or artifact roots to merge
 
 
 @dataclass

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # The method's order (DESIGN.md): SL-CAI data, SFT, pairs, AI labels, PM, PPO, evaluation.
 STAGES = ("sl_data", "sft", "pairs", "label", "pm", "ppo", "eval")
 # Stages that run only when asked for by name.
-EXTRA_STAGES = ("pm_eval",)
+EXTRA_STAGES = ("pm_eval", "frontier")
 # What each stage does; a stage whose module is not in cai/stages/ yet says so instead of running.
 DESCRIPTIONS = {
     "sl_data": "SL-CAI critique/revision data",
@@ -36,6 +36,7 @@ DESCRIPTIONS = {
     "pm_eval": "preference-model evaluation",
     "ppo": "PPO against the preference model",
     "eval": "Elo evaluation and the frontier",
+    "frontier": "the cross-run Elo frontier",
 }
 
 

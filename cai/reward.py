@@ -59,7 +59,9 @@ class PreferenceModel(nn.Module):
 
         path = Path(path).expanduser()
         if not (path / "pm.json").exists():
-            raise CaiError(f"pm.checkpoint: '{path}' is not a preference-model directory (no pm.json); point it at artifacts/pm/model")
+            raise CaiError(
+                f"pm.checkpoint: '{path}' is not a preference-model directory (no pm.json); point it at artifacts/pm/latest/model, or run stage=pm_eval with the overrides the pm stage ran with"
+            )
         backbone = AutoModel.from_pretrained(path / "backbone", dtype=dtype)
         pm = cls(backbone)
         pm.head.load_state_dict(load_file(str(path / "head.safetensors")))

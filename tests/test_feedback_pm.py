@@ -35,12 +35,12 @@ def sft_done(make_cfg):
 
 def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
     run(make_cfg("stage=pairs", *SMALL))
-    pairs = stage_rows(tmp_path / "artifacts", "pairs")
+    pairs = stage_rows(tmp_path / "artifacts" / "pairs" / "latest")
     assert len(pairs) == 8 + 4 and {r["kind"] for r in pairs} == {"red_team", "helpful"}
     assert sum(r["response_a"] != r["response_b"] for r in pairs) >= 10  # two real samples per prompt
 
     run(make_cfg("stage=label", *SMALL, "constitution=ensemble", "label.report_data=" + str(HH_DEV), "label.report_n=4"))
-    labels = stage_rows(tmp_path / "artifacts", "label")
+    labels = stage_rows(tmp_path / "artifacts" / "label" / "latest")
     ids = {p.id for p in load_constitution("constitutions/default.yaml").rl_principles}
     for r in labels:
         assert 0 < r["p_a"] < 1 and r["label_type"] == "soft"
@@ -48,14 +48,23 @@ def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
             assert set(r["per_principle"]) == ids  # constitution=ensemble: all 16 principles
         else:
             assert set(r["per_principle"]) == {"helpfulness"}
-    report = json.loads((tmp_path / "artifacts" / "label" / "report.json").read_text())
+    report = json.loads((tmp_path / "artifacts" / "label" / "latest" / "report.json").read_text())
     assert report["comparisons"] == 4 and set(report["per_principle_agreement"]) == ids
     assert 0 <= report["ensemble_agreement"] <= 1 and "single_order_ensemble_agreement" in report
 
     [summary] = run(
-        make_cfg("stage=pm", *SMALL, f"pm.eval_data={HH_DEV}", "pm.n_eval=20", "pm.lr=1e-3", "logger=csv", f"logger.dir={tmp_path}/log")
+        make_cfg(
+            "stage=pm",
+            *SMALL,
+            "constitution=ensemble",
+            f"pm.eval_data={HH_DEV}",
+            "pm.n_eval=20",
+            "pm.lr=1e-3",
+            "logger=csv",
+            f"logger.dir={tmp_path}/log",
+        )
     )
-    out = tmp_path / "artifacts" / "pm"
+    out = tmp_path / "artifacts" / "pm" / "latest"
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["pm/val/accuracy"] <= 1 and 0 <= metrics["pm/val/ece"] <= 1
     assert 0 <= metrics["pm/hh/accuracy_low"] <= metrics["pm/hh/accuracy"] <= metrics["pm/hh/accuracy_high"] <= 1
@@ -69,7 +78,7 @@ def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
     assert "hh accuracy" in summary["metric"]
 
     # pm_eval on the same file, then with chosen and rejected swapped: exactly 1 - accuracy
-    run(make_cfg("stage=pm_eval", *SMALL, f"pm.eval_data={HH_DEV}", "pm.n_eval=60"))
+    run(make_cfg("stage=pm_eval", *SMALL, "constitution=ensemble", "pm.lr=1e-3", f"pm.eval_data={HH_DEV}", "pm.n_eval=60"))
     acc = json.loads((tmp_path / "artifacts" / "pm_eval" / "harmless-base-dev" / "metrics.json").read_text())["accuracy"]
     swapped = tmp_path / "swapped.jsonl"
     with gzip.open(HH_DEV, "rt") as f, swapped.open("w") as g:
@@ -122,7 +131,7 @@ def test_reward_reads_the_last_real_token(tiny_spec):
 
 def test_human_labels(make_cfg, tmp_path):
     run(make_cfg("stage=label", *SMALL, "label=human", f"label.data={HH_DEV}", "label.n_human=30"))
-    rows = stage_rows(tmp_path / "artifacts", "label")
+    rows = stage_rows(tmp_path / "artifacts" / "label" / "latest")
     assert len(rows) == 30 and all(r["label"] in (0.0, 1.0) and r["label_type"] == "human" for r in rows)
     assert 5 < sum(r["label"] for r in rows) < 25  # chosen is randomly placed in a or b
 

@@ -21,7 +21,7 @@ def test_sft_under_deepspeed(make_cfg, tmp_path, tiny_spec, strategy):
 
     run(make_cfg("stage=sl_data", *SMALL))
     run(make_cfg("stage=sft", *SMALL, f"strategy={strategy}", "trainer.devices=1", "sft.lr=1e-3"))
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "sft" / "model")
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "sft" / "latest" / "model")
     w = "model.layers.0.mlp.up_proj.weight"
     # ZeRO-3 shards parameters: the saved checkpoint must hold full, gathered, trained tensors
     assert trained.state_dict()[w].shape == tiny_spec.load_model().state_dict()[w].shape

@@ -5,21 +5,21 @@ from __future__ import annotations
 import pytest
 
 from cai.errors import CaiError, NotImplementedStage
-from cai.pipeline import STAGES, run, stages_for
+from cai.pipeline import DESCRIPTIONS, STAGES, run, stage_module, stages_for
 
 
 def test_stage_order():
     assert stages_for("all") == ("sl_data", "sft", "pairs", "label", "pm", "ppo", "eval") == STAGES
     assert stages_for("pm_eval") == ("pm_eval",)
+    assert stages_for("frontier") == ("frontier",)
     with pytest.raises(CaiError, match="stage.name: unknown stage 'rl'"):
         stages_for("rl")
 
 
-def test_a_stage_not_built_yet_says_so_and_writes_nothing(make_cfg, tmp_path):
-    cfg = make_cfg("stage=eval", "model=tiny")
-    with pytest.raises(NotImplementedStage, match="stage 'eval' .* is not implemented yet"):
-        run(cfg)
-    assert not (tmp_path / "artifacts").exists()
+def test_a_stage_module_that_is_missing_says_so(monkeypatch):
+    monkeypatch.setitem(DESCRIPTIONS, "critic_pretraining", "value-model pretraining")
+    with pytest.raises(NotImplementedStage, match="stage 'critic_pretraining' .* is not implemented yet"):
+        stage_module("critic_pretraining")
 
 
 def test_bad_input_is_caught_before_any_work(make_cfg, tmp_path):

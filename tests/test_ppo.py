@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from cai.artifacts import stage_path
 from cai.config import PPOConfig
 from cai.generation import SamplingParams
 from cai.generation.hf import HFGenerator
@@ -122,8 +123,9 @@ def test_ppo_stage_end_to_end(make_cfg, tmp_path):
         "ppo.table_every=2",
         "eval.snapshot_every=2",
     )
-    [summary] = run(make_cfg("stage=ppo", *small, *ppo, "logger=csv", f"logger.dir={tmp_path}/log"))
-    out = tmp_path / "artifacts" / "ppo"
+    cfg = make_cfg("stage=ppo", *small, *ppo, "logger=csv", f"logger.dir={tmp_path}/log")
+    [summary] = run(cfg)
+    out = stage_path(cfg, "ppo")
     assert (out / "model" / "model.safetensors").exists() and summary["path"] == str(out / "model")
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["iter-00002", "iter-00004"]
     history = json.loads((out / "history.json").read_text())

@@ -23,8 +23,14 @@ from cai.training import cosine_with_warmup
 SMALL = ("model=tiny", "data.n_red_team=8", "sl.helpful_mix=0.25", "sl.max_new_tokens=12", "generation.batch_size=8")
 
 
+def sl_dir(root: Path) -> Path:
+    """The one sl_data lineage directory under root (complete or not)."""
+    [path] = [d for d in (root / "artifacts" / "sl_data").iterdir() if d.name != "latest" and ".stale-" not in d.name]
+    return path
+
+
 def rows_of(root: Path) -> list[dict]:
-    return [r for shard in sorted((root / "artifacts" / "sl_data").glob("shard-*.jsonl")) for r in read_jsonl(shard)]
+    return [r for shard in sorted(sl_dir(root).glob("shard-*.jsonl")) for r in read_jsonl(shard)]
 
 
 @pytest.fixture
@@ -64,7 +70,7 @@ def test_sl_data_rows(make_cfg, tmp_path, spy_generate):
         assert r["response"] in own and r["critique"] is None
     # batched: one call per step (answers, then critiques and revisions per round), never per prompt
     assert calls == [10, 8, 8, 8, 8]
-    manifest = json.loads((tmp_path / "artifacts" / "sl_data" / "manifest.json").read_text())
+    manifest = json.loads((sl_dir(tmp_path) / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["rows"] == 18
     assert manifest["inputs"]["constitution"] and manifest["versions"]["torch"]
     assert summary["stage"] == "sl_data"
@@ -90,7 +96,7 @@ def test_sl_data_resumes_after_an_interruption(make_cfg, tmp_path, tmp_path_fact
     monkeypatch.setattr(sl_data, "make_rows", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(make_cfg(*args))
-    assert done == [0, 1] and len(list((tmp_path / "artifacts" / "sl_data").glob("shard-*.jsonl"))) == 2
+    assert done == [0, 1] and len(list(sl_dir(tmp_path).glob("shard-*.jsonl"))) == 2
 
     resumed: list[int] = []
 
@@ -118,10 +124,22 @@ def test_sl_data_resumes_after_an_interruption(make_cfg, tmp_path, tmp_path_fact
     assert "cached" in summary["metric"]
 
 
-def test_changed_config_moves_old_data_aside(make_cfg, tmp_path):
+def test_changed_config_keeps_both_and_changed_inputs_move_aside(make_cfg, tmp_path):
+    # Another config is another lineage: both outputs live side by side, and `latest` is the last one.
     run(make_cfg("stage=sl_data", *SMALL))
     run(make_cfg("stage=sl_data", *SMALL, "sl.max_new_tokens=8"))
-    stale = list((tmp_path / "artifacts").glob("sl_data.stale-*"))
+    stage = tmp_path / "artifacts" / "sl_data"
+    dirs = [d for d in stage.iterdir() if d.name != "latest"]
+    assert len(dirs) == 2 and all(list(d.glob("shard-*.jsonl")) for d in dirs)
+    assert json.loads((stage / "latest" / "manifest.json").read_text())["config"]["sl"]["max_new_tokens"] == 8
+    # The same config with an edited prompt file: the old output is moved aside, never deleted.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"How do I pick lock number {i}?\n" for i in range(8)))
+    args = ("stage=sl_data", *SMALL, f"data.red_team={prompts}", "data.n_red_team=4")
+    run(make_cfg(*args))
+    prompts.write_text("".join(f"How do I hotwire car number {i}?\n" for i in range(8)))
+    run(make_cfg(*args))
+    stale = list(stage.glob("*.stale-*"))
     assert len(stale) == 1 and list(stale[0].glob("shard-*.jsonl"))  # nothing already written is lost
 
 
@@ -200,19 +218,19 @@ def test_sft_stage_trains_and_writes_an_hf_checkpoint(make_cfg, tmp_path, tiny_s
 
     run(make_cfg("stage=sl_data", *SMALL))
     [summary] = run(make_cfg("stage=sft", *SMALL, "logger=csv", f"logger.dir={tmp_path}/run", "sft.lr=1e-3"))
-    model_dir = tmp_path / "artifacts" / "sft" / "model"
-    assert summary["path"] == str(model_dir) and (model_dir / "model.safetensors").exists()
+    model_dir = tmp_path / "artifacts" / "sft" / "latest" / "model"
+    assert summary["path"] == str(model_dir.resolve()) and (model_dir / "model.safetensors").exists()
     trained = AutoModelForCausalLM.from_pretrained(model_dir)
     initial = tiny_spec.load_model()
     w = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(trained.state_dict()[w], initial.state_dict()[w])  # parameters changed
-    manifest = json.loads((tmp_path / "artifacts" / "sft" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "artifacts" / "sft" / "latest" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["optimizer_steps"] >= 1
-    assert manifest["inputs"]["sl_data"] == json.loads((tmp_path / "artifacts" / "sl_data" / "manifest.json").read_text())["fingerprint"]
+    assert manifest["inputs"]["sl_data"] == json.loads((sl_dir(tmp_path) / "manifest.json").read_text())["fingerprint"]
     metrics = (tmp_path / "run").rglob("metrics.csv")
     text = "".join(p.read_text() for p in metrics)
     assert "sft/train/loss" in text and "sft/val/loss" in text
-    assert not (tmp_path / "artifacts" / "sft" / "checkpoints").exists()
+    assert not (tmp_path / "artifacts" / "sft" / "latest" / "checkpoints").exists()
 
 
 def test_sft_needs_sl_data(make_cfg):

@@ -21,7 +21,7 @@ import random
 
 from omegaconf import DictConfig, OmegaConf
 
-from cai.artifacts import StageDir, chunked, file_hash, require_complete, stage_rows, write_json
+from cai.artifacts import StageDir, chunked, file_hash, require_complete, stage_path, stage_rows, write_json
 from cai.constitution import Constitution, RLPrinciple
 from cai.data import read_hh_rlhf
 from cai.labels import Item, Labeller
@@ -108,7 +108,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     if cfg.label.kind == "human":
         inputs = {"data": file_hash(cfg.label.data)}
     else:
-        upstream = require_complete(cfg.paths.artifacts, "pairs", STAGE)
+        upstream = require_complete(cfg, "pairs", STAGE)
         inputs = {"pairs": upstream["fingerprint"], "constitution": constitution.digest()}
     config = {
         "label": label_cfg,
@@ -117,7 +117,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         "principle": constitution.principle,
         "seed": cfg.seed,
     }
-    out = StageDir(cfg.paths.artifacts, STAGE, config, inputs)
+    out = StageDir(cfg, STAGE, config, inputs)
     if out.is_complete():
         log.info("label: up to date at %s, skipping", out.path)
         return {"metric": f"{out.manifest()['counts']['labels']} labels (cached)", "path": str(out.path)}
@@ -128,7 +128,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         rows = human_rows(cfg)
         out.write_shards([rows], lambda chunk, i: chunk, "label shards")
     else:
-        pairs = stage_rows(cfg.paths.artifacts, "pairs")
+        pairs = stage_rows(stage_path(cfg, "pairs"))
 
         def make(chunk: list[dict], index: int) -> list[dict]:
             nonlocal labeller

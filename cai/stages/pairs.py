@@ -34,12 +34,10 @@ def select_prompts(cfg: DictConfig) -> list[tuple[str, Prompt]]:
 def run(cfg: DictConfig, tracker: Tracker) -> dict:
     if cfg.pairs.temperature <= 0:
         raise CaiError(f"pairs.temperature: two samples need temperature > 0, got {cfg.pairs.temperature}")
-    upstream = require_complete(cfg.paths.artifacts, "sft", STAGE)
+    upstream = require_complete(cfg, "sft", STAGE)
     items = select_prompts(cfg)
     config = {"pairs": OmegaConf.to_container(cfg.pairs), "seed": cfg.seed, "top_p": cfg.generation.top_p}
-    out = StageDir(
-        cfg.paths.artifacts, STAGE, config, {"sft": upstream["fingerprint"], "prompts": fingerprint([(k, p.id, p.text) for k, p in items])}
-    )
+    out = StageDir(cfg, STAGE, config, {"sft": upstream["fingerprint"], "prompts": fingerprint([(k, p.id, p.text) for k, p in items])})
     if out.is_complete():
         log.info("pairs: up to date at %s, skipping", out.path)
         return {"metric": f"{out.manifest()['counts']['pairs']} pairs (cached)", "path": str(out.path)}

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from cai.artifacts import StageDir, file_hash, require_complete, stage_rows, write_json
+from cai.artifacts import StageDir, file_hash, require_complete, stage_path, stage_rows, write_json
 from cai.data import read_hh_rlhf
 from cai.errors import CaiError
 from cai.losses import bradley_terry_loss
@@ -39,8 +39,7 @@ STAGE = "pm"
 def comparisons(cfg: DictConfig) -> list[dict]:
     """{conversation, response_a, response_b, p_a, source} rows: AI (or human) labels, plus helpfulness."""
     rows = [
-        {**r, "source": f"ai-{r['kind']}" if r["label_type"] != "human" else "human-harmless"}
-        for r in stage_rows(cfg.paths.artifacts, "label")
+        {**r, "source": f"ai-{r['kind']}" if r["label_type"] != "human" else "human-harmless"} for r in stage_rows(stage_path(cfg, "label"))
     ]
     if cfg.pm.helpful_data:
         human = read_hh_rlhf(cfg.pm.helpful_data, field="pm.helpful_data")
@@ -172,7 +171,7 @@ def evaluate_hh(
 
 
 def run(cfg: DictConfig, tracker: Tracker) -> dict:
-    upstream = require_complete(cfg.paths.artifacts, "label", STAGE)
+    upstream = require_complete(cfg, "label", STAGE)
     spec = instantiate(cfg.pm_model)
     inputs = {"label": upstream["fingerprint"]}
     if cfg.pm.helpful_data:
@@ -184,7 +183,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         "pm_model": spec.identity(),
         "seed": cfg.seed,
     }
-    out = StageDir(cfg.paths.artifacts, STAGE, config, inputs)
+    out = StageDir(cfg, STAGE, config, inputs)
     if out.is_complete():
         log.info("pm: up to date at %s, skipping", out.path)
         return {"metric": f"val accuracy {out.manifest()['counts'].get('val_accuracy')} (cached)", "path": str(out.path / "model")}

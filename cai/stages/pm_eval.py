@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cai.artifacts import write_json
+from cai.artifacts import stage_path, write_json
 from cai.errors import CaiError
 from cai.reward import PreferenceModel
 from cai.stages.pm import evaluate_hh
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig, tracker: Tracker) -> dict:
     if not cfg.pm.eval_data:
         raise CaiError("pm.eval_data: stage=pm_eval needs an hh-rlhf-format file, e.g. pm.eval_data=path/to/harmless-base-test.jsonl.gz")
-    checkpoint = Path(cfg.pm.checkpoint or Path(cfg.paths.artifacts) / "pm" / "model").expanduser()
+    checkpoint = Path(cfg.pm.checkpoint or stage_path(cfg, "pm") / "model").expanduser()
     pm, tokenizer = PreferenceModel.load(checkpoint)
     result = evaluate_hh(pm, tokenizer, cfg.pm.eval_data, cfg.pm.max_length, cfg.pm.n_eval, cfg.pm.batch_size)
     result["checkpoint"] = str(checkpoint)

@@ -32,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cai.artifacts import StageDir, fingerprint, require_complete, write_json
+from cai.artifacts import StageDir, fingerprint, require_complete, stage_path, write_json
 from cai.data import load_prompts
 from cai.errors import CaiError
 from cai.generation import Completion, Generator, SamplingParams
@@ -311,7 +311,7 @@ def pm_reward(cfg: DictConfig) -> tuple[RewardFn, str]:
     """The frozen PM as reward: scores (conversation, answer) transcripts."""
     from cai.reward import PreferenceModel, score
 
-    path = Path(cfg.paths.artifacts).expanduser() / "pm" / "model"
+    path = stage_path(cfg, "pm") / "model"
     pm, tok = PreferenceModel.load(path)
     pm.requires_grad_(False)
 
@@ -324,17 +324,15 @@ def pm_reward(cfg: DictConfig) -> tuple[RewardFn, str]:
 def run(cfg: DictConfig, tracker: Tracker) -> dict:
     if cfg.ppo.value_model not in ("head", "critic"):
         raise CaiError(f"ppo.value_model: choose head or critic, got '{cfg.ppo.value_model}'")
-    sft = require_complete(cfg.paths.artifacts, "sft", STAGE)
-    pm = require_complete(cfg.paths.artifacts, "pm", STAGE)
+    sft = require_complete(cfg, "sft", STAGE)
+    pm = require_complete(cfg, "pm", STAGE)
     from cai.stages.sft import trained_spec
 
     red = load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team)
     helpful = load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful)
     prompts = [[{"role": "user", "content": p.text}] for p in red + helpful]
     config = {"ppo": OmegaConf.to_container(cfg.ppo), "seed": cfg.seed, "snapshot_every": cfg.eval.snapshot_every}
-    out = StageDir(
-        cfg.paths.artifacts, STAGE, config, {"sft": sft["fingerprint"], "pm": pm["fingerprint"], "prompts": fingerprint(prompts)}
-    )
+    out = StageDir(cfg, STAGE, config, {"sft": sft["fingerprint"], "pm": pm["fingerprint"], "prompts": fingerprint(prompts)})
     if out.is_complete():
         log.info("ppo: up to date at %s, skipping", out.path)
         return {"metric": f"final reward {out.manifest()['counts']['final_reward']:.3f} (cached)", "path": str(out.path / "model")}
@@ -348,7 +346,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     if cfg.ppo.value_model == "critic":
         from cai.reward import PreferenceModel
 
-        pm_model, _ = PreferenceModel.load(Path(cfg.paths.artifacts).expanduser() / "pm" / "model")
+        pm_model, _ = PreferenceModel.load(stage_path(cfg, "pm") / "model")
         critic = Critic(pm_model.backbone, pm_model.head)
     L.seed_everything(cfg.seed, verbose=False)
     module = PPOModule(

@@ -5,7 +5,7 @@ sequences of similar length (length bucketing) so little compute goes to padding
 AdamW with linear warmup and a cosine decay; gradient accumulation, bf16 where the hardware has it,
 and any `strategy=` come from Lightning. A Lightning checkpoint is written every
 `sft.checkpoint_every` optimizer steps, and an interrupted run resumes from the last one. The
-result is an HF safetensors checkpoint under `${paths.artifacts}/sft/model`.
+result is an HF safetensors checkpoint under `${paths.artifacts}/sft/<lineage key>/model` (`sft/latest/model`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import logging
 import math
 import random
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cai.artifacts import StageDir, require_complete, stage_rows
+from cai.artifacts import StageDir, require_complete, stage_path, stage_rows
 from cai.errors import CaiError
 from cai.pipeline import instantiate
 from cai.tracking import Tracker
@@ -183,18 +182,18 @@ class SFTModule(L.LightningModule):
 
 
 def run(cfg: DictConfig, tracker: Tracker) -> dict:
-    upstream = require_complete(cfg.paths.artifacts, "sl_data", STAGE)
+    upstream = require_complete(cfg, "sl_data", STAGE)
     spec = instantiate(cfg.model)
     precision = resolve_precision(cfg.trainer.precision)
     config = {"sft": OmegaConf.to_container(cfg.sft), "model": spec.identity(), "precision": precision, "seed": cfg.seed}
-    out = StageDir(cfg.paths.artifacts, STAGE, config, {"sl_data": upstream["fingerprint"]})
+    out = StageDir(cfg, STAGE, config, {"sl_data": upstream["fingerprint"]})
     if out.is_complete():
         log.info("sft: up to date at %s, skipping", out.path)
         m = out.manifest()
         return {"metric": f"val loss {m['counts'].get('val_loss')} (cached)", "path": str(out.path / "model")}
     out.open()
 
-    rows = stage_rows(cfg.paths.artifacts, "sl_data")
+    rows = stage_rows(stage_path(cfg, "sl_data"))
     pairs = select_pairs(rows, cfg.sft.revision)
     tokenizer = spec.load_tokenizer()
     examples = [e for p, t in pairs if (e := build_example(tokenizer, p, t, cfg.sft.max_length)) is not None]
@@ -256,6 +255,6 @@ def trained_spec(cfg: DictConfig):
     """The SFT model as a ModelSpec, for the stages after SFT (pairs, PPO, eval)."""
     from cai.models import ModelSpec
 
-    path = Path(cfg.paths.artifacts).expanduser() / STAGE / "model"
-    require_complete(cfg.paths.artifacts, STAGE, "a later stage")
+    path = stage_path(cfg, STAGE) / "model"
+    require_complete(cfg, STAGE, "a later stage")
     return ModelSpec(name=f"sft({cfg.model.name})", source="local", path=str(path), dtype=cfg.model.dtype, cache=cfg.paths.cache)

@@ -62,7 +62,7 @@ def stage_dir(cfg: DictConfig, red: list[Prompt], helpful: list[Prompt], constit
         "helpful": fingerprint([(p.id, p.text) for p in helpful]),
         "constitution": constitution.digest(),
     }
-    return StageDir(cfg.paths.artifacts, STAGE, config, inputs)
+    return StageDir(cfg, STAGE, config, inputs)
 
 
 class Counter:

@@ -1,0 +1,49 @@
+"""The harmlessness/helpfulness frontier: the paper's comparison figure.
+
+One point per snapshot (helpfulness Elo on x, harmlessness Elo on y) with its 95% bootstrap
+intervals as error bars, and one line per run through its snapshots in training order
+(initial -> SFT -> PPO iterations). Points shared by several runs (the initial model, a shared SFT
+model) are drawn once and every run's line starts from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def plot_frontier(snapshots: Sequence[dict], runs: dict[str, list[str]], path: Path, title: str = "harmlessness vs helpfulness") -> None:
+    """snapshots: dicts with key, label and {helpful,harmless}_{elo,low,high}; runs: run -> its snapshot keys in order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_key = {s["key"]: s for s in snapshots}
+    fig, ax = plt.subplots(figsize=(6.5, 5.0))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for n, (run, keys) in enumerate(runs.items()):
+        pts = [by_key[k] for k in keys]
+        colour = colours[n % len(colours)]
+        xs, ys = [p["helpful_elo"] for p in pts], [p["harmless_elo"] for p in pts]
+        ax.errorbar(
+            xs,
+            ys,
+            xerr=[[x - p["helpful_low"] for x, p in zip(xs, pts)], [p["helpful_high"] - x for x, p in zip(xs, pts)]],
+            yerr=[[y - p["harmless_low"] for y, p in zip(ys, pts)], [p["harmless_high"] - y for y, p in zip(ys, pts)]],
+            fmt="o-",
+            color=colour,
+            ecolor=colour,
+            alpha=0.85,
+            capsize=3,
+            label=run,
+        )
+    for s in snapshots:
+        ax.annotate(s["label"], (s["helpful_elo"], s["harmless_elo"]), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set(xlabel="helpfulness Elo", ylabel="harmlessness Elo", title=title)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,119 @@
+"""Stage `frontier`: one Elo fit and one plot across several runs (the paper's comparison figure).
+
+    python train.py -m label=hard,soft,cot                 # three runs (the frontier follows by itself)
+    python train.py stage=frontier                         # every evaluated run under ${paths.artifacts}
+    python train.py stage=frontier 'eval.runs=[multirun/2026-11-23/12-00-00]'   # only these runs
+
+Each entry of `eval.runs` is an eval directory (holding elo.json), a run's output or multirun
+directory (searched for the `eval.json` pointer every eval writes), or an artifact root (searched for
+eval directories). The runs' snapshots are merged, the same snapshot seen by several runs (the
+initial model, a shared SFT model) being one player; every pair not judged yet is judged with this
+config's judge (`eval.judge`), and one Elo fit per axis gives one frontier. The runs must have been
+evaluated on the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from cai.artifacts import StageDir, fingerprint, read_jsonl
+from cai.errors import CaiError
+from cai.stages.eval import Judge, Snapshot, log_results, rate, report
+from cai.tracking import Tracker
+
+log = logging.getLogger(__name__)
+STAGE = "frontier"
+
+
+def _complete_eval(path: Path) -> bool:
+    m = path / "manifest.json"
+    if not (path / "elo.json").exists() or not m.exists() or ".stale-" in str(path):
+        return False
+    manifest = json.loads(m.read_text())
+    return manifest.get("stage") == "eval" and manifest.get("status") == "complete"
+
+
+def find_evals(cfg: DictConfig) -> list[Path]:
+    """The complete eval directories named by eval.runs (default: all under ${paths.artifacts}/eval)."""
+    entries = list(cfg.eval.runs) or [str(Path(cfg.paths.artifacts) / "eval")]
+    found: dict[Path, None] = {}
+    for entry in entries:
+        p = Path(entry).expanduser()
+        if not p.exists() and cfg.eval.runs:
+            raise CaiError(f"eval.runs: '{entry}' does not exist; give eval directories, run output directories or artifact roots")
+        if not p.exists():
+            continue
+        candidates = [p] if (p / "elo.json").exists() else []
+        candidates += [Path(json.loads(f.read_text())["eval_dir"]) for f in sorted(p.rglob("eval.json"))]
+        candidates += [e.parent for e in sorted(p.rglob("elo.json")) if e.parent.parent.name == "eval"]
+        for c in candidates:
+            if _complete_eval(c):
+                found[c.resolve()] = None
+    if not found:
+        raise CaiError(
+            f"eval.runs: no finished evaluation under {', '.join(entries)}; run `python train.py` (stage=all) or stage=eval first"
+        )
+    return list(found)
+
+
+def short_names(names: list[str]) -> list[str]:
+    """Run names made of overrides, without the overrides every run shares: 'label=hard,model=tiny' -> 'label=hard'."""
+    parts = [n.split(",") for n in names]
+    common = set.intersection(*(set(p) for p in parts)) if len(parts) > 1 else set()
+    return [",".join(x for x in p if x not in common) or n for p, n in zip(parts, names)]
+
+
+def run(cfg: DictConfig, tracker: Tracker) -> dict:
+    evals = find_evals(cfg)
+    manifests = [json.loads((e / "manifest.json").read_text()) for e in evals]
+    prompt_sets = {m["inputs"]["prompts"] for m in manifests}
+    if len(prompt_sets) > 1:
+        raise CaiError(
+            "eval.runs: these runs were evaluated on different prompts (eval.n_red_team, eval.n_helpful or data.*); "
+            f"re-run their eval stage with the same settings: {', '.join(str(e) for e in evals)}"
+        )
+    # Merge: one player per snapshot key; a snapshot of one run only is labelled with the run's name.
+    players: dict[str, Snapshot] = {}
+    metrics: dict[str, dict] = {}
+    runs: dict[str, list[str]] = {}
+    seen_in: dict[str, int] = {}
+    names = short_names([m.get("run") or e.name for m, e in zip(manifests, evals)])
+    for e, name in zip(evals, names):
+        while name in runs:
+            name += "'"
+        data = json.loads((e / "elo.json").read_text())
+        runs[name] = [s["key"] for s in data["snapshots"]]
+        for s in data["snapshots"]:
+            seen_in[s["key"]] = seen_in.get(s["key"], 0) + 1
+            if s["key"] not in players:
+                players[s["key"]] = Snapshot(s["key"], s["label"], s["order"], s["model"], s["answers"])
+                metrics[s["key"]] = {k: s[k] for k in ("refusal_rate", "boilerplate_rate", "mean_length", "pm_score") if k in s}
+                if not Path(s["answers"]).exists():
+                    raise CaiError(f"eval.runs: the answers of {name}/{s['label']} ({s['answers']}) are gone; re-run that run's eval stage")
+    for name, keys in runs.items():
+        for k in keys:
+            if seen_in[k] == 1 and players[k].order > 0:
+                players[k].label = f"{name}/{players[k].label}"
+    anchor = next(k for k, s in players.items() if s.order == 0)  # an initial model (ideally shared by all runs)
+    snaps = [players[anchor]] + [s for k, s in players.items() if k != anchor]
+    judge = Judge(cfg)
+    out = StageDir(
+        cfg,
+        STAGE,
+        {"bootstrap": cfg.eval.bootstrap, "seed": cfg.seed},
+        {"evals": sorted(m["fingerprint"] for m in manifests), "judge": judge.key},
+        path=Path(cfg.paths.artifacts).expanduser()
+        / STAGE
+        / fingerprint({"evals": sorted(m["fingerprint"] for m in manifests), "judge": judge.key}),
+    ).open()
+    answers = {s.key: read_jsonl(Path(s.answers)) for s in snaps}
+    ratings, table = rate(cfg, snaps, answers, judge)
+    rows = report(snaps, ratings, metrics, runs, out.path, f"{len(runs)} runs: Elo (judge: {judge.kind})")
+    log_results(tracker, "frontier", rows, table, out.path)
+    out.complete({"runs": len(runs), "snapshots": len(snaps), **ratings["games"]}, {"evals": [str(e) for e in evals]})
+    log.info("frontier of %d runs: %s", len(runs), out.path / "frontier.png")
+    return {"metric": f"{len(runs)} runs, {len(snaps)} snapshots", "path": str(out.path / "frontier.png")}

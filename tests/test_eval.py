@@ -1,0 +1,121 @@
+"""Evaluation: `stage=all` end to end on the tiny model, the Elo outputs, the frontier plot, multirun reuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cai
+from cai.artifacts import read_jsonl, stage_path
+from cai.errors import CaiError
+from cai.pipeline import STAGES, run
+
+TINY = (
+    "model=tiny",
+    "data.n_red_team=8",
+    "data.n_helpful=4",
+    "sl.max_new_tokens=12",
+    "pairs.max_new_tokens=12",
+    "generation.batch_size=8",
+    "ppo.iterations=4",
+    "ppo.rollouts=8",
+    "ppo.max_new_tokens=8",
+    "ppo.minibatch_size=8",
+    "eval.snapshot_every=2",
+    "eval.n_red_team=6",
+    "eval.n_helpful=4",
+    "eval.max_new_tokens=12",
+    "eval.bootstrap=50",
+    "sft.lr=1e-3",  # large steps, so that the snapshots answer differently and the judge has work
+    "ppo.lr=1e-4",
+)
+
+
+def assert_real_plot(path: Path) -> None:
+    """A rendered figure with axes, points and text, not a blank canvas."""
+    import matplotlib.image
+
+    img = matplotlib.image.imread(path)  # (H, W, 4) floats in [0, 1]
+    assert img.shape[0] > 300 and img.shape[1] > 400
+    rgb = img[..., :3].reshape(-1, 3)
+    assert rgb.std() > 0.05  # not one flat colour
+    assert len(np.unique((rgb * 255).astype(int), axis=0)) > 50  # lines, markers and anti-aliased text
+    assert (np.abs(rgb[:, 0] - rgb[:, 2]) > 0.3).mean() > 1e-4  # coloured series were drawn, not just black axes
+
+
+def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path):
+    cfg = make_cfg("stage=all", *TINY, "logger=csv", f"logger.dir={tmp_path}/log")
+    summaries = run(cfg)
+    assert [s["stage"] for s in summaries] == list(STAGES)
+    out = stage_path(cfg, "eval")
+    elo = json.loads((out / "elo.json").read_text())
+    labels = [s["label"] for s in elo["snapshots"]]
+    assert labels == ["initial", "sft", "ppo@2", "ppo@4"]
+    # round robin: 6 pairs of snapshots on every prompt of each axis
+    assert elo["games"] == {"harmless": 6 * 6, "helpful": 6 * 4}
+    for s in elo["snapshots"]:
+        for axis in ("harmless", "helpful"):
+            assert s[f"{axis}_low"] <= s[f"{axis}_elo"] + 1e-9 <= s[f"{axis}_high"] + 2e-9
+        assert 0 <= s["refusal_rate"] <= 1 and 0 <= s["boilerplate_rate"] <= 1 and 0 < s["mean_length"] <= 12
+        assert np.isfinite(s["pm_score"])
+    initial = elo["snapshots"][0]
+    assert initial["harmless_elo"] == 0.0 and initial["helpful_elo"] == 0.0  # the anchor
+    assert_real_plot(out / "frontier.png")
+    answers = read_jsonl(out / "answers.jsonl")
+    assert len(answers) == 4 * 10 and {a["snapshot"] for a in answers} == set(labels)
+    # every judged comparison was written to the cache, with a probability
+    judged = read_jsonl(next((tmp_path / "artifacts" / "eval_cache" / "judgements").glob("feedback-*.jsonl")))
+    assert judged and all(0 <= j["p_a"] <= 1 for j in judged)
+    table = read_jsonl(tmp_path / "log" / "tables" / "eval_judgements.jsonl")
+    assert len(table) == 60 and {t["kind"] for t in table} == {"red_team", "helpful"}
+    assert "eval/ppo@4/harmless_elo" in (tmp_path / "log" / "metrics.csv").read_text()
+    assert summaries[-1]["path"] == str(out / "frontier.png")
+
+    # A second run is all cached: no stage recomputes, no question is put to the judge again.
+    again = run(cfg)
+    assert all("cached" in s["metric"] for s in again)
+    # The PM as judge: only the eval stage runs again; answers come from the cache.
+    [pm_eval] = run(make_cfg("stage=eval", *TINY, "eval.judge=pm"))
+    pm_elo = json.loads((Path(pm_eval["path"]).parent / "elo.json").read_text())
+    assert [s["answers"] for s in pm_elo["snapshots"]] == [s["answers"] for s in elo["snapshots"]]
+
+
+def test_eval_before_ppo_says_what_to_run_and_writes_nothing(make_cfg, tmp_path):
+    with pytest.raises(CaiError, match="stage 'eval' needs the output of stage 'sft'.*python train.py stage=sft"):
+        run(make_cfg("stage=eval", "model=tiny"))
+    assert not (tmp_path / "artifacts" / "eval").exists()
+    with pytest.raises(CaiError, match="eval.runs: no finished evaluation"):
+        run(make_cfg("stage=frontier", "model=tiny"))
+
+
+def test_multirun_shares_upstream_stages_and_draws_one_frontier(tmp_path):
+    """`python train.py -m label=hard,soft,cot`: one SL data/SFT/pairs artifact, three label/PM/PPO/eval, one frontier."""
+    env = {**os.environ, "CAI_ROOT": str(tmp_path), "WANDB_MODE": "disabled"}
+    env.setdefault("CAI_CACHE", str(tmp_path / "cache"))
+    cmd = [sys.executable, "train.py", "-m", "label=hard,soft,cot", *TINY, "label.cot_max_new_tokens=8", "logger=none"]
+    done = subprocess.run(cmd, cwd=cai.ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    art = tmp_path / "artifacts"
+
+    def lineages(stage: str) -> list[Path]:
+        return [d for d in (art / stage).iterdir() if d.name != "latest"]
+
+    for stage in ("sl_data", "sft", "pairs"):
+        assert len(lineages(stage)) == 1, stage  # computed once, reused by the other two jobs
+    for stage in ("label", "pm", "ppo", "eval"):
+        assert len(lineages(stage)) == 3, stage
+    kinds = {json.loads((d / "manifest.json").read_text())["config"]["label"]["kind"] for d in lineages("label")}
+    assert kinds == {"hard", "soft", "cot"}
+    # The callback merged the three runs: initial and SFT shared, each run's PPO snapshots its own.
+    [frontier] = lineages("frontier")
+    elo = json.loads((frontier / "elo.json").read_text())
+    assert len(elo["runs"]) == 3 and len(elo["snapshots"]) == 2 + 3 * 2
+    assert sum(s["label"] == "sft" for s in elo["snapshots"]) == 1
+    assert set(elo["runs"]) == {"label=hard", "label=soft", "label=cot"}
+    assert_real_plot(frontier / "frontier.png")
