@@ -327,6 +327,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     write_jsonl(out.path / "answers.jsonl", [{"snapshot": s.label, **r} for s in snaps for r in answers[s.key]])
     log_results(tracker, "eval", rows, table, out.path)
     last = rows[-1]
+    tracker.log({"eval/summary/harmless_elo": last["harmless_elo"], "eval/summary/helpful_elo": last["helpful_elo"]})  # the sweeps' metric
     summary = f"{last['label']}: harmless Elo {last['harmless_elo']:+.0f}, helpful Elo {last['helpful_elo']:+.0f}"
     out.complete({"snapshots": len(snaps), "prompts": len(prompts), **ratings["games"], "summary": summary}, {"run": run_name})
     # A pointer in the run's own output dir, so `stage=frontier eval.runs=[<multirun dir>]` finds this eval.
