@@ -47,6 +47,9 @@ LINEAGE: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "eval": ("ppo", ("eval",)),
 }
 NOT_LINEAGE = {
+    "model.cache",  # where converted models are kept changes nothing they compute
+    "feedback_model.cache",
+    "pm_model.cache",
     "sft.checkpoint_every",
     "label.report_data",
     "label.report_n",
@@ -73,7 +76,10 @@ def lineage_key(cfg, stage: str) -> str:
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if f"{name}.{k}" not in NOT_LINEAGE}
         picked[name] = value
-    return fingerprint({"stage": stage, "config": picked, "upstream": lineage_key(cfg, upstream) if upstream else None})
+    # Files shipped in this repository are named relative to it, so moving the checkout keeps the keys
+    # (their contents are hashed into each stage's fingerprint anyway).
+    blob = json.dumps(picked, sort_keys=True, default=str).replace(str(cai.ROOT), "<cai>")
+    return fingerprint({"stage": stage, "config": blob, "upstream": lineage_key(cfg, upstream) if upstream else None})
 
 
 def stage_path(cfg, stage: str) -> Path:

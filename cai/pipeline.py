@@ -134,3 +134,6 @@ def print_summary(summaries: list[dict]) -> None:
     print(line.format("stage", "key metric", "artifacts"))
     for r in rows:
         print(line.format(*r))
+    for s in summaries:
+        if s["stage"] in ("eval", "frontier"):
+            print(f"frontier plot: {s['path']}")

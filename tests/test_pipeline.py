@@ -30,3 +30,20 @@ def test_bad_input_is_caught_before_any_work(make_cfg, tmp_path):
         run(cfg)
     with pytest.raises(CaiError, match="label.clamp_low/clamp_high"):
         run(make_cfg("model=tiny", "label.clamp_low=0.7", "label.clamp_high=0.6"))
+
+
+def test_lineage_keys_share_upstream_stages(make_cfg, tmp_path):
+    from cai.artifacts import lineage_key
+
+    base = make_cfg("model=tiny")
+    hard = make_cfg("model=tiny", "label=hard", "logger=csv", f"paths.cache={tmp_path}/elsewhere", "ppo.table_every=1")
+    for stage in ("sl_data", "sft", "pairs"):
+        assert lineage_key(base, stage) == lineage_key(hard, stage)  # upstream of the label: shared
+    for stage in ("label", "pm", "ppo", "eval"):
+        assert lineage_key(base, stage) != lineage_key(hard, stage)  # the label and everything after it
+    # what is only logged, or where models are cached, changes no key
+    quiet = make_cfg("model=tiny", "logger=csv", f"paths.cache={tmp_path}/elsewhere", "ppo.table_every=1", "pm.eval_data=x.jsonl")
+    assert all(lineage_key(base, s) == lineage_key(quiet, s) for s in STAGES)
+    # one PPO field moves the PPO and eval keys only
+    ppo = make_cfg("model=tiny", "ppo.lr=3e-6")
+    assert [lineage_key(base, s) == lineage_key(ppo, s) for s in STAGES] == [True] * 5 + [False] * 2

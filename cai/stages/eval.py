@@ -105,7 +105,7 @@ def eval_prompts(cfg: DictConfig) -> list[dict]:
     """The held-out prompts every snapshot answers: the test splits, never seen in training."""
     red = load_prompts("red_team", cfg.data.red_team, "test", cfg.eval.n_red_team)
     helpful = load_prompts("helpful", cfg.data.helpful, "test", cfg.eval.n_helpful)
-    return [{"id": p.id, "kind": kind, "prompt": p.text} for kind, ps in (("red_team", red), ("helpful", helpful)) for p in ps]
+    return [{"id": f"{kind}:{p.id}", "kind": kind, "prompt": p.text} for kind, ps in (("red_team", red), ("helpful", helpful)) for p in ps]
 
 
 def cache_dir(cfg: DictConfig) -> Path:
