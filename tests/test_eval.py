@@ -49,7 +49,7 @@ def assert_real_plot(path: Path) -> None:
     assert (np.abs(rgb[:, 0] - rgb[:, 2]) > 0.3).mean() > 1e-4  # coloured series were drawn, not just black axes
 
 
-def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path):
+def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
     cfg = make_cfg("stage=all", *TINY, "logger=csv", f"logger.dir={tmp_path}/log")
     summaries = run(cfg)
     assert [s["stage"] for s in summaries] == list(STAGES)
@@ -84,6 +84,22 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path):
     [pm_eval] = run(make_cfg("stage=eval", *TINY, "eval.judge=pm"))
     pm_elo = json.loads((Path(pm_eval["path"]).parent / "elo.json").read_text())
     assert [s["answers"] for s in pm_elo["snapshots"]] == [s["answers"] for s in elo["snapshots"]]
+
+    # Interrupted judging resumes: half the verdicts and a torn line are left; only the rest is asked.
+    from cai.labels import Labeller
+    from cai.stages.eval import Judge
+
+    cache = next((tmp_path / "artifacts" / "eval_cache" / "judgements").glob("feedback-*.jsonl"))
+    lines = cache.read_text().splitlines()
+    keep = len(lines) // 2
+    cache.write_text("\n".join(lines[:keep]) + "\n" + lines[keep][:20])
+    asked: list[int] = []
+    label = Labeller.label
+    monkeypatch.setattr(Labeller, "label", lambda self, items, desc="": asked.append(len(items)) or label(self, items, desc))
+    cfg2 = make_cfg("stage=eval", *TINY, "eval.bootstrap=60")  # another eval config: the same answers and judge
+    run(cfg2)
+    assert sum(asked) == len(lines) - keep
+    assert len(Judge(cfg2).cached()) == len(lines)
 
 
 def test_eval_before_ppo_says_what_to_run_and_writes_nothing(make_cfg, tmp_path):

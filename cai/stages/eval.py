@@ -188,6 +188,9 @@ class Judge:
         """Judge (a key, b key, a's row, b's row) comparisons in chunks, appending each chunk to the cache."""
         out = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+            with self.path.open("a") as f:  # a torn last line: end it, so the next row starts on its own line
+                f.write("\n")
         for chunk in tqdm(chunked(todo, 32), desc=f"eval judge ({self.kind})", unit="chunk"):
             if self.kind == "feedback":
                 from cai.labels import Item
