@@ -74,6 +74,7 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
     assert judged and all(0 <= j["p_a"] <= 1 for j in judged)
     table = read_jsonl(tmp_path / "log" / "tables" / "eval_judgements.jsonl")
     assert len(table) == 60 and {t["kind"] for t in table} == {"red_team", "helpful"}
+    assert len(read_jsonl(tmp_path / "log" / "tables" / "eval_answers.jsonl")) == 4 * 10
     assert "eval/ppo@4/harmless_elo" in (tmp_path / "log" / "metrics.csv").read_text()
     assert summaries[-1]["path"] == str(out / "frontier.png")
 

@@ -327,7 +327,13 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     metrics = {s.key: absolute_metrics(cfg, answers[s.key], pm) for s in tqdm(snaps, desc="eval metrics", unit="snapshot")}
     run_name = tracker.name or "this run"
     rows = report(snaps, ratings, metrics, {run_name: [s.key for s in snaps]}, out.path, f"{run_name}: Elo (judge: {judge.kind})")
-    write_jsonl(out.path / "answers.jsonl", [{"snapshot": s.label, **r} for s in snaps for r in answers[s.key]])
+    answer_rows = [{"snapshot": s.label, **r} for s in snaps for r in answers[s.key]]
+    write_jsonl(out.path / "answers.jsonl", answer_rows)
+    tracker.table(
+        "eval/answers",
+        ["snapshot", "kind", "prompt", "response"],
+        [[r[k] for k in ("snapshot", "kind", "prompt", "response")] for r in answer_rows],
+    )
     log_results(tracker, "eval", rows, table, out.path)
     last = rows[-1]
     tracker.log({"eval/summary/harmless_elo": last["harmless_elo"], "eval/summary/helpful_elo": last["helpful_elo"]})  # the sweeps' metric
