@@ -136,3 +136,11 @@ def test_multirun_shares_upstream_stages_and_draws_one_frontier(tmp_path):
     assert sum(s["label"] == "sft" for s in elo["snapshots"]) == 1
     assert set(elo["runs"]) == {"label=hard", "label=soft", "label=cot"}
     assert_real_plot(frontier / "frontier.png")
+
+
+def test_run_names_drop_the_overrides_every_run_shares():
+    from cai.stages.frontier import short_names
+
+    assert short_names(["label=hard,model=tiny", "label=soft,model=tiny"]) == ["label=hard", "label=soft"]
+    assert short_names(["model=tiny"]) == ["model=tiny"]  # one run keeps its whole name
+    assert short_names(["default", "label=hard"]) == ["default", "label=hard"]

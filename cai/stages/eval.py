@@ -315,7 +315,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     if out.is_complete():
         log.info("eval: up to date at %s, skipping", out.path)
         Path(cfg.paths.output).mkdir(parents=True, exist_ok=True)
-        write_json(Path(cfg.paths.output) / "eval.json", {"eval_dir": str(out.path), "run": out.manifest().get("run")})
+        write_json(Path(cfg.paths.output) / "eval.json", {"eval_dir": str(out.path), "run": tracker.name or out.manifest().get("run")})
         return {"metric": out.manifest()["counts"]["summary"] + " (cached)", "path": str(out.path / "frontier.png")}
     out.open()
 

@@ -37,27 +37,33 @@ def _complete_eval(path: Path) -> bool:
     return manifest.get("stage") == "eval" and manifest.get("status") == "complete"
 
 
-def find_evals(cfg: DictConfig) -> list[Path]:
-    """The complete eval directories named by eval.runs (default: all under ${paths.artifacts}/eval)."""
+def find_evals(cfg: DictConfig) -> dict[Path, str | None]:
+    """The complete eval directories named by eval.runs (default: all under ${paths.artifacts}/eval).
+
+    Maps each to the run name its pointer gives (the name of the run that pointed at it), or None.
+    """
     entries = list(cfg.eval.runs) or [str(Path(cfg.paths.artifacts) / "eval")]
-    found: dict[Path, None] = {}
+    found: dict[Path, str | None] = {}
     for entry in entries:
         p = Path(entry).expanduser()
         if not p.exists() and cfg.eval.runs:
             raise CaiError(f"eval.runs: '{entry}' does not exist; give eval directories, run output directories or artifact roots")
         if not p.exists():
             continue
-        candidates = [p] if (p / "elo.json").exists() else []
-        candidates += [Path(json.loads(f.read_text())["eval_dir"]) for f in sorted(p.rglob("eval.json"))]
-        candidates += [e.parent for e in sorted(p.rglob("elo.json")) if e.parent.parent.name == "eval"]
-        for c in candidates:
-            if _complete_eval(c):
-                found[c.resolve()] = None
+        candidates: list[tuple[Path, str | None]] = [(p, None)] if (p / "elo.json").exists() else []
+        for pointer in sorted(p.rglob("eval.json")):
+            data = json.loads(pointer.read_text())
+            candidates.append((Path(data["eval_dir"]), data.get("run")))
+        candidates += [(e.parent, None) for e in sorted(p.rglob("elo.json")) if e.parent.parent.name == "eval"]
+        for path, name in candidates:
+            if _complete_eval(path):
+                key = path.resolve()
+                found[key] = found.get(key) or name
     if not found:
         raise CaiError(
             f"eval.runs: no finished evaluation under {', '.join(entries)}; run `python train.py` (stage=all) or stage=eval first"
         )
-    return list(found)
+    return found
 
 
 def short_names(names: list[str]) -> list[str]:
@@ -68,7 +74,8 @@ def short_names(names: list[str]) -> list[str]:
 
 
 def run(cfg: DictConfig, tracker: Tracker) -> dict:
-    evals = find_evals(cfg)
+    found = find_evals(cfg)
+    evals = list(found)
     manifests = [json.loads((e / "manifest.json").read_text()) for e in evals]
     prompt_sets = {m["inputs"]["prompts"] for m in manifests}
     if len(prompt_sets) > 1:
@@ -81,7 +88,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     metrics: dict[str, dict] = {}
     runs: dict[str, list[str]] = {}
     seen_in: dict[str, int] = {}
-    names = short_names([m.get("run") or e.name for m, e in zip(manifests, evals)])
+    names = short_names([found[e] or m.get("run") or e.name for m, e in zip(manifests, evals)])
     for e, name in zip(evals, names):
         while name in runs:
             name += "'"
