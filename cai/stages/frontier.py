@@ -108,15 +108,9 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     anchor = next(k for k, s in players.items() if s.order == 0)  # an initial model (ideally shared by all runs)
     snaps = [players[anchor]] + [s for k, s in players.items() if k != anchor]
     judge = Judge(cfg)
-    out = StageDir(
-        cfg,
-        STAGE,
-        {"bootstrap": cfg.eval.bootstrap, "seed": cfg.seed},
-        {"evals": sorted(m["fingerprint"] for m in manifests), "judge": judge.key},
-        path=Path(cfg.paths.artifacts).expanduser()
-        / STAGE
-        / fingerprint({"evals": sorted(m["fingerprint"] for m in manifests), "judge": judge.key}),
-    ).open()
+    inputs = {"evals": sorted(m["fingerprint"] for m in manifests), "judge": judge.key}
+    path = Path(cfg.paths.artifacts).expanduser() / STAGE / fingerprint(inputs)  # one directory per set of runs and judge
+    out = StageDir(cfg, STAGE, {"bootstrap": cfg.eval.bootstrap, "seed": cfg.seed}, inputs, path=path).open()
     answers = {s.key: read_jsonl(Path(s.answers)) for s in snaps}
     ratings, table = rate(cfg, snaps, answers, judge)
     rows = report(snaps, ratings, metrics, runs, out.path, f"{len(runs)} runs: Elo (judge: {judge.kind})")
