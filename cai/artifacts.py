@@ -11,7 +11,7 @@ hashes of its inputs, counts, versions and times. The *fingerprint* is a hash of
 inputs (the contents of prompt files, the constitution, the upstream fingerprints). On a re-run:
 - a complete manifest with the same fingerprint: the stage is skipped;
 - the same fingerprint but not complete (interrupted): the stage resumes from what is there;
-- another fingerprint: the old directory is moved aside to `<stage>.stale-<fingerprint>` (nothing
+- another fingerprint: the old directory is moved aside to `<key>.stale-<fingerprint>` (nothing
   already written is lost) and the stage starts afresh.
 """
 
@@ -237,7 +237,7 @@ def require_complete(cfg, stage: str, needed_by: str) -> dict:
     path = stage_path(cfg, stage) / "manifest.json"
     if not path.exists():
         raise CaiError(
-            f"stage '{needed_by}' needs the output of stage '{stage}' under {path.parent}; run `python train.py stage={stage}` first (or stage=all)"
+            f"stage '{needed_by}' needs the output of stage '{stage}' under {path.parent}; run `python train.py stage={stage}` with the same overrides first (or stage=all)"
         )
     m = json.loads(path.read_text())
     if m.get("status") != "complete":
