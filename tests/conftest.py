@@ -17,6 +17,15 @@ SHARED = cai.ROOT.parent / "shared" / "data"
 HH_DEV = SHARED / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
 MT_BENCH = SHARED / "mt-bench" / "question.jsonl"
 PAPER_PROMPTS = SHARED / "cai-paper" / "prompts"
+# The tiny model with counts small enough for a test of the stages from SL data to the PM.
+TINY_RUN = (
+    "model=tiny",
+    "data.n_red_team=8",
+    "data.n_helpful=4",
+    "sl.max_new_tokens=12",
+    "pairs.max_new_tokens=12",
+    "generation.batch_size=8",
+)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_RUN
 
 import cai
 from cai.artifacts import read_jsonl, stage_path
@@ -17,12 +18,7 @@ from cai.errors import CaiError
 from cai.pipeline import STAGES, run
 
 TINY = (
-    "model=tiny",
-    "data.n_red_team=8",
-    "data.n_helpful=4",
-    "sl.max_new_tokens=12",
-    "pairs.max_new_tokens=12",
-    "generation.batch_size=8",
+    *TINY_RUN,
     "ppo.iterations=4",
     "ppo.rollouts=8",
     "ppo.max_new_tokens=8",

@@ -8,7 +8,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import HH_DEV
+from conftest import HH_DEV, TINY_RUN
 
 from cai.artifacts import stage_rows
 from cai.constitution import load_constitution
@@ -17,14 +17,7 @@ from cai.pipeline import run
 from cai.reward import PreferenceModel, right_pad
 from cai.stages.pm import PMModule, collate_pairs
 
-SMALL = (
-    "model=tiny",
-    "data.n_red_team=8",
-    "data.n_helpful=4",
-    "sl.max_new_tokens=12",
-    "pairs.max_new_tokens=12",
-    "generation.batch_size=8",
-)
+SMALL = TINY_RUN
 
 
 @pytest.fixture

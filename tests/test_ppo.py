@@ -9,6 +9,7 @@ import json
 import lightning as L
 import pytest
 import torch
+from conftest import TINY_RUN
 from omegaconf import OmegaConf
 
 from cai.artifacts import stage_path
@@ -104,14 +105,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_spec, tmp_path):
 
 
 def test_ppo_stage_end_to_end(make_cfg, tmp_path):
-    small = (
-        "model=tiny",
-        "data.n_red_team=8",
-        "data.n_helpful=4",
-        "sl.max_new_tokens=12",
-        "pairs.max_new_tokens=12",
-        "generation.batch_size=8",
-    )
+    small = TINY_RUN
     for stage in ("sl_data", "sft", "pairs", "label", "pm"):
         run(make_cfg(f"stage={stage}", *small))
     ppo = (
