@@ -84,20 +84,13 @@ def snapshots(cfg: DictConfig) -> list[Snapshot]:
     out.append(Snapshot(fingerprint({"role": "sft", "fingerprint": sft["fingerprint"]}), "sft", 1, local(stage_path(cfg, "sft") / "model")))
     ppo_dir = stage_path(cfg, "ppo")
     final = ppo["counts"]["iterations"]
-    for snap in sorted((ppo_dir / "snapshots").glob("iter-*")):
-        it = int(snap.name.split("-")[1])
-        if it < final:  # the final iteration is the saved policy itself
-            out.append(
-                Snapshot(fingerprint({"role": "ppo", "fingerprint": ppo["fingerprint"], "iteration": it}), f"ppo@{it}", 1 + it, local(snap))
-            )
-    out.append(
-        Snapshot(
-            fingerprint({"role": "ppo", "fingerprint": ppo["fingerprint"], "iteration": final}),
-            f"ppo@{final}",
-            1 + final,
-            local(ppo_dir / "model"),
-        )
-    )
+    saved = [(int(p.name.split("-")[1]), p) for p in sorted((ppo_dir / "snapshots").glob("iter-*"))]
+    # The final iteration is the saved policy itself, whether or not a snapshot was also taken then.
+    points = [(it, p) for it, p in saved if it < final] + [(final, ppo_dir / "model")]
+    out += [
+        Snapshot(fingerprint({"role": "ppo", "fingerprint": ppo["fingerprint"], "iteration": it}), f"ppo@{it}", 1 + it, local(p))
+        for it, p in points
+    ]
     return out
 
 
@@ -169,7 +162,8 @@ class Judge:
                 out[(row["a"], row["b"], row["id"])] = row["p_a"]
         return out
 
-    def _load(self):
+    def model(self):
+        """The judging model, loaded on first use: a Labeller, or the (PM, tokenizer) pair."""
         if self._impl is None:
             if self.kind == "feedback":
                 from cai.labels import Labeller
@@ -188,9 +182,11 @@ class Judge:
         """Judge (a key, b key, a's row, b's row) comparisons in chunks, appending each chunk to the cache."""
         out = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
-            with self.path.open("a") as f:  # a torn last line: end it, so the next row starts on its own line
-                f.write("\n")
+        if self.path.exists() and self.path.stat().st_size:
+            with self.path.open("rb+") as f:  # a torn last line: end it, so the next row starts on its own line
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
         for chunk in tqdm(chunked(todo, 32), desc=f"eval judge ({self.kind})", unit="chunk"):
             if self.kind == "feedback":
                 from cai.labels import Item
@@ -199,11 +195,11 @@ class Judge:
                     Item([{"role": "user", "content": ra["prompt"]}], ra["response"], rb["response"], (QUESTIONS[ra["kind"]],))
                     for _, _, ra, rb in chunk
                 ]
-                ps = [r["p_a"] for r in self._load().label(items, desc="judging")]
+                ps = [r["p_a"] for r in self.model().label(items, desc="judging")]
             else:
                 from cai.reward import score
 
-                pm, tok = self._load()
+                pm, tok = self.model()
                 pairs = [([{"role": "user", "content": ra["prompt"]}], r["response"]) for _, _, ra, rb in chunk for r in (ra, rb)]
                 s = score(pm, tok, pairs, self.cfg.pm.max_length, self.cfg.pm.batch_size, desc="judging")
                 ps = [1.0 / (1.0 + math.exp(-(s[2 * i] - s[2 * i + 1]))) for i in range(len(chunk))]
@@ -232,12 +228,13 @@ def rate(cfg: DictConfig, snaps: Sequence[Snapshot], answers: dict[str, list[dic
     for i in range(len(snaps)):
         for j in range(i + 1, len(snaps)):
             for ra, rb in zip(answers[keys[i]], answers[keys[j]]):
+                key, flipped = (keys[i], keys[j], ra["id"]), (keys[j], keys[i], ra["id"])
                 if ra["response"].strip() == rb["response"].strip():
-                    verdicts[(keys[i], keys[j], ra["id"])] = 0.5  # the same answer: a tie, no question needed
-                elif (keys[i], keys[j], ra["id"]) in cached:
-                    verdicts[(keys[i], keys[j], ra["id"])] = cached[(keys[i], keys[j], ra["id"])]
-                elif (keys[j], keys[i], ra["id"]) in cached:
-                    verdicts[(keys[i], keys[j], ra["id"])] = 1.0 - cached[(keys[j], keys[i], ra["id"])]
+                    verdicts[key] = 0.5  # the same answer: a tie, no question needed
+                elif key in cached:
+                    verdicts[key] = cached[key]
+                elif flipped in cached:
+                    verdicts[key] = 1.0 - cached[flipped]
                 else:
                     todo.append((keys[i], keys[j], ra, rb))
     log.info("eval: %d comparisons, %d cached or tied, %d to judge", len(verdicts) + len(todo), len(verdicts), len(todo))
@@ -306,6 +303,12 @@ def log_results(tracker: Tracker, prefix: str, rows: list[dict], table: list[lis
     tracker.image(f"{prefix}/frontier", out / "frontier.png")
 
 
+def point_run_at(cfg: DictConfig, eval_dir: Path, run_name: str | None) -> None:
+    """A pointer in the run's own output dir, so `stage=frontier eval.runs=[<multirun dir>]` finds this eval."""
+    Path(cfg.paths.output).mkdir(parents=True, exist_ok=True)
+    write_json(Path(cfg.paths.output) / "eval.json", {"eval_dir": str(eval_dir), "run": run_name})
+
+
 def run(cfg: DictConfig, tracker: Tracker) -> dict:
     snaps = snapshots(cfg)
     prompts = eval_prompts(cfg)
@@ -314,8 +317,7 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     out = StageDir(cfg, STAGE, config, {"snapshots": [s.key for s in snaps], "prompts": fingerprint(prompts), "judge": judge.key})
     if out.is_complete():
         log.info("eval: up to date at %s, skipping", out.path)
-        Path(cfg.paths.output).mkdir(parents=True, exist_ok=True)
-        write_json(Path(cfg.paths.output) / "eval.json", {"eval_dir": str(out.path), "run": tracker.name or out.manifest().get("run")})
+        point_run_at(cfg, out.path, tracker.name or out.manifest().get("run"))
         return {"metric": out.manifest()["counts"]["summary"] + " (cached)", "path": str(out.path / "frontier.png")}
     out.open()
 
@@ -323,7 +325,8 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     ratings, table = rate(cfg, snaps, answers, judge)
     from cai.reward import PreferenceModel
 
-    pm = PreferenceModel.load(stage_path(cfg, "pm") / "model")
+    # The PM scores every answer; when it is also the judge, the one already loaded serves.
+    pm = judge.model() if judge.kind == "pm" else PreferenceModel.load(stage_path(cfg, "pm") / "model")
     metrics = {s.key: absolute_metrics(cfg, answers[s.key], pm) for s in tqdm(snaps, desc="eval metrics", unit="snapshot")}
     run_name = tracker.name or "this run"
     rows = report(snaps, ratings, metrics, {run_name: [s.key for s in snaps]}, out.path, f"{run_name}: Elo (judge: {judge.kind})")
@@ -339,8 +342,6 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     tracker.log({"eval/summary/harmless_elo": last["harmless_elo"], "eval/summary/helpful_elo": last["helpful_elo"]})  # the sweeps' metric
     summary = f"{last['label']}: harmless Elo {last['harmless_elo']:+.0f}, helpful Elo {last['helpful_elo']:+.0f}"
     out.complete({"snapshots": len(snaps), "prompts": len(prompts), **ratings["games"], "summary": summary}, {"run": run_name})
-    # A pointer in the run's own output dir, so `stage=frontier eval.runs=[<multirun dir>]` finds this eval.
-    Path(cfg.paths.output).mkdir(parents=True, exist_ok=True)
-    write_json(Path(cfg.paths.output) / "eval.json", {"eval_dir": str(out.path), "run": run_name})
+    point_run_at(cfg, out.path, run_name)
     tracker.artifact(out.path, name="eval", type="evaluation")
     return {"metric": summary, "path": str(out.path / "frontier.png")}
