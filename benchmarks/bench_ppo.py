@@ -21,8 +21,7 @@ from hydra import compose, initialize_config_dir
 
 import cai
 import cai.config  # noqa: F401
-from cai.artifacts import stage_path
-from cai.pipeline import run
+from cai.pipeline import run, stage_path
 
 
 def main() -> None:

@@ -19,9 +19,10 @@ from hydra import compose, initialize_config_dir
 
 import cai
 import cai.config  # noqa: F401
+from cai.config import instantiate
 from cai.data import load_prompts
 from cai.generation.hf import HFGenerator
-from cai.pipeline import instantiate, run
+from cai.pipeline import run
 
 
 def main() -> None:

@@ -1,18 +1,19 @@
 """Stage artifacts: one directory per stage and lineage, a manifest, skip when up to date, resume when not.
 
-A stage's directory is `${paths.artifacts}/<stage>/<lineage key>/`. The *lineage key* hashes the
-config that the stage and every stage upstream of it read (LINEAGE below), so runs that differ in one
-axis share everything upstream of it: `python train.py -m label=hard,soft,cot` makes one sl_data,
-sft and pairs directory and three label, pm, ppo and eval directories, side by side.
+A stage's directory is `${paths.artifacts}/<stage>/<lineage key>/` (the pipeline computes the
+key: a hash of the config fields that the stage and every stage upstream of it read).
 `<stage>/latest` links to the directory last completed.
 
 The directory holds the data (JSONL shards or a checkpoint) and `manifest.json`: the stage config,
-hashes of its inputs, counts, versions and times. The *fingerprint* is a hash of the config and
-inputs (the contents of prompt files, the constitution, the upstream fingerprints). On a re-run:
+hashes of its inputs, counts, versions and times. The *fingerprint* is a hash of the same config
+fields as the lineage key and of the inputs (the contents of prompt files, the constitution, the
+upstream fingerprints). On a re-run:
 - a complete manifest with the same fingerprint: the stage is skipped;
 - the same fingerprint but not complete (interrupted): the stage resumes from what is there;
 - another fingerprint: the old directory is moved aside to `<key>.stale-<fingerprint>` (nothing
   already written is lost) and the stage starts afresh.
+
+A later stage reads a finished one through an `Upstream` handle: its rows, or its model.
 """
 
 from __future__ import annotations
@@ -24,67 +25,15 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 import cai
-from cai.errors import CaiError
 
 log = logging.getLogger(__name__)
-
-
-# stage -> (the stage it reads, the config fields its output depends on). Fields that change only
-# what is logged or how often a checkpoint is written are left out, so changing them reuses the work.
-LINEAGE: dict[str, tuple[str | None, tuple[str, ...]]] = {
-    "sl_data": (None, ("model", "constitution.path", "data", "sl", "generation", "seed")),
-    "sft": ("sl_data", ("sft", "trainer.precision")),
-    "pairs": ("sft", ("pairs", "pm.helpful_data")),
-    "label": ("pairs", ("feedback_model", "constitution", "label")),
-    "pm": ("label", ("pm_model", "pm")),
-    "ppo": ("pm", ("ppo", "eval.snapshot_every")),
-    "eval": ("ppo", ("eval",)),
-}
-NOT_LINEAGE = {
-    "model.cache",  # where converted models are kept changes nothing they compute
-    "feedback_model.cache",
-    "pm_model.cache",
-    "sft.checkpoint_every",
-    "label.report_data",
-    "label.report_n",
-    "label.batch_size",
-    "pm.checkpoint_every",
-    "pm.eval_data",
-    "pm.n_eval",
-    "pm.checkpoint",
-    "ppo.checkpoint_every",
-    "ppo.table_every",
-    "eval.runs",
-}
-
-
-def lineage_key(cfg, stage: str) -> str:
-    """A hash of the config that `stage` and everything upstream of it depend on."""
-    from omegaconf import OmegaConf
-
-    upstream, fields = LINEAGE[stage]
-    picked = {}
-    for name in fields:
-        node = OmegaConf.select(cfg, name)
-        value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-        if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if f"{name}.{k}" not in NOT_LINEAGE}
-        picked[name] = value
-    # Files shipped in this repository are named relative to it, so moving the checkout keeps the keys
-    # (their contents are hashed into each stage's fingerprint anyway).
-    blob = json.dumps(picked, sort_keys=True, default=str).replace(str(cai.ROOT), "<cai>")
-    return fingerprint({"stage": stage, "config": blob, "upstream": lineage_key(cfg, upstream) if upstream else None})
-
-
-def stage_path(cfg, stage: str) -> Path:
-    """`${paths.artifacts}/<stage>/<lineage key>`: where this config's `stage` output lives."""
-    return Path(cfg.paths.artifacts).expanduser() / stage / lineage_key(cfg, stage)
 
 
 def fingerprint(obj: Any) -> str:
@@ -137,9 +86,9 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 class StageDir:
     """The output directory of one stage, for one lineage key and fingerprint."""
 
-    def __init__(self, cfg, stage: str, config: dict, inputs: dict, path: Path | None = None) -> None:
+    def __init__(self, stage: str, path: Path, config: dict, inputs: dict) -> None:
         self.stage = stage
-        self.path = path or stage_path(cfg, stage)
+        self.path = Path(path)
         self.config = config
         self.inputs = inputs
         self.fingerprint = fingerprint({"config": config, "inputs": inputs})
@@ -223,23 +172,33 @@ class StageDir:
         return resumed
 
 
-def stage_rows(path: str | Path) -> list[dict]:
-    """Every row written by the stage in `path` (call require_complete first)."""
-    return [row for shard in sorted(Path(path).expanduser().glob("shard-*.jsonl")) for row in read_jsonl(shard)]
-
-
 def chunked(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def require_complete(cfg, stage: str, needed_by: str) -> dict:
-    """The manifest of this config's upstream stage, or a clear error saying which stage to run first."""
-    path = stage_path(cfg, stage) / "manifest.json"
-    if not path.exists():
-        raise CaiError(
-            f"stage '{needed_by}' needs the output of stage '{stage}' under {path.parent}; run `python train.py stage={stage}` with the same overrides first (or stage=all)"
-        )
-    m = json.loads(path.read_text())
-    if m.get("status") != "complete":
-        raise CaiError(f"stage '{stage}' under {path.parent} did not finish; re-run `python train.py stage={stage}` to resume it")
-    return m
+@dataclass(frozen=True)
+class Upstream:
+    """A finished stage's output, as a later stage reads it: its rows, its model, its fingerprint."""
+
+    stage: str
+    path: Path
+    manifest: dict
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def model_dir(self) -> Path:
+        """The HF checkpoint a training stage wrote (sft, pm, ppo)."""
+        return self.path / "model"
+
+    def rows(self) -> list[dict]:
+        """Every row of every shard, in shard order."""
+        return [row for shard in sorted(self.path.glob("shard-*.jsonl")) for row in read_jsonl(shard)]
+
+    def model_spec(self, name: str, dtype: str, cache: str):
+        """The stage's trained model as a ModelSpec (pairs, PPO and eval load the SFT model this way)."""
+        from cai.models import ModelSpec
+
+        return ModelSpec(name=name, source="local", path=str(self.model_dir), dtype=dtype, cache=cache)

@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 import cai
+from cai.errors import CaiError
 
 
 @dataclass
@@ -62,23 +64,25 @@ class LabelConfig:
 
 
 @dataclass
-class HFGenerationConfig:
-    _target_: str = "cai.generation.hf.HFGenerator"
-    batch_size: int = 16
+class SamplingConfig:
+    """How to sample: the one definition of these fields (the generators' SamplingParams extends it)."""
+
     max_new_tokens: int = 128
-    temperature: float = 0.7
+    temperature: float = 0.7  # 0 = greedy
     top_p: float = 0.95
     seed: int = 0
 
 
 @dataclass
-class VLLMGenerationConfig:
+class HFGenerationConfig(SamplingConfig):
+    _target_: str = "cai.generation.hf.HFGenerator"
+    batch_size: int = 16
+
+
+@dataclass
+class VLLMGenerationConfig(SamplingConfig):
     _target_: str = "cai.generation.vllm.VLLMGenerator"
     batch_size: int = 256
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.95
-    seed: int = 0
     dtype: str = "auto"
     gpu_memory_utilization: float = 0.4
     tensor_parallel_size: int = 1
@@ -205,6 +209,7 @@ class PPOConfig:
     value_model: str = "head"  # head | critic
     checkpoint_every: int = 4
     table_every: int = 4
+    snapshot_every: int = 4  # iterations between the policy snapshots that eval rates
 
 
 @dataclass
@@ -213,7 +218,6 @@ class EvalConfig:
     n_red_team: int = 16
     n_helpful: int = 16
     max_new_tokens: int = 64
-    snapshot_every: int = 4
     bootstrap: int = 200
     runs: list[str] = field(default_factory=list)  # stage=frontier: eval dirs or artifact roots to merge
 
@@ -263,3 +267,22 @@ def register() -> None:
 
 
 register()
+
+
+def instantiate(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, but a CaiError raised inside comes out as itself (one clear line).
+
+    Extra kwargs (live objects such as a ModelSpec or a loaded model) are passed through a partial,
+    because Hydra would turn a dataclass kwarg into a config node.
+    """
+    try:
+        if kwargs:
+            return hydra.utils.instantiate(node, _partial_=True)(**kwargs)
+        return hydra.utils.instantiate(node)
+    except hydra.errors.InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, CaiError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

@@ -21,10 +21,8 @@ from typing import Any
 
 import yaml
 
-from cai.data import parse_transcript
+from cai.data import Message, parse_transcript
 from cai.errors import CaiError
-
-Message = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": str}
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from cai.constitution import RLExample, RLPrinciple
+from cai.data import Message
 from cai.errors import CaiError
 from cai.generation import SamplingParams
 from cai.generation.hf import HFGenerator
-from cai.prompts import ANSWER_PREFIX, COT_ANSWER, COT_PREFIX, comparison_shots, comparison_turn
+from cai.templates import ANSWER_PREFIX, COT_ANSWER, COT_PREFIX, comparison_shots, comparison_turn
+from cai.training import pad
 
-Message = dict[str, str]
 KINDS = ("hard", "soft", "cot")
 
 
@@ -110,18 +111,11 @@ class Labeller:
         """P('A') / (P('A') + P('B')) at the next token after each text, batched and left-padded."""
         encoded = [self._ids(t) for t in texts]
         device = next(self.model.parameters()).device
-        pad = self.tok.pad_token_id
         out: list[float] = [0.0] * len(texts)
         order = sorted(range(len(texts)), key=lambda i: -len(encoded[i][0]))  # similar lengths together
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            width = max(len(encoded[i][0]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (B, T)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)  # (B, T)
-            for row, i in enumerate(idx):
-                n = len(encoded[i][0])
-                ids[row, width - n :] = torch.tensor(encoded[i][0])
-                mask[row, width - n :] = 1
+            ids, mask = pad([encoded[i][0] for i in idx], self.tok.pad_token_id, side="left")  # (B, T): the letter comes next in every row
             logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1, :].float()  # (B, V)
             self.forward_passes += len(idx)
             for row, i in enumerate(idx):
@@ -132,16 +126,17 @@ class Labeller:
     def question_texts(self, questions: Sequence[tuple[list[Message], str, str, str]]) -> list[str]:
         """Chat-rendered questions, each ending right before the option letter."""
         cot = self.kind == "cot"
-        chats = []
-        for conversation, question, a, b in questions:
-            messages = [*comparison_shots(self.examples, question, cot), comparison_turn(conversation, question, a, b)]
-            chats.append(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        conversations = [
+            [*comparison_shots(self.examples, question, cot), comparison_turn(conversation, question, a, b)]
+            for conversation, question, a, b in questions
+        ]
+        chats = [self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
         if not cot:
             return [c + ANSWER_PREFIX for c in chats]
         # Chain of thought: the model reasons first (greedy, so labels are repeatable), then answers.
         gen = HFGenerator(self.model, self.tok, batch_size=self.batch_size)
-        prompts = [self.tok(c + COT_PREFIX, add_special_tokens=False)["input_ids"] for c in chats]
-        reasoning = gen._generate(prompts, SamplingParams(max_new_tokens=self.cot_max_new_tokens, temperature=0), "reasoning")
+        params = SamplingParams(max_new_tokens=self.cot_max_new_tokens, temperature=0)
+        reasoning = gen.generate(conversations, params, prefixes=[COT_PREFIX] * len(conversations), desc="reasoning")
         return [c + COT_PREFIX + " " + r.text.split("So the answer is")[0].strip() + COT_ANSWER for c, r in zip(chats, reasoning)]
 
     # --- comparisons ----------------------------------------------------------------------

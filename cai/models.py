@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from cai.config import ModelConfig
 from cai.errors import CaiError
 
 log = logging.getLogger(__name__)
@@ -115,22 +116,10 @@ def embedded_model_dir(cache: str | Path) -> Path:
 
 
 @dataclass
-class ModelSpec:
-    """A model named by the config; loads its tokenizer and weights on demand."""
+class ModelSpec(ModelConfig):
+    """A model named by the config (its fields are ModelConfig's); loads its tokenizer and weights on demand."""
 
-    name: str
-    source: str = "hub"
-    path: str | None = None
-    revision: str | None = None
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    tiny_layers: int = 2
-    tiny_hidden: int = 64
-    tiny_heads: int = 4
-    tiny_kv_heads: int = 2
-    tiny_intermediate: int = 128
-    seed: int = 0
-    cache: str = "~/.cache/cai"
+    cache: str = "~/.cache/cai"  # built outside a composed config, where ${paths.cache} means nothing
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

@@ -1,87 +1,147 @@
 """Runs the stages in order. Stages hand off through artifacts on disk, never through memory.
 
-Each stage is a module in cai/stages/ with a `run(cfg, tracker) -> dict` function that reads the
-previous stage's artifacts under ${paths.artifacts}, writes its own, and returns a short summary
-(its key metric and artifact path) for the table printed at the end.
+The method's order is declared once, in STAGES. For each stage the pipeline does the same steps,
+here and nowhere else:
+  require   the stages it reads must be complete (else: which stage to run, with which overrides);
+  key       its directory is `${paths.artifacts}/<stage>/<lineage key>`: a hash of the config fields
+            it and every stage before it read, so runs that differ in one axis share what is upstream;
+  skip      a complete manifest whose fingerprint matches (the same fields, the same input content)
+            means there is nothing to do;
+  open      otherwise the directory is opened (a partial one resumes, a stale one is moved aside);
+  build     the stage's own work (cai/stages/<name>.py), which returns its counts;
+  complete  the manifest is marked complete and `latest` points at it; the W&B artifact and the
+            summary row follow.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import json
 import logging
 import random
+from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+import cai
+from cai.artifacts import StageDir, Upstream, fingerprint
+from cai.config import instantiate
 from cai.data import load_prompts
-from cai.errors import CaiError, NotImplementedStage
+from cai.errors import CaiError
+from cai.stages import Context, Stage, eval, frontier, label, pairs, pm, pm_eval, ppo, sft, sl_data
 from cai.tracking import Tracker
+from cai.training import drop_checkpoints
 
 log = logging.getLogger(__name__)
 
 # The method's order (DESIGN.md): SL-CAI data, SFT, pairs, AI labels, PM, PPO, evaluation.
-STAGES = ("sl_data", "sft", "pairs", "label", "pm", "ppo", "eval")
-# Stages that run only when asked for by name.
-EXTRA_STAGES = ("pm_eval", "frontier")
-# What each stage does; a stage whose module is not in cai/stages/ yet says so instead of running.
-DESCRIPTIONS = {
-    "sl_data": "SL-CAI critique/revision data",
-    "sft": "SL-CAI supervised fine-tuning",
-    "pairs": "RL-CAI answer pairs",
-    "label": "RL-CAI AI feedback labels",
-    "pm": "the preference model",
-    "pm_eval": "preference-model evaluation",
-    "ppo": "PPO against the preference model",
-    "eval": "Elo evaluation and the frontier",
-    "frontier": "the cross-run Elo frontier",
-}
+PIPELINE: tuple[Stage, ...] = (sl_data.STAGE, sft.STAGE, pairs.STAGE, label.STAGE, pm.STAGE, ppo.STAGE, eval.STAGE)
+# Commands over existing artifacts, run only when asked for by name.
+COMMANDS: tuple[Stage, ...] = (pm_eval.STAGE, frontier.STAGE)
+BY_NAME: dict[str, Stage] = {s.name: s for s in PIPELINE + COMMANDS}
+STAGES = tuple(s.name for s in PIPELINE)
+# Where converted models are kept changes nothing they compute.
+NOT_LINEAGE = ("model.cache", "feedback_model.cache", "pm_model.cache")
 
 
 def stages_for(name: str) -> tuple[str, ...]:
     """The stages that `stage=name` runs."""
     if name == "all":
         return STAGES
-    if name in STAGES or name in EXTRA_STAGES:
+    if name in BY_NAME:
         return (name,)
-    raise CaiError(f"stage.name: unknown stage '{name}'; choose one of all, {', '.join(STAGES + EXTRA_STAGES)}")
+    raise CaiError(f"stage.name: unknown stage '{name}'; choose one of all, {', '.join(BY_NAME)}")
 
 
-def stage_module(name: str):
-    """The module cai.stages.<name>, or a clear 'not implemented yet' error (never a fake result)."""
+# --- lineage ---------------------------------------------------------------------------------------
+
+
+def lineage_config(cfg: DictConfig, name: str) -> dict:
+    """The config fields that decide `name`'s output, without its logging-only fields."""
+    stage = BY_NAME[name]
+    skip = set(NOT_LINEAGE) | set(stage.logging_only)
+    picked = {}
+    for field in stage.lineage:
+        node = OmegaConf.select(cfg, field)
+        value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if f"{field}.{k}" not in skip}
+        picked[field] = value
+    return picked
+
+
+def _blob(picked: dict) -> str:
+    # Files shipped in this repository are named relative to it, so moving the checkout keeps the keys
+    # (their contents are hashed into each stage's fingerprint anyway).
+    return json.dumps(picked, sort_keys=True, default=str).replace(str(cai.ROOT), "<cai>")
+
+
+def lineage_key(cfg: DictConfig, name: str) -> str:
+    """A hash of the config that `name` and everything upstream of it depend on."""
+    after = BY_NAME[name].after
+    blob = _blob(lineage_config(cfg, name))
+    return fingerprint({"stage": name, "config": blob, "upstream": lineage_key(cfg, after) if after else None})
+
+
+def stage_path(cfg: DictConfig, name: str) -> Path:
+    """`${paths.artifacts}/<stage>/<lineage key>`: where this config's output of `name` lives."""
+    return Path(cfg.paths.artifacts).expanduser() / name / lineage_key(cfg, name)
+
+
+def require(cfg: DictConfig, name: str, needed_by: str) -> Upstream:
+    """This config's finished output of stage `name`, or a clear error saying which stage to run first."""
+    path = stage_path(cfg, name)
+    manifest = path / "manifest.json"
+    rerun = f"`python train.py stage={name}` with the same overrides as this run"
+    if not manifest.exists():
+        raise CaiError(f"stage '{needed_by}' needs the output of stage '{name}' under {path}; run {rerun} first (or stage=all)")
     try:
-        return importlib.import_module(f"cai.stages.{name}")
-    except ModuleNotFoundError as err:
-        if err.name != f"cai.stages.{name}":
-            raise
-        raise NotImplementedStage(f"stage '{name}' ({DESCRIPTIONS[name]}) is not implemented yet") from None
+        m = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        raise CaiError(f"{manifest}: the manifest is torn (not valid JSON); re-run {rerun}") from None
+    if m.get("status") != "complete":
+        raise CaiError(f"stage '{name}' under {path} did not finish; re-run {rerun} to resume it")
+    return Upstream(name, path, m)
 
 
-def instantiate(node: DictConfig, **kwargs):
-    """hydra.utils.instantiate, but a CaiError raised inside comes out as itself (one clear line).
+# --- running ---------------------------------------------------------------------------------------
 
-    Extra kwargs (live objects such as a ModelSpec or a loaded model) are passed through a partial,
-    because Hydra would turn a dataclass kwarg into a config node.
-    """
-    try:
-        if kwargs:
-            return hydra.utils.instantiate(node, _partial_=True)(**kwargs)
-        return hydra.utils.instantiate(node)
-    except hydra.errors.InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, CaiError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
+
+def run_stage(stage: Stage, cfg: DictConfig, tracker: Tracker) -> dict:
+    """Require, fingerprint, skip or open, build, complete, log: the one skeleton every stage runs in."""
+    upstream = {n: require(cfg, n, stage.name) for n in stage.upstream_of(cfg)}
+    if not stage.keyed:
+        return stage.build(Context(cfg, tracker, None, upstream))
+    # The fingerprint reads exactly the fields the lineage key reads, plus the content of the inputs.
+    config = json.loads(_blob(lineage_config(cfg, stage.name)))
+    inputs = {**{n: u.fingerprint for n, u in upstream.items()}, **stage.inputs(cfg)}
+    out = StageDir(stage.name, stage_path(cfg, stage.name), config, inputs)
+    ctx = Context(cfg, tracker, out, upstream)
+    summary = {"path": str(out.path / stage.output)}
+    if out.is_complete():
+        log.info("%s: up to date at %s, skipping", stage.name, out.path)
+        ctx.extra = out.manifest()
+        summary["metric"] = f"{stage.metric(ctx.extra['counts'])} (cached)"
+    else:
+        out.open()
+        counts = stage.build(ctx)
+        if counts is None:  # a rank other than 0 under DDP/DeepSpeed: rank 0 publishes
+            return {**summary, "metric": ""}
+        out.complete(counts, ctx.extra)
+        drop_checkpoints(out.path)  # Lightning's checkpoints only served to resume the stage
+        if stage.artifact:
+            name, kind, inside = stage.artifact
+            tracker.artifact(out.path / inside, name=name, type=kind)
+        summary["metric"] = stage.metric(counts)
+    if stage.announce:
+        stage.announce(ctx)
+    return summary
 
 
 LABEL_KINDS = ("hard", "soft", "cot", "human")
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
     """Check the inputs every stage relies on before any work starts, so bad input costs nothing."""
     for key in ("model", "feedback_model", "pm_model"):
         instantiate(cfg[key])  # source, path and dtype are checked when the spec is built
@@ -95,6 +155,9 @@ def validate(cfg: DictConfig) -> None:
     load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team)
     load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful)
     instantiate(cfg.strategy)
+    for name in names:
+        if BY_NAME[name].check:
+            BY_NAME[name].check(cfg)
 
 
 def seed_everything(seed: int) -> None:
@@ -105,18 +168,14 @@ def seed_everything(seed: int) -> None:
 def run(cfg: DictConfig) -> list[dict]:
     """Run the stages that cfg.stage.name selects, in order, and return one summary per stage."""
     names = stages_for(cfg.stage.name)
-    validate(cfg)
-    missing = [n for n in names if importlib.util.find_spec(f"cai.stages.{n}") is None]
-    if missing:
-        log.warning("stages not implemented yet: %s; the run stops when it reaches the first of them", ", ".join(missing))
+    validate(cfg, names)
     seed_everything(cfg.seed)
     tracker: Tracker = instantiate(cfg.logger).start(cfg)
     summaries = []
     try:
         for name in names:
-            log.info("stage %s: %s", name, DESCRIPTIONS[name])
-            summary = stage_module(name).run(cfg, tracker)
-            summaries.append({"stage": name, **summary})
+            log.info("stage %s: %s", name, BY_NAME[name].description)
+            summaries.append({"stage": name, **run_stage(BY_NAME[name], cfg, tracker)})
         tracker.summary({f"{s['stage']}/{k}": v for s in summaries for k, v in s.items() if k != "stage"})
     finally:
         tracker.finish()

@@ -1,7 +1,8 @@
 """The preference model: a transformer backbone with a scalar head on the last token.
 
 Saved as `<dir>/backbone` (an HF checkpoint), `<dir>/head.safetensors` and the tokenizer, so PPO,
-`stage=pm_eval` and users can load it with `PreferenceModel.load(dir)`.
+`stage=pm_eval` and users can load it with `PreferenceModel.load(dir)`. `score` rates transcripts;
+`hh_accuracy` rates a PM on human comparisons (the pm and pm_eval stages both report it).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from cai.data import Message, read_hh_rlhf
 from cai.errors import CaiError
-
-Message = dict[str, str]
+from cai.metrics import pairwise_accuracy, wilson_interval
+from cai.training import pad
 
 
 class PreferenceModel(nn.Module):
@@ -78,17 +80,6 @@ def encode_transcript(tokenizer, conversation: Sequence[Message], response: str,
     return ids[-max_length:]
 
 
-def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and attention mask, right-padded."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s))
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def score(
     pm: PreferenceModel,
@@ -107,9 +98,39 @@ def score(
     pm.eval()
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         idx = order[start : start + batch_size]
-        ids, mask = right_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
+        ids, mask = pad([encoded[i] for i in idx], tokenizer.pad_token_id)  # (B, T), right-padded
         rewards = pm(ids.to(device), mask.to(device)).float().cpu()
         for i, r in zip(idx, rewards.tolist()):
             out[i] = r
     pm.train(was_training)
     return out
+
+
+def hh_accuracy(
+    pm: PreferenceModel, tokenizer, path: str, max_length: int, n: int = 0, batch_size: int = 16, field: str = "pm.eval_data"
+) -> dict:
+    """Accuracy of a PM on hh-rlhf comparisons (chosen scored above rejected), with a 95% interval."""
+    comps = read_hh_rlhf(path, field=field)
+    comps = comps[:n] if n else comps
+    transcripts = [(c.conversation, c.chosen) for c in comps] + [(c.conversation, c.rejected) for c in comps]
+    rewards = score(pm, tokenizer, transcripts, max_length, batch_size, desc=f"scoring {Path(path).name}")
+    margins = [rewards[i] - rewards[len(comps) + i] for i in range(len(comps))]
+    acc = pairwise_accuracy(margins)
+    low, high = wilson_interval(acc, len(comps))
+    return {
+        "data": str(path),
+        "comparisons": len(comps),
+        "accuracy": acc,
+        "interval_95": [low, high],
+        "mean_margin": sum(margins) / len(margins),
+    }
+
+
+def pm_reward(pm: PreferenceModel, tokenizer, max_length: int, batch_size: int):
+    """PPO's reward role: a frozen PM scoring (conversation, completion) pairs -> list of floats."""
+
+    def reward_fn(conversations: Sequence[Sequence[Message]], completions: Sequence) -> list[float]:
+        transcripts = [(c, a.text) for c, a in zip(conversations, completions)]
+        return score(pm, tokenizer, transcripts, max_length, batch_size, desc="ppo scoring")
+
+    return reward_fn

@@ -1,16 +1,25 @@
-"""Lightning plumbing shared by the training stages: strategy and precision from the config."""
+"""What the training stages share: strategy and precision from the config, the Trainer, batching.
+
+- `fit` builds the one Lightning Trainer that SFT, the PM and PPO train with, and resumes it;
+- `pad` turns token-id lists into a padded (B, T) batch and its attention mask;
+- `LengthBucketSampler` batches sequences of similar length, sharded across ranks;
+- `adamw_with_cosine`, `resolve_precision`, `build_strategy`, `gathered_state_dict`.
+"""
 
 from __future__ import annotations
 
 import math
+import random
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import Sampler
 
 from cai.errors import CaiError
 
@@ -67,18 +76,23 @@ def fit(
     out_dir: Path,
     *,
     epochs: int,
-    grad_accum: int,
+    grad_accum: int = 1,
     checkpoint_every: int,
+    checkpoint_unit: str = "steps",
     strategy: Any,
     logger: Any,
+    callbacks: Sequence[L.Callback] = (),
 ) -> tuple[L.Trainer, float]:
-    """Train with Lightning, checkpointing every N optimizer steps and resuming from the last one.
+    """Train with Lightning, checkpointing every N optimizer steps (or epochs) and resuming from the last one.
 
-    The checkpoints (weights + optimizer) live in out_dir/checkpoints only until the stage has
-    written its real output: call `drop_checkpoints(out_dir)` then.
+    `checkpoint_unit="epochs"` suits PPO, where one epoch is one iteration of several optimizer
+    steps. `checkpoint_every=0` writes no checkpoint. Extra callbacks run after the checkpoint is
+    saved. The checkpoints (weights + optimizer) live in out_dir/checkpoints only until the stage
+    has written its real output: call `drop_checkpoints(out_dir)` then.
     """
     ckpt_dir = Path(out_dir) / "checkpoints"
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=checkpoint_every, save_last=True, save_top_k=1)
+    every = {"every_n_train_steps" if checkpoint_unit == "steps" else "every_n_epochs": checkpoint_every}
+    saver = [L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, **every)] if checkpoint_every else []
     trainer = L.Trainer(
         max_epochs=epochs,
         accumulate_grad_batches=grad_accum,
@@ -88,7 +102,8 @@ def fit(
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
         logger=logger,
-        callbacks=[checkpoint],
+        callbacks=saver + list(callbacks),
+        enable_checkpointing=bool(saver),
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if val_loader is not None else 0,
@@ -114,3 +129,63 @@ def gathered_state_dict(model: torch.nn.Module, strategy: Any) -> dict[str, torc
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def pad(seqs: Sequence[Sequence[int]], value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) tensor of the sequences padded with `value` to the longest, and its (B, T) 0/1 mask.
+
+    Right padding for training and scoring; left padding for generation, so that every prompt
+    ends at the same column.
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, cols] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 outside torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of similar-length sequences, in a seeded random order that changes every epoch.
+
+    Indices are shuffled, cut into pools of `batch_size * pool` items, each pool sorted by length
+    and cut into batches; then the batches are shuffled. Little padding, still random. Under
+    DDP/DeepSpeed each rank takes every world_size-th batch (the same seed on every rank keeps them
+    disjoint), with the list padded by wrapping so all ranks run the same number of steps.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, pool: int = 50) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pool = pool
+        self.epoch = 0
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        self.epoch += 1
+        idx = list(range(len(self.lengths)))
+        rng.shuffle(idx)
+        size = self.batch_size * self.pool
+        batches = []
+        for start in range(0, len(idx), size):
+            chunk = sorted(idx[start : start + size], key=lambda i: self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        rank, world = rank_and_world()
+        if world > 1:
+            per_rank = math.ceil(len(batches) / world)
+            batches = (batches * world)[: per_rank * world][rank::world]
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / rank_and_world()[1])

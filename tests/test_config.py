@@ -11,9 +11,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import cai
+from cai.config import instantiate
 from cai.constitution import Constitution
 from cai.models import ModelSpec
-from cai.pipeline import instantiate
 from cai.tracking import Tracker
 
 CONF = cai.ROOT / "conf"

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import HH_DEV, MT_BENCH
 
-from cai.data import load_prompts, read_hh_rlhf, read_mt_bench, read_prompt_file
+from cai.data import load_prompts, read_hh_rlhf, read_prompt_file
 from cai.errors import CaiError
 
 
@@ -47,7 +47,7 @@ def test_hh_rlhf_reader_handles_plain_jsonl_and_bad_rows(tmp_path):
 
 
 def test_mt_bench_reader():
-    qs = read_mt_bench(MT_BENCH)
+    qs = read_prompt_file(MT_BENCH)
     assert len(qs) == 80 and qs[0].id == "81" and qs[0].category == "writing"
 
 

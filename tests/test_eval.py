@@ -13,9 +13,9 @@ import pytest
 from conftest import TINY_RUN
 
 import cai
-from cai.artifacts import read_jsonl, stage_path
+from cai.artifacts import read_jsonl
 from cai.errors import CaiError
-from cai.pipeline import STAGES, run
+from cai.pipeline import PIPELINE, STAGES, run, stage_path
 
 TINY = (
     *TINY_RUN,
@@ -23,7 +23,7 @@ TINY = (
     "ppo.rollouts=8",
     "ppo.max_new_tokens=8",
     "ppo.minibatch_size=8",
-    "eval.snapshot_every=2",
+    "ppo.snapshot_every=2",
     "eval.n_red_team=6",
     "eval.n_helpful=4",
     "eval.max_new_tokens=12",
@@ -77,14 +77,37 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
     # A second run is all cached: no stage recomputes, no question is put to the judge again.
     again = run(cfg)
     assert all("cached" in s["metric"] for s in again)
+    # Fields that change only logging or checkpoints redo nothing: not the stage, not what follows it.
+    manifests = {s: (stage_path(cfg, s) / "manifest.json").read_text() for s in STAGES}
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}) + "\n")
+    logging_only = {
+        "sft.checkpoint_every": "7",
+        "label.report_data": str(hh),
+        "label.report_n": "5",
+        "label.batch_size": "3",
+        "pm.checkpoint_every": "7",
+        "pm.eval_data": str(hh),
+        "pm.n_eval": "5",
+        "pm.checkpoint": str(tmp_path),
+        "ppo.checkpoint_every": "7",
+        "ppo.table_every": "1",
+        "eval.runs": f"[{tmp_path}]",
+    }
+    assert set(logging_only) == {f for s in PIPELINE for f in s.logging_only}  # every declared one is tried
+    for field, value in logging_only.items():
+        changed = make_cfg("stage=all", *TINY, f"{field}={value}")
+        assert all("cached" in s["metric"] for s in run(changed)), field
+        assert all(stage_path(changed, s) == stage_path(cfg, s) for s in STAGES), field
+    assert manifests == {s: (stage_path(cfg, s) / "manifest.json").read_text() for s in STAGES}
     # The PM as judge: only the eval stage runs again; answers come from the cache.
     [pm_eval] = run(make_cfg("stage=eval", *TINY, "eval.judge=pm"))
     pm_elo = json.loads((Path(pm_eval["path"]).parent / "elo.json").read_text())
     assert [s["answers"] for s in pm_elo["snapshots"]] == [s["answers"] for s in elo["snapshots"]]
 
     # Interrupted judging resumes: half the verdicts and a torn line are left; only the rest is asked.
+    from cai.arena import make_judge
     from cai.labels import Labeller
-    from cai.stages.eval import Judge
 
     cache = next((tmp_path / "artifacts" / "eval_cache" / "judgements").glob("feedback-*.jsonl"))
     lines = cache.read_text().splitlines()
@@ -96,7 +119,7 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
     cfg2 = make_cfg("stage=eval", *TINY, "eval.bootstrap=60")  # another eval config: the same answers and judge
     run(cfg2)
     assert sum(asked) == len(lines) - keep
-    assert len(Judge(cfg2).cached()) == len(lines)
+    assert len(make_judge(cfg2).cached()) == len(lines)
 
 
 def test_eval_before_ppo_says_what_to_run_and_writes_nothing(make_cfg, tmp_path):

@@ -10,12 +10,13 @@ import pytest
 import torch
 from conftest import HH_DEV, TINY_RUN
 
-from cai.artifacts import stage_rows
+from cai.artifacts import Upstream
 from cai.constitution import load_constitution
 from cai.errors import CaiError
 from cai.pipeline import run
-from cai.reward import PreferenceModel, right_pad
+from cai.reward import PreferenceModel
 from cai.stages.pm import PMModule, collate_pairs
+from cai.training import pad
 
 SMALL = TINY_RUN
 
@@ -28,12 +29,12 @@ def sft_done(make_cfg):
 
 def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
     run(make_cfg("stage=pairs", *SMALL))
-    pairs = stage_rows(tmp_path / "artifacts" / "pairs" / "latest")
+    pairs = Upstream("", tmp_path / "artifacts" / "pairs" / "latest", {}).rows()
     assert len(pairs) == 8 + 4 and {r["kind"] for r in pairs} == {"red_team", "helpful"}
     assert sum(r["response_a"] != r["response_b"] for r in pairs) >= 10  # two real samples per prompt
 
     run(make_cfg("stage=label", *SMALL, "constitution=ensemble", "label.report_data=" + str(HH_DEV), "label.report_n=4"))
-    labels = stage_rows(tmp_path / "artifacts" / "label" / "latest")
+    labels = Upstream("", tmp_path / "artifacts" / "label" / "latest", {}).rows()
     ids = {p.id for p in load_constitution("constitutions/default.yaml").rl_principles}
     for r in labels:
         assert 0 < r["p_a"] < 1 and r["label_type"] == "soft"
@@ -116,7 +117,7 @@ def test_pm_loss_falls_and_parameters_change(tiny_spec):
 
 def test_reward_reads_the_last_real_token(tiny_spec):
     pm = PreferenceModel.from_causal_lm(tiny_spec.load_model()).eval()
-    ids, mask = right_pad([[5, 6, 7], [5, 6, 7, 8, 9]], pad_id=2)
+    ids, mask = pad([[5, 6, 7], [5, 6, 7, 8, 9]], 2)
     both = pm(ids, mask)
     alone = pm(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))
     assert both.shape == (2,) and both[0].item() == pytest.approx(alone[0].item(), abs=1e-5)  # padding changes nothing
@@ -124,7 +125,7 @@ def test_reward_reads_the_last_real_token(tiny_spec):
 
 def test_human_labels(make_cfg, tmp_path):
     run(make_cfg("stage=label", *SMALL, "label=human", f"label.data={HH_DEV}", "label.n_human=30"))
-    rows = stage_rows(tmp_path / "artifacts" / "label" / "latest")
+    rows = Upstream("", tmp_path / "artifacts" / "label" / "latest", {}).rows()
     assert len(rows) == 30 and all(r["label"] in (0.0, 1.0) and r["label_type"] == "human" for r in rows)
     assert 5 < sum(r["label"] for r in rows) < 25  # chosen is randomly placed in a or b
 

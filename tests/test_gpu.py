@@ -38,7 +38,7 @@ def test_ppo_under_deepspeed(make_cfg, tmp_path, tiny_spec, strategy):
     small = (*SMALL, "data.n_helpful=4", "pairs.max_new_tokens=12")
     for stage in ("sl_data", "sft", "pairs", "label", "pm"):
         run(make_cfg(f"stage={stage}", *small))
-    ppo = ("ppo.iterations=2", "ppo.rollouts=8", "ppo.max_new_tokens=8", "ppo.minibatch_size=4", "ppo.lr=1e-3", "eval.snapshot_every=1")
+    ppo = ("ppo.iterations=2", "ppo.rollouts=8", "ppo.max_new_tokens=8", "ppo.minibatch_size=4", "ppo.lr=1e-3", "ppo.snapshot_every=1")
     run(make_cfg("stage=ppo", *small, *ppo, f"strategy={strategy}", "trainer.devices=1"))
     out = tmp_path / "artifacts" / "ppo" / "latest"
     history = json.loads((out / "history.json").read_text())

@@ -12,15 +12,15 @@ import torch
 from conftest import TINY_RUN
 from omegaconf import OmegaConf
 
-from cai.artifacts import stage_path
 from cai.config import PPOConfig
 from cai.generation import SamplingParams
 from cai.generation.hf import HFGenerator
-from cai.pipeline import run
-from cai.stages.ppo import PPOModule, batch_rollouts, train_ppo
+from cai.pipeline import run, stage_path
+from cai.rl import batch_rollouts
+from cai.stages.ppo import PPOModule, train_ppo
 
 PROMPTS = [[{"role": "user", "content": f"Tell me something about topic {i}."}] for i in range(16)]
-TRAINER = OmegaConf.create({"trainer": {"precision": "32-true", "accelerator": "cpu", "devices": 1}})
+TRAINER = OmegaConf.create({"trainer": {"precision": "32-true", "accelerator": "cpu", "devices": 1, "num_nodes": 1}})
 
 
 def ppo_cfg(**kw):
@@ -115,7 +115,7 @@ def test_ppo_stage_end_to_end(make_cfg, tmp_path):
         "ppo.minibatch_size=4",
         "ppo.checkpoint_every=2",
         "ppo.table_every=2",
-        "eval.snapshot_every=2",
+        "ppo.snapshot_every=2",
     )
     cfg = make_cfg("stage=ppo", *small, *ppo, "logger=csv", f"logger.dir={tmp_path}/log")
     [summary] = run(cfg)

@@ -16,9 +16,9 @@ from cai.data import load_prompts
 from cai.errors import CaiError
 from cai.generation.hf import HFGenerator
 from cai.pipeline import run
-from cai.prompts import clean
-from cai.stages.sft import IGNORE, LengthBucketSampler, SFTModule, build_example, collate, select_pairs
-from cai.training import cosine_with_warmup
+from cai.stages.sft import IGNORE, SFTModule, build_example, collate, select_pairs
+from cai.templates import clean
+from cai.training import LengthBucketSampler, cosine_with_warmup
 
 SMALL = ("model=tiny", "data.n_red_team=8", "sl.helpful_mix=0.25", "sl.max_new_tokens=12", "generation.batch_size=8")
 

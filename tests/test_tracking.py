@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cai.pipeline import instantiate
+from cai.config import instantiate
 from cai.tracking import git_commit, run_name_from_overrides
 
 

@@ -99,7 +99,9 @@ def test_ppo_rollouts_through_vllm_follow_the_trained_actor(cache_dir):
         seed=0,
         engine=engine,
     )
-    train_ppo(module, 2, "unused", 0, OmegaConf.create({"trainer": {"precision": "32-true", "accelerator": "cpu", "devices": 1}}))
+    train_ppo(
+        module, 2, "unused", 0, OmegaConf.create({"trainer": {"precision": "32-true", "accelerator": "cpu", "devices": 1, "num_nodes": 1}})
+    )
     assert len(pushed) == 2 and len(module.history) == 2
     w = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(pushed[0][w], pushed[1][w])  # the second rollout used the updated actor

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from cai.errors import CaiError
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 KINDS = ("red_team", "helpful")
-Message = dict[str, str]
+Message = dict[str, str]  # one chat turn: {"role": "user" | "assistant" | "system", "content": str}
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,6 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     return out
 
 
-def read_mt_bench(path: str | Path) -> list[Prompt]:
-    """MT-bench `question.jsonl`: each question's first turn, as a helpfulness prompt."""
-    return read_prompt_file(path)
-
-
 def load_prompts(kind: str, source: str = "builtin", split: str = "train", n: int = 0) -> list[Prompt]:
     """The prompts a stage uses: the shipped set (one split) or a user's file, truncated to n (0 = all)."""
     if kind not in KINDS:
@@ -120,6 +116,21 @@ def parse_transcript(text: str) -> list[Message]:
     """'\\n\\nHuman: hi\\n\\nAssistant: hello' -> [{'role': 'user', ...}, {'role': 'assistant', ...}]."""
     parts = _TURN.split(text)
     return [{"role": "user" if parts[k] == "Human" else "assistant", "content": parts[k + 1].strip()} for k in range(1, len(parts) - 1, 2)]
+
+
+def human_pairs(comparisons: list[Comparison], seed: int) -> list[dict]:
+    """Human comparisons as labelled pairs {id, conversation, response_a, response_b, label}.
+
+    The chosen answer is put second at random (seeded), with label 0, so that 'a' is not always
+    the preferred one; label 1 means a was chosen.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for c in comparisons:
+        flip = rng.random() < 0.5
+        a, b = (c.rejected, c.chosen) if flip else (c.chosen, c.rejected)
+        rows.append({"id": c.id, "conversation": c.conversation, "response_a": a, "response_b": b, "label": 0.0 if flip else 1.0})
+    return rows
 
 
 def read_hh_rlhf(path: str | Path, field: str = "data") -> list[Comparison]:

@@ -10,20 +10,25 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
 
+from cai.config import SamplingConfig
+from cai.data import Message
 from cai.errors import CaiError
 
-Message = dict[str, str]
+
+@runtime_checkable
+class LoadableModel(Protocol):
+    """What a generator (or a trainer) can be handed instead of a loaded model: a ModelSpec."""
+
+    def load_model(self) -> Any: ...
+
+    def load_tokenizer(self) -> Any: ...
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample. temperature=0 is greedy; seed makes sampling repeatable."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.95
-    seed: int = 0
+@dataclass
+class SamplingParams(SamplingConfig):
+    """How to sample (the fields are SamplingConfig's). temperature=0 is greedy; seed makes sampling repeatable."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -65,13 +70,16 @@ def render_prompts(tokenizer, conversations: Sequence[list[Message]], prefixes: 
 
 
 class Generator(ABC):
-    """The interface stages call. Subclasses implement `_generate` on token ids."""
+    """The interface stages call. Subclasses implement `generate_ids` on token ids.
 
-    def __init__(self, batch_size: int, max_new_tokens: int, temperature: float, top_p: float, seed: int) -> None:
+    `sampling` holds the default SamplingParams fields (the `generation` config group's).
+    """
+
+    def __init__(self, batch_size: int, **sampling: Any) -> None:
         if batch_size < 1:
             raise CaiError(f"generation.batch_size: must be >= 1, got {batch_size}")
         self.batch_size = batch_size
-        self.defaults = SamplingParams(max_new_tokens, temperature, top_p, seed)
+        self.defaults = SamplingParams(**sampling)
 
     def params(self, **overrides) -> SamplingParams:
         """The configured sampling parameters with some fields replaced (e.g. a stage's max_new_tokens)."""
@@ -93,10 +101,11 @@ class Generator(ABC):
         prompts = render_prompts(self.tokenizer, conversations, prefixes)
         if not prompts:
             return []
-        return self._generate(prompts, params, desc)
+        return self.generate_ids(prompts, params, desc)
 
     @abstractmethod
-    def _generate(self, prompts: list[list[int]], params: SamplingParams, desc: str) -> list[Completion]: ...
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generating") -> list[Completion]:
+        """Answer prompts given as token ids (already rendered), in the order given."""
 
     def close(self) -> None:  # noqa: B027  (optional hook: most backends hold nothing to free)
         """Free the model (and, for vLLM, the engine's workers)."""

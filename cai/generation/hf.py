@@ -7,28 +7,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cai.generation import Completion, Generator, SamplingParams
+from cai.generation import Completion, Generator, LoadableModel, SamplingParams
+from cai.training import pad
 
 
 class HFGenerator(Generator):
     """Generates with a transformers model held in this process.
 
     `model` is a ModelSpec (loaded here) or an already-loaded model, e.g. the PPO policy being
-    trained, with its tokenizer.
+    trained, with its tokenizer. `sampling`: the default SamplingParams fields.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any = None,
-        batch_size: int = 16,
-        max_new_tokens: int = 128,
-        temperature: float = 0.7,
-        top_p: float = 0.95,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(batch_size, max_new_tokens, temperature, top_p, seed)
-        if hasattr(model, "load_model"):  # a ModelSpec
+    def __init__(self, model: Any, tokenizer: Any = None, batch_size: int = 16, **sampling: Any) -> None:
+        super().__init__(batch_size, **sampling)
+        if isinstance(model, LoadableModel):
             tokenizer = tokenizer or model.load_tokenizer()
             model = model.load_model()
         if tokenizer is None:
@@ -41,9 +33,9 @@ class HFGenerator(Generator):
         return self._tokenizer
 
     @torch.no_grad()
-    def _generate(self, prompts: list[list[int]], params: SamplingParams, desc: str) -> list[Completion]:
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generating") -> list[Completion]:
         tok = self._tokenizer
-        pad = tok.pad_token_id
+        pad_id = tok.pad_token_id
         eos = tok.eos_token_id
         device = next(self.model.parameters()).device
         # Longest first: batches hold prompts of similar length (less padding), and the slowest
@@ -55,12 +47,8 @@ class HFGenerator(Generator):
         bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
         for b, start in enumerate(range(0, len(order), self.batch_size)):
             idx = order[start : start + self.batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):  # left padding: every prompt ends at the same column
-                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]) :] = 1
+            ids, mask = pad([prompts[i] for i in idx], pad_id, side="left")  # every prompt ends at the same column
+            width = ids.shape[1]
             torch.manual_seed(params.seed + b)  # same seed and same prompts -> same text
             sample = params.temperature > 0
             out = self.model.generate(
@@ -71,7 +59,7 @@ class HFGenerator(Generator):
                 temperature=params.temperature if sample else None,
                 top_p=params.top_p if sample else None,
                 top_k=None,
-                pad_token_id=pad,
+                pad_token_id=pad_id,
                 eos_token_id=eos,
             )
             for row, i in enumerate(idx):

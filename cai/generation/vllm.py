@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cai.errors import CaiError
-from cai.generation import Completion, Generator, SamplingParams
+from cai.generation import Completion, Generator, LoadableModel, SamplingParams
 
 
 class VLLMGenerator(Generator):
@@ -25,17 +25,14 @@ class VLLMGenerator(Generator):
         model: Any,
         tokenizer: Any = None,
         batch_size: int = 256,
-        max_new_tokens: int = 128,
-        temperature: float = 0.7,
-        top_p: float = 0.95,
-        seed: int = 0,
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.4,
         tensor_parallel_size: int = 1,
         max_model_len: int = 2048,
         enforce_eager: bool | None = None,
+        **sampling: Any,
     ) -> None:
-        super().__init__(batch_size, max_new_tokens, temperature, top_p, seed)
+        super().__init__(batch_size, **sampling)
         try:
             import vllm
         except ImportError:
@@ -46,7 +43,7 @@ class VLLMGenerator(Generator):
         # Weight sync (PPO) sends a small function to the engine's workers to load the new
         # weights; vLLM only ships callables between its own processes when this is allowed.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-        if hasattr(model, "local_dir"):  # a ModelSpec
+        if isinstance(model, LoadableModel):  # a ModelSpec
             tokenizer = tokenizer or model.load_tokenizer()
             trust = model.trust_remote_code
             path = model.local_dir()
@@ -60,7 +57,7 @@ class VLLMGenerator(Generator):
         self.llm = vllm.LLM(
             model=path,
             dtype=dtype,
-            seed=seed,
+            seed=self.defaults.seed,
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len,
@@ -74,7 +71,7 @@ class VLLMGenerator(Generator):
     def tokenizer(self):
         return self._tokenizer
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams, desc: str) -> list[Completion]:
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generating") -> list[Completion]:
         from vllm import SamplingParams as VSampling
         from vllm.inputs import TokensPrompt
 

@@ -20,13 +20,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from cai.arena import Snapshot, check_judge, log_results, make_judge, rate, report
 from cai.artifacts import StageDir, fingerprint, read_jsonl
 from cai.errors import CaiError
-from cai.stages.eval import Judge, Snapshot, log_results, rate, report
-from cai.tracking import Tracker
+from cai.stages import Context, Stage
 
 log = logging.getLogger(__name__)
-STAGE = "frontier"
 
 
 def _complete_eval(path: Path) -> bool:
@@ -73,7 +72,8 @@ def short_names(names: list[str]) -> list[str]:
     return [",".join(x for x in p if x not in common) or n for p, n in zip(parts, names)]
 
 
-def run(cfg: DictConfig, tracker: Tracker) -> dict:
+def build(ctx: Context) -> dict:
+    cfg, tracker = ctx.cfg, ctx.tracker
     found = find_evals(cfg)
     evals = list(found)
     manifests = [json.loads((e / "manifest.json").read_text()) for e in evals]
@@ -107,10 +107,10 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
                 players[k].label = f"{name}/{players[k].label}"
     anchor = next(k for k, s in players.items() if s.order == 0)  # an initial model (ideally shared by all runs)
     snaps = [players[anchor]] + [s for k, s in players.items() if k != anchor]
-    judge = Judge(cfg)
+    judge = make_judge(cfg, ctx.upstream.get("pm"))
     inputs = {"evals": sorted(m["fingerprint"] for m in manifests), "judge": judge.key}
-    path = Path(cfg.paths.artifacts).expanduser() / STAGE / fingerprint(inputs)  # one directory per set of runs and judge
-    out = StageDir(cfg, STAGE, {"bootstrap": cfg.eval.bootstrap, "seed": cfg.seed}, inputs, path=path).open()
+    path = Path(cfg.paths.artifacts).expanduser() / "frontier" / fingerprint(inputs)  # one directory per set of runs and judge
+    out = StageDir("frontier", path, {"bootstrap": cfg.eval.bootstrap, "seed": cfg.seed}, inputs).open()
     answers = {s.key: read_jsonl(Path(s.answers)) for s in snaps}
     ratings, table = rate(cfg, snaps, answers, judge)
     rows = report(snaps, ratings, metrics, runs, out.path, f"{len(runs)} runs: Elo (judge: {judge.kind})")
@@ -118,3 +118,13 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     out.complete({"runs": len(runs), "snapshots": len(snaps), **ratings["games"]}, {"evals": [str(e) for e in evals]})
     log.info("frontier of %d runs: %s", len(runs), out.path / "frontier.png")
     return {"metric": f"{len(runs)} runs, {len(snaps)} snapshots", "path": str(out.path / "frontier.png")}
+
+
+STAGE = Stage(
+    name="frontier",
+    description="the cross-run Elo frontier",
+    build=build,
+    reads=lambda cfg: ("pm",) if cfg.eval.judge == "pm" else (),  # the PM judge is this config's PM
+    check=check_judge,
+    keyed=False,
+)

@@ -19,20 +19,18 @@ from __future__ import annotations
 import logging
 import random
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from cai.artifacts import StageDir, chunked, file_hash, require_complete, stage_path, stage_rows, write_json
-from cai.constitution import Constitution, RLPrinciple
-from cai.data import read_hh_rlhf
+from cai.artifacts import chunked, file_hash, write_json
+from cai.config import instantiate
+from cai.constitution import Constitution
+from cai.data import human_pairs, read_hh_rlhf
 from cai.labels import Item, Labeller
 from cai.metrics import wilson_interval
-from cai.pipeline import instantiate
-from cai.prompts import HELPFUL_QUESTION
-from cai.tracking import Tracker
+from cai.stages import Context, Stage
+from cai.templates import HELPFULNESS
 
 log = logging.getLogger(__name__)
-STAGE = "label"
-HELPFUL = RLPrinciple(id="helpfulness", question=HELPFUL_QUESTION)
 
 
 def make_labeller(cfg: DictConfig, constitution: Constitution) -> Labeller:
@@ -51,30 +49,10 @@ def make_labeller(cfg: DictConfig, constitution: Constitution) -> Labeller:
 
 
 def human_rows(cfg: DictConfig) -> list[dict]:
-    """label=human: hh-rlhf comparisons as labelled rows; the order is randomised so that 'a' is not always chosen."""
+    """label=human: hh-rlhf comparisons as labelled rows, the chosen answer on a random side."""
     comps = read_hh_rlhf(cfg.label.data, field="label.data")
-    if cfg.label.n_human:
-        comps = comps[: cfg.label.n_human]
-    rng = random.Random(cfg.seed)
-    rows = []
-    for c in comps:
-        flip = rng.random() < 0.5
-        a, b = (c.rejected, c.chosen) if flip else (c.chosen, c.rejected)
-        p = 0.0 if flip else 1.0
-        rows.append(
-            {
-                "id": c.id,
-                "kind": "red_team",
-                "conversation": c.conversation,
-                "response_a": a,
-                "response_b": b,
-                "p_a": p,
-                "label": p,
-                "per_principle": {},
-                "label_type": "human",
-            }
-        )
-    return rows
+    comps = comps[: cfg.label.n_human] if cfg.label.n_human else comps
+    return [{**r, "kind": "red_team", "p_a": r["label"], "per_principle": {}, "label_type": "human"} for r in human_pairs(comps, cfg.seed)]
 
 
 def constitution_report(labeller: Labeller, constitution: Constitution, path: str, n: int) -> dict:
@@ -102,66 +80,34 @@ def constitution_report(labeller: Labeller, constitution: Constitution, path: st
     return report
 
 
-def run(cfg: DictConfig, tracker: Tracker) -> dict:
-    constitution: Constitution = instantiate(cfg.constitution)
-    label_cfg = OmegaConf.to_container(cfg.label)
-    if cfg.label.kind == "human":
-        inputs = {"data": file_hash(cfg.label.data)}
-    else:
-        upstream = require_complete(cfg, "pairs", STAGE)
-        inputs = {"pairs": upstream["fingerprint"], "constitution": constitution.digest()}
-    config = {
-        "label": label_cfg,
-        "feedback_model": instantiate(cfg.feedback_model).identity(),
-        "ensemble_size": constitution.ensemble_size,
-        "principle": constitution.principle,
-        "seed": cfg.seed,
-    }
-    out = StageDir(cfg, STAGE, config, inputs)
-    if out.is_complete():
-        log.info("label: up to date at %s, skipping", out.path)
-        return {"metric": f"{out.manifest()['counts']['labels']} labels (cached)", "path": str(out.path)}
-    out.open()
+def ai_rows(cfg: DictConfig, constitution: Constitution, chunk: list[dict], labeller: Labeller, index: int) -> list[dict]:
+    """AI labels of one shard of pairs: harmlessness under drawn principles, helpfulness under HELPFULNESS."""
+    items, conversations = [], []
+    for r in chunk:
+        # The principles of a pair depend on (seed, pair id) alone, so a resumed run draws the same.
+        rng = random.Random(f"{cfg.seed}/{r['id']}/label")
+        principles = (HELPFULNESS,) if r["kind"] == "helpful" else tuple(constitution.draw_rl(rng))
+        conversation = [{"role": "user", "content": r["prompt"]}]
+        items.append(Item(conversation, r["response_a"], r["response_b"], principles))
+        conversations.append(conversation)
+    results = labeller.label(items, desc=f"label shard {index}")
+    return [
+        {
+            "id": r["id"],
+            "kind": r["kind"],
+            "conversation": conv,
+            "response_a": r["response_a"],
+            "response_b": r["response_b"],
+            "p_a": res["p_a"],
+            "label": res["label"],
+            "per_principle": res["per_principle"],
+            "label_type": cfg.label.kind,
+        }
+        for r, conv, res in zip(chunk, conversations, results)
+    ]
 
-    labeller: Labeller | None = None
-    if cfg.label.kind == "human":
-        rows = human_rows(cfg)
-        out.write_shards([rows], lambda chunk, i: chunk, "label shards")
-    else:
-        pairs = stage_rows(stage_path(cfg, "pairs"))
 
-        def make(chunk: list[dict], index: int) -> list[dict]:
-            nonlocal labeller
-            labeller = labeller or make_labeller(cfg, constitution)
-            items, drawn = [], []
-            for r in chunk:
-                # The principles of a pair depend on (seed, pair id) alone, so a resumed run draws the same.
-                principles = (
-                    (HELPFUL,) if r["kind"] == "helpful" else tuple(constitution.draw_rl(random.Random(f"{cfg.seed}/{r['id']}/label")))
-                )
-                conversation = [{"role": "user", "content": r["prompt"]}]
-                items.append(Item(conversation, r["response_a"], r["response_b"], principles))
-                drawn.append(conversation)
-            results = labeller.label(items, desc=f"label shard {index}")
-            return [
-                {
-                    "id": r["id"],
-                    "kind": r["kind"],
-                    "conversation": conv,
-                    "response_a": r["response_a"],
-                    "response_b": r["response_b"],
-                    "p_a": res["p_a"],
-                    "label": res["label"],
-                    "per_principle": res["per_principle"],
-                    "label_type": cfg.label.kind,
-                }
-                for r, conv, res in zip(chunk, drawn, results)
-            ]
-
-        out.write_shards(chunked(pairs, cfg.pairs.shard_size), make, "label shards")
-
-    rows = out.rows()
-    harmless = [r for r in rows if r["kind"] == "red_team"]
+def log_rows(tracker, rows: list[dict]) -> dict:
     stats = {
         "label/data/labels": len(rows),
         "label/data/mean_p_a": sum(r["p_a"] for r in rows) / len(rows),
@@ -169,41 +115,70 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     }
     tracker.log(stats)
     columns = ["id", "kind", "prompt", "response_a", "response_b", "p_a", "label", "principles", "label_type"]
-    tracker.table(
-        "label/samples",
-        columns,
-        [
-            [
-                r["id"],
-                r["kind"],
-                r["conversation"][-1]["content"],
-                r["response_a"],
-                r["response_b"],
-                r["p_a"],
-                r["label"],
-                ",".join(r["per_principle"]),
-                r["label_type"],
-            ]
-            for r in rows[:32]
-        ],
+    table = [
+        [r["id"], r["kind"], r["conversation"][-1]["content"], r["response_a"], r["response_b"], r["p_a"], r["label"]]
+        + [",".join(r["per_principle"]), r["label_type"]]
+        for r in rows[:32]
+    ]
+    tracker.table("label/samples", columns, table)
+    return stats
+
+
+def write_report(ctx: Context, labeller: Labeller, constitution: Constitution) -> None:
+    report = constitution_report(labeller, constitution, ctx.cfg.label.report_data, ctx.cfg.label.report_n)
+    write_json(ctx.out.path / "report.json", report)
+    ctx.tracker.log({"label/report/ensemble_agreement": report["ensemble_agreement"]})
+    per = [[k, v] for k, v in report["per_principle_agreement"].items()]
+    ctx.tracker.table("label/report", ["principle", "agreement"], per + [["ensemble", report["ensemble_agreement"]]])
+    ctx.extra["report"] = {k: report[k] for k in ("comparisons", "ensemble_agreement", "ensemble_interval")}
+    log.info(
+        "constitution report: the labeller agrees with the human choice %.1f%% of the time (ensemble)", 100 * report["ensemble_agreement"]
     )
-    counts = {"labels": len(rows), "harmlessness": len(harmless), "helpfulness": len(rows) - len(harmless)}
-    extra = {}
+
+
+def build(ctx: Context) -> dict:
+    cfg, out = ctx.cfg, ctx.out
+    constitution: Constitution = instantiate(cfg.constitution)
+    labeller: Labeller | None = None
+    if cfg.label.kind == "human":
+        out.write_shards([human_rows(cfg)], lambda chunk, i: chunk, "label shards")
+    else:
+
+        def make(chunk: list[dict], index: int) -> list[dict]:
+            nonlocal labeller
+            labeller = labeller or make_labeller(cfg, constitution)
+            return ai_rows(cfg, constitution, chunk, labeller, index)
+
+        out.write_shards(chunked(ctx.upstream["pairs"].rows(), cfg.pairs.shard_size), make, "label shards")
+    rows = out.rows()
+    stats = log_rows(ctx.tracker, rows)
     if cfg.label.report_data and cfg.label.kind != "human":
-        labeller = labeller or make_labeller(cfg, constitution)
-        report = constitution_report(labeller, constitution, cfg.label.report_data, cfg.label.report_n)
-        write_json(out.path / "report.json", report)
-        tracker.log({"label/report/ensemble_agreement": report["ensemble_agreement"]})
-        tracker.table(
-            "label/report",
-            ["principle", "agreement"],
-            [[k, v] for k, v in report["per_principle_agreement"].items()] + [["ensemble", report["ensemble_agreement"]]],
-        )
-        extra["report"] = {k: report[k] for k in ("comparisons", "ensemble_agreement", "ensemble_interval")}
-        log.info(
-            "constitution report: the labeller agrees with the human choice %.1f%% of the time (ensemble)",
-            100 * report["ensemble_agreement"],
-        )
-    out.complete(counts, extra)
-    tracker.artifact(out.path, name="labels", type="dataset")
-    return {"metric": f"{len(rows)} {cfg.label.kind} labels, mean p_a {stats['label/data/mean_p_a']:.2f}", "path": str(out.path)}
+        write_report(ctx, labeller or make_labeller(cfg, constitution), constitution)
+    harmless = sum(r["kind"] == "red_team" for r in rows)
+    return {
+        "labels": len(rows),
+        "harmlessness": harmless,
+        "helpfulness": len(rows) - harmless,
+        "kind": cfg.label.kind,
+        "mean_p_a": round(stats["label/data/mean_p_a"], 4),
+    }
+
+
+def inputs(cfg: DictConfig) -> dict:
+    if cfg.label.kind == "human":
+        return {"data": file_hash(cfg.label.data)}
+    return {"constitution": instantiate(cfg.constitution).digest()}
+
+
+STAGE = Stage(
+    name="label",
+    description="RL-CAI AI feedback labels",
+    build=build,
+    after="pairs",
+    lineage=("feedback_model", "constitution", "label"),
+    logging_only=("label.report_data", "label.report_n", "label.batch_size"),
+    reads=lambda cfg: () if cfg.label.kind == "human" else ("pairs",),
+    inputs=inputs,
+    metric=lambda c: f"{c['labels']} {c['kind']} labels, mean p_a {c['mean_p_a']:.2f}",
+    artifact=("labels", "dataset", ""),
+)

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import logging
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from cai.artifacts import StageDir, chunked, fingerprint, require_complete
+from cai.artifacts import chunked, fingerprint
+from cai.config import instantiate
 from cai.data import Prompt, load_prompts
 from cai.errors import CaiError
 from cai.generation import Generator
-from cai.pipeline import instantiate
-from cai.stages.sft import trained_spec
-from cai.tracking import Tracker
+from cai.stages import Context, Stage
 
 log = logging.getLogger(__name__)
-STAGE = "pairs"
 
 
 def select_prompts(cfg: DictConfig) -> list[tuple[str, Prompt]]:
@@ -31,23 +29,20 @@ def select_prompts(cfg: DictConfig) -> list[tuple[str, Prompt]]:
     return items
 
 
-def run(cfg: DictConfig, tracker: Tracker) -> dict:
+def check(cfg: DictConfig) -> None:
     if cfg.pairs.temperature <= 0:
         raise CaiError(f"pairs.temperature: two samples need temperature > 0, got {cfg.pairs.temperature}")
-    upstream = require_complete(cfg, "sft", STAGE)
-    items = select_prompts(cfg)
-    config = {"pairs": OmegaConf.to_container(cfg.pairs), "seed": cfg.seed, "top_p": cfg.generation.top_p}
-    out = StageDir(cfg, STAGE, config, {"sft": upstream["fingerprint"], "prompts": fingerprint([(k, p.id, p.text) for k, p in items])})
-    if out.is_complete():
-        log.info("pairs: up to date at %s, skipping", out.path)
-        return {"metric": f"{out.manifest()['counts']['pairs']} pairs (cached)", "path": str(out.path)}
-    out.open()
+
+
+def build(ctx: Context) -> dict:
+    cfg, out = ctx.cfg, ctx.out
+    sft = ctx.upstream["sft"].model_spec(f"sft({cfg.model.name})", cfg.model.dtype, cfg.paths.cache)
     gen: Generator | None = None
 
     def make(chunk: list[tuple[str, Prompt]], index: int) -> list[dict]:
         nonlocal gen
         if gen is None:
-            gen = instantiate(cfg.generation, model=trained_spec(cfg))
+            gen = instantiate(cfg.generation, model=sft)
         params = gen.params(max_new_tokens=cfg.pairs.max_new_tokens, temperature=cfg.pairs.temperature, seed=cfg.seed * 7_919 + index)
         convs = [[{"role": "user", "content": p.text}] for _, p in chunk]
         answers = gen.generate(convs + convs, params, desc=f"pairs shard {index}")  # both samples in one batched call
@@ -58,24 +53,32 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         ]
 
     try:
-        out.write_shards(chunked(items, cfg.pairs.shard_size), make, "pairs shards")
+        out.write_shards(chunked(select_prompts(cfg), cfg.pairs.shard_size), make, "pairs shards")
     finally:
         if gen is not None:
             gen.close()
     rows = out.rows()
     same = sum(r["response_a"] == r["response_b"] for r in rows)
-    counts = {
+    ctx.tracker.log({"pairs/data/pairs": len(rows), "pairs/data/identical_rate": same / max(1, len(rows))})
+    columns = ["id", "kind", "prompt", "response_a", "response_b"]
+    ctx.tracker.table("pairs/samples", columns, [[r[k] for k in columns] for r in rows[:32]])
+    return {
         "pairs": len(rows),
         "red_team": sum(r["kind"] == "red_team" for r in rows),
         "helpful": sum(r["kind"] == "helpful" for r in rows),
         "identical": same,
     }
-    tracker.log({"pairs/data/pairs": len(rows), "pairs/data/identical_rate": same / max(1, len(rows))})
-    tracker.table(
-        "pairs/samples",
-        ["id", "kind", "prompt", "response_a", "response_b"],
-        [[r[k] for k in ("id", "kind", "prompt", "response_a", "response_b")] for r in rows[:32]],
-    )
-    out.complete(counts)
-    tracker.artifact(out.path, name="pairs", type="dataset")
-    return {"metric": f"{len(rows)} pairs", "path": str(out.path)}
+
+
+STAGE = Stage(
+    name="pairs",
+    description="RL-CAI answer pairs",
+    build=build,
+    after="sft",
+    lineage=("pairs", "pm.helpful_data"),
+    reads=("sft",),
+    inputs=lambda cfg: {"prompts": fingerprint([(k, p.id, p.text) for k, p in select_prompts(cfg)])},
+    check=check,
+    metric=lambda c: f"{c['pairs']} pairs",
+    artifact=("pairs", "dataset", ""),
+)

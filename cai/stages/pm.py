@@ -11,46 +11,36 @@ from __future__ import annotations
 
 import logging
 import random
-from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from cai.artifacts import StageDir, file_hash, require_complete, stage_path, stage_rows, write_json
-from cai.data import read_hh_rlhf
+from cai.artifacts import file_hash, write_json
+from cai.config import instantiate
+from cai.data import human_pairs, read_hh_rlhf
 from cai.errors import CaiError
 from cai.losses import bradley_terry_loss
-from cai.metrics import calibration_bins, expected_calibration_error, pairwise_accuracy, wilson_interval
-from cai.pipeline import instantiate
-from cai.reward import PreferenceModel, encode_transcript, right_pad, score
-from cai.stages.sft import LengthBucketSampler
-from cai.tracking import Tracker
-from cai.training import adamw_with_cosine, drop_checkpoints, fit, gathered_state_dict
+from cai.metrics import expected_calibration_error, pairwise_accuracy
+from cai.plots import calibration_plot
+from cai.reward import PreferenceModel, encode_transcript, hh_accuracy
+from cai.stages import Context, Stage
+from cai.training import LengthBucketSampler, adamw_with_cosine, fit, gathered_state_dict, pad
 
 log = logging.getLogger(__name__)
-STAGE = "pm"
 
 
 # --- data ----------------------------------------------------------------------------------------
 
 
-def comparisons(cfg: DictConfig) -> list[dict]:
-    """{conversation, response_a, response_b, p_a, source} rows: AI (or human) labels, plus helpfulness."""
-    rows = [
-        {**r, "source": f"ai-{r['kind']}" if r["label_type"] != "human" else "human-harmless"} for r in stage_rows(stage_path(cfg, "label"))
-    ]
+def comparisons(cfg: DictConfig, labels: list[dict]) -> list[dict]:
+    """{conversation, response_a, response_b, label, source} rows: AI (or human) labels, plus helpfulness."""
+    rows = [{**r, "source": f"ai-{r['kind']}" if r["label_type"] != "human" else "human-harmless"} for r in labels]
     if cfg.pm.helpful_data:
         human = read_hh_rlhf(cfg.pm.helpful_data, field="pm.helpful_data")
         n = cfg.pm.n_helpful or sum(r["kind"] == "red_team" for r in rows)
-        rng = random.Random(cfg.seed)
-        for c in human[:n]:
-            flip = rng.random() < 0.5
-            a, b = (c.rejected, c.chosen) if flip else (c.chosen, c.rejected)
-            rows.append(
-                {"conversation": c.conversation, "response_a": a, "response_b": b, "label": 0.0 if flip else 1.0, "source": "human-helpful"}
-            )
+        rows += [{**r, "source": "human-helpful"} for r in human_pairs(human[:n], cfg.seed)]
         rows = [r for r in rows if r["source"] != "ai-helpful"]  # human helpfulness data replaces AI-labelled helpfulness
     return rows
 
@@ -68,7 +58,7 @@ def encode(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
 
 def collate_pairs(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Both answers of every comparison in one (2B, T) right-padded batch: a rows first, then b rows."""
-    ids, mask = right_pad([b["a"] for b in batch] + [b["b"] for b in batch], pad_id)
+    ids, mask = pad([b["a"] for b in batch] + [b["b"] for b in batch], pad_id)  # (2B, T)
     return {"input_ids": ids, "attention_mask": mask, "p": torch.tensor([b["p"] for b in batch])}
 
 
@@ -127,83 +117,47 @@ class PMModule(L.LightningModule):
         return adamw_with_cosine(self.pm.parameters(), self.lr, self.warmup_ratio, int(self.trainer.estimated_stepping_batches))
 
 
-def calibration_plot(probs: list[float], outcomes: list[float], path: Path) -> None:
-    """A reliability diagram: observed frequency against predicted probability, 10 bins."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bins = [b for b in calibration_bins(probs, outcomes) if b[2]]
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    ax.plot([b[0] for b in bins], [b[1] for b in bins], "o-", label="preference model")
-    for conf, freq, count in bins:
-        ax.annotate(str(count), (conf, freq), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set(xlabel="predicted P(a preferred)", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1), title="PM calibration (validation)")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def evaluate_hh(
-    pm: PreferenceModel, tokenizer, path: str, max_length: int, n: int = 0, batch_size: int = 16, field: str = "pm.eval_data"
-) -> dict:
-    """Accuracy of a PM on hh-rlhf comparisons (chosen scored above rejected), with a 95% interval."""
-    comps = read_hh_rlhf(path, field=field)
-    comps = comps[:n] if n else comps
-    transcripts = [(c.conversation, c.chosen) for c in comps] + [(c.conversation, c.rejected) for c in comps]
-    rewards = score(pm, tokenizer, transcripts, max_length, batch_size, desc=f"scoring {Path(path).name}")
-    margins = [rewards[i] - rewards[len(comps) + i] for i in range(len(comps))]
-    acc = pairwise_accuracy(margins)
-    low, high = wilson_interval(acc, len(comps))
-    return {
-        "data": str(path),
-        "comparisons": len(comps),
-        "accuracy": acc,
-        "interval_95": [low, high],
-        "mean_margin": sum(margins) / len(margins),
-    }
-
-
 # --- the stage -----------------------------------------------------------------------------------
 
 
-def run(cfg: DictConfig, tracker: Tracker) -> dict:
-    upstream = require_complete(cfg, "label", STAGE)
-    spec = instantiate(cfg.pm_model)
-    inputs = {"label": upstream["fingerprint"]}
-    if cfg.pm.helpful_data:
-        inputs["helpful_data"] = file_hash(cfg.pm.helpful_data)
-    if cfg.pm.eval_data:
-        inputs["eval_data"] = file_hash(cfg.pm.eval_data)
-    config = {
-        "pm": {k: v for k, v in OmegaConf.to_container(cfg.pm).items() if k != "checkpoint"},
-        "pm_model": spec.identity(),
-        "seed": cfg.seed,
-    }
-    out = StageDir(cfg, STAGE, config, inputs)
-    if out.is_complete():
-        log.info("pm: up to date at %s, skipping", out.path)
-        return {"metric": f"val accuracy {out.manifest()['counts'].get('val_accuracy')} (cached)", "path": str(out.path / "model")}
-    out.open()
-
-    tokenizer = spec.load_tokenizer()
-    rows = comparisons(cfg)
+def loaders(cfg: DictConfig, tokenizer, rows: list[dict]) -> tuple[DataLoader, DataLoader | None, int, int]:
+    """Length-bucketed train batches and plain validation batches of encoded comparisons."""
     data = encode(tokenizer, rows, cfg.pm.max_length)
     if len(data) < 2:
         raise CaiError(f"pm: only {len(data)} comparisons; label more pairs (data.n_red_team)")
     random.Random(cfg.seed).shuffle(data)
     n_val = max(1, round(cfg.pm.val_fraction * len(data))) if cfg.pm.val_fraction > 0 else 0
     val, train = data[:n_val], data[n_val:]
-    pad = tokenizer.pad_token_id
+    pad_id = tokenizer.pad_token_id
     lengths = [max(len(d["a"]), len(d["b"])) for d in train]
-    train_loader = DataLoader(
-        train, batch_sampler=LengthBucketSampler(lengths, cfg.pm.batch_size, cfg.seed), collate_fn=lambda b: collate_pairs(b, pad)
-    )
-    val_loader = DataLoader(val, batch_size=cfg.pm.batch_size, collate_fn=lambda b: collate_pairs(b, pad)) if val else None
+    sampler = LengthBucketSampler(lengths, cfg.pm.batch_size, cfg.seed)
+    train_loader = DataLoader(train, batch_sampler=sampler, collate_fn=lambda b: collate_pairs(b, pad_id))
+    val_loader = DataLoader(val, batch_size=cfg.pm.batch_size, collate_fn=lambda b: collate_pairs(b, pad_id)) if val else None
+    return train_loader, val_loader, len(train), len(val)
 
+
+def report(ctx: Context, module: PMModule, tokenizer, metrics: dict) -> None:
+    """The calibration plot on validation, and accuracy on human comparisons when pm.eval_data is set."""
+    cfg, out = ctx.cfg, ctx.out
+    decided = [(q, float(t > 0.5)) for q, t in zip(module.val_probs, module.val_targets) if t != 0.5]
+    if decided:
+        calibration_plot([q for q, _ in decided], [o for _, o in decided], out.path / "calibration.png")
+        ctx.tracker.image("pm/val/calibration", out.path / "calibration.png")
+    if cfg.pm.eval_data:
+        module.pm.cpu().eval()
+        hh = hh_accuracy(module.pm, tokenizer, cfg.pm.eval_data, cfg.pm.max_length, cfg.pm.n_eval, cfg.pm.batch_size)
+        metrics["pm/hh/accuracy"] = hh["accuracy"]
+        metrics["pm/hh/accuracy_low"], metrics["pm/hh/accuracy_high"] = hh["interval_95"]
+        ctx.tracker.log({k: metrics[k] for k in ("pm/hh/accuracy", "pm/hh/accuracy_low", "pm/hh/accuracy_high")})
+        log.info("pm/hh/accuracy %.3f (95%% interval %.3f-%.3f) on %d comparisons", hh["accuracy"], *hh["interval_95"], hh["comparisons"])
+
+
+def build(ctx: Context) -> dict | None:
+    cfg, out = ctx.cfg, ctx.out
+    spec = instantiate(cfg.pm_model)
+    tokenizer = spec.load_tokenizer()
+    rows = comparisons(cfg, ctx.upstream["label"].rows())
+    train_loader, val_loader, n_train, n_val = loaders(cfg, tokenizer, rows)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PMModule(spec, cfg.pm.lr, cfg.pm.warmup_ratio)
     trainer, seconds = fit(
@@ -216,32 +170,18 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         grad_accum=cfg.pm.grad_accum,
         checkpoint_every=cfg.pm.checkpoint_every,
         strategy=instantiate(cfg.strategy),
-        logger=tracker.lightning_logger(),
+        logger=ctx.tracker.lightning_logger(),
     )
-    state = gathered_state_dict(module.pm, trainer.strategy)
+    state = gathered_state_dict(module.pm, trainer.strategy)  # a collective under ZeRO-3: every rank calls it
     if not trainer.is_global_zero:
-        return {"metric": "", "path": str(out.path / "model")}
-    model_dir = out.path / "model"
-    module.pm.save(model_dir, tokenizer, state)
+        return None
+    module.pm.save(out.path / "model", tokenizer, state)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("pm/")}
-    if module.val_probs:
-        decided = [(q, float(t > 0.5)) for q, t in zip(module.val_probs, module.val_targets) if t != 0.5]
-        if decided:
-            calibration_plot([q for q, _ in decided], [o for _, o in decided], out.path / "calibration.png")
-            tracker.image("pm/val/calibration", out.path / "calibration.png")
-    if cfg.pm.eval_data:
-        module.pm.cpu().eval()
-        hh = evaluate_hh(module.pm, tokenizer, cfg.pm.eval_data, cfg.pm.max_length, cfg.pm.n_eval, cfg.pm.batch_size)
-        metrics["pm/hh/accuracy"] = hh["accuracy"]
-        metrics["pm/hh/accuracy_low"], metrics["pm/hh/accuracy_high"] = hh["interval_95"]
-        tracker.log({k: metrics[k] for k in ("pm/hh/accuracy", "pm/hh/accuracy_low", "pm/hh/accuracy_high")})
-        log.info("pm/hh/accuracy %.3f (95%% interval %.3f-%.3f) on %d comparisons", hh["accuracy"], *hh["interval_95"], hh["comparisons"])
-    write_json(
-        out.path / "metrics.json", {**metrics, "train_comparisons": len(train), "val_comparisons": len(val), "seconds": round(seconds, 1)}
-    )
-    counts = {
-        "train_comparisons": len(train),
-        "val_comparisons": len(val),
+    report(ctx, module, tokenizer, metrics)
+    write_json(out.path / "metrics.json", {**metrics, "train_comparisons": n_train, "val_comparisons": n_val, "seconds": round(seconds, 1)})
+    return {
+        "train_comparisons": n_train,
+        "val_comparisons": n_val,
         "sources": {s: sum(r["source"] == s for r in rows) for s in sorted({r["source"] for r in rows})},
         "val_accuracy": round(metrics.get("pm/val/accuracy", float("nan")), 4),
         "val_ece": round(metrics.get("pm/val/ece", float("nan")), 4),
@@ -249,8 +189,23 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         "optimizer_steps": trainer.global_step,
         "seconds": round(seconds, 1),
     }
-    out.complete(counts)
-    drop_checkpoints(out.path)
-    tracker.artifact(model_dir, name="preference_model", type="model")
-    hh_text = f", hh accuracy {counts['hh_accuracy']:.3f}" if counts["hh_accuracy"] is not None else ""
-    return {"metric": f"val accuracy {counts['val_accuracy']}, ECE {counts['val_ece']}{hh_text}", "path": str(model_dir)}
+
+
+def metric(counts: dict) -> str:
+    hh = f", hh accuracy {counts['hh_accuracy']:.3f}" if counts.get("hh_accuracy") is not None else ""
+    return f"val accuracy {counts['val_accuracy']}, ECE {counts['val_ece']}{hh}"
+
+
+STAGE = Stage(
+    name="pm",
+    description="the preference model",
+    build=build,
+    after="label",
+    lineage=("pm_model", "pm"),
+    logging_only=("pm.checkpoint_every", "pm.eval_data", "pm.n_eval", "pm.checkpoint"),
+    reads=("label",),
+    inputs=lambda cfg: {"helpful_data": file_hash(cfg.pm.helpful_data)} if cfg.pm.helpful_data else {},
+    metric=metric,
+    output="model",
+    artifact=("preference_model", "model", "model"),
+)

@@ -14,21 +14,24 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cai.artifacts import stage_path, write_json
+from cai.artifacts import write_json
 from cai.errors import CaiError
-from cai.reward import PreferenceModel
-from cai.stages.pm import evaluate_hh
-from cai.tracking import Tracker
+from cai.reward import PreferenceModel, hh_accuracy
+from cai.stages import Context, Stage
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, tracker: Tracker) -> dict:
+def check(cfg: DictConfig) -> None:
     if not cfg.pm.eval_data:
         raise CaiError("pm.eval_data: stage=pm_eval needs an hh-rlhf-format file, e.g. pm.eval_data=path/to/harmless-base-test.jsonl.gz")
-    checkpoint = Path(cfg.pm.checkpoint or stage_path(cfg, "pm") / "model").expanduser()
+
+
+def build(ctx: Context) -> dict:
+    cfg = ctx.cfg
+    checkpoint = Path(cfg.pm.checkpoint).expanduser() if cfg.pm.checkpoint else ctx.upstream["pm"].model_dir
     pm, tokenizer = PreferenceModel.load(checkpoint)
-    result = evaluate_hh(pm, tokenizer, cfg.pm.eval_data, cfg.pm.max_length, cfg.pm.n_eval, cfg.pm.batch_size)
+    result = hh_accuracy(pm, tokenizer, cfg.pm.eval_data, cfg.pm.max_length, cfg.pm.n_eval, cfg.pm.batch_size)
     result["checkpoint"] = str(checkpoint)
     out = Path(cfg.paths.artifacts).expanduser() / "pm_eval" / Path(cfg.pm.eval_data).name.split(".")[0]
     out.mkdir(parents=True, exist_ok=True)
@@ -37,5 +40,15 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
     print(
         f"pm_eval: accuracy {result['accuracy']:.4f} (95% interval {low:.4f}-{high:.4f}) on {result['comparisons']} comparisons of {cfg.pm.eval_data}"
     )
-    tracker.log({"pm_eval/hh/accuracy": result["accuracy"], "pm_eval/hh/accuracy_low": low, "pm_eval/hh/accuracy_high": high})
+    ctx.tracker.log({"pm_eval/hh/accuracy": result["accuracy"], "pm_eval/hh/accuracy_low": low, "pm_eval/hh/accuracy_high": high})
     return {"metric": f"accuracy {result['accuracy']:.3f} [{low:.3f}, {high:.3f}]", "path": str(out / "metrics.json")}
+
+
+STAGE = Stage(
+    name="pm_eval",
+    description="preference-model evaluation",
+    build=build,
+    reads=lambda cfg: () if cfg.pm.checkpoint else ("pm",),  # this run's PM unless pm.checkpoint names one
+    check=check,
+    keyed=False,
+)

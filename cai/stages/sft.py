@@ -11,23 +11,20 @@ result is an HF safetensors checkpoint under `${paths.artifacts}/sft/<lineage ke
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from cai.artifacts import StageDir, require_complete, stage_path, stage_rows
+from cai.config import instantiate
 from cai.errors import CaiError
-from cai.pipeline import instantiate
-from cai.tracking import Tracker
-from cai.training import adamw_with_cosine, drop_checkpoints, fit, gathered_state_dict, resolve_precision
+from cai.generation import LoadableModel
+from cai.stages import Context, Stage
+from cai.training import LengthBucketSampler, adamw_with_cosine, fit, gathered_state_dict, pad, resolve_precision
 
 log = logging.getLogger(__name__)
-STAGE = "sft"
 IGNORE = -100  # label of tokens that carry no loss
 
 
@@ -80,59 +77,9 @@ class Examples(Dataset):
 
 def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence: pad tokens are masked out and carry no loss."""
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = torch.tensor(b["input_ids"])
-        labels[i, :n] = torch.tensor(b["labels"])
-        mask[i, :n] = 1
+    ids, mask = pad([b["input_ids"] for b in batch], pad_id)  # (B, T)
+    labels, _ = pad([b["labels"] for b in batch], IGNORE)  # (B, T)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-class LengthBucketSampler(Sampler[list[int]]):
-    """Batches of similar-length sequences, in a seeded random order that changes every epoch.
-
-    Indices are shuffled, cut into pools of `batch_size * pool` items, each pool sorted by length
-    and cut into batches; then the batches are shuffled. Little padding, still random. Under
-    DDP/DeepSpeed each rank takes every world_size-th batch (the same seed on every rank keeps them
-    disjoint), with the list padded by wrapping so all ranks run the same number of steps.
-    """
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, pool: int = 50) -> None:
-        self.lengths = lengths
-        self.batch_size = batch_size
-        self.seed = seed
-        self.pool = pool
-        self.epoch = 0
-
-    def __iter__(self):
-        rng = random.Random(self.seed + self.epoch)
-        self.epoch += 1
-        idx = list(range(len(self.lengths)))
-        rng.shuffle(idx)
-        size = self.batch_size * self.pool
-        batches = []
-        for start in range(0, len(idx), size):
-            chunk = sorted(idx[start : start + size], key=lambda i: self.lengths[i])
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        rng.shuffle(batches)
-        rank, world = _rank_and_world()
-        if world > 1:
-            per_rank = math.ceil(len(batches) / world)
-            batches = (batches * world)[: per_rank * world][rank::world]
-        return iter(batches)
-
-    def __len__(self) -> int:
-        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / _rank_and_world()[1])
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -153,7 +100,8 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         # Built here, not in __init__, so DeepSpeed ZeRO-3 can shard the weights as they load.
         if self.model is None:
-            self.model = self.model_spec.load_model() if hasattr(self.model_spec, "load_model") else self.model_spec
+            spec = self.model_spec
+            self.model = spec.load_model() if isinstance(spec, LoadableModel) else spec
             self.model.train()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -181,25 +129,16 @@ class SFTModule(L.LightningModule):
 # --- the stage -----------------------------------------------------------------------------------
 
 
-def run(cfg: DictConfig, tracker: Tracker) -> dict:
-    upstream = require_complete(cfg, "sl_data", STAGE)
+def build(ctx: Context) -> dict | None:
+    cfg, out = ctx.cfg, ctx.out
     spec = instantiate(cfg.model)
-    precision = resolve_precision(cfg.trainer.precision)
-    config = {"sft": OmegaConf.to_container(cfg.sft), "model": spec.identity(), "precision": precision, "seed": cfg.seed}
-    out = StageDir(cfg, STAGE, config, {"sl_data": upstream["fingerprint"]})
-    if out.is_complete():
-        log.info("sft: up to date at %s, skipping", out.path)
-        m = out.manifest()
-        return {"metric": f"val loss {m['counts'].get('val_loss')} (cached)", "path": str(out.path / "model")}
-    out.open()
-
-    rows = stage_rows(stage_path(cfg, "sl_data"))
+    rows = ctx.upstream["sl_data"].rows()
     pairs = select_pairs(rows, cfg.sft.revision)
     tokenizer = spec.load_tokenizer()
     examples = [e for p, t in pairs if (e := build_example(tokenizer, p, t, cfg.sft.max_length)) is not None]
     if len(examples) < 2:
         raise CaiError(
-            f"sft: only {len(examples)} usable examples in {out.path.parent / 'sl_data'}; generate more SL data (data.n_red_team)"
+            f"sft: only {len(examples)} usable examples in {ctx.upstream['sl_data'].path}; generate more SL data (data.n_red_team)"
         )
     random.Random(cfg.seed).shuffle(examples)
     n_val = max(1, int(round(cfg.sft.val_fraction * len(examples)))) if cfg.sft.val_fraction > 0 else 0
@@ -224,37 +163,39 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         grad_accum=cfg.sft.grad_accum,
         checkpoint_every=cfg.sft.checkpoint_every,
         strategy=instantiate(cfg.strategy),
-        logger=tracker.lightning_logger(),
+        logger=ctx.tracker.lightning_logger(),
     )
-
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    state = gathered_state_dict(module.model, trainer.strategy)
-    if trainer.is_global_zero:
-        model_dir = out.path / "model"
-        module.model.save_pretrained(model_dir, state_dict=state)
-        tokenizer.save_pretrained(model_dir)
-        train_tokens = sum(len(e["input_ids"]) for e in train) * cfg.sft.epochs
-        counts = {
-            "train_examples": len(train),
-            "val_examples": len(val),
-            "train_tokens": train_tokens,
-            "train_loss": round(metrics.get("sft/train/loss", float("nan")), 4),
-            "val_loss": round(metrics.get("sft/val/loss", float("nan")), 4),
-            "optimizer_steps": trainer.global_step,
-            "seconds": round(seconds, 1),
-            "train_tokens_per_s": round(train_tokens / seconds, 1),
-        }
-        out.complete(counts)
-        drop_checkpoints(out.path)  # the HF checkpoint is the output; those only served to resume
-        tracker.artifact(model_dir, name="sft_model", type="model")
-        return {"metric": f"val loss {counts['val_loss']}, {counts['train_tokens_per_s']:.0f} train tok/s", "path": str(model_dir)}
-    return {"metric": "", "path": str(out.path / "model")}
+    state = gathered_state_dict(module.model, trainer.strategy)  # a collective under ZeRO-3: every rank calls it
+    if not trainer.is_global_zero:
+        return None
+    model_dir = out.path / "model"
+    module.model.save_pretrained(model_dir, state_dict=state)
+    tokenizer.save_pretrained(model_dir)
+    train_tokens = sum(len(e["input_ids"]) for e in train) * cfg.sft.epochs
+    return {
+        "train_examples": len(train),
+        "val_examples": len(val),
+        "train_tokens": train_tokens,
+        "train_loss": round(metrics.get("sft/train/loss", float("nan")), 4),
+        "val_loss": round(metrics.get("sft/val/loss", float("nan")), 4),
+        "optimizer_steps": trainer.global_step,
+        "seconds": round(seconds, 1),
+        "train_tokens_per_s": round(train_tokens / seconds, 1),
+    }
 
 
-def trained_spec(cfg: DictConfig):
-    """The SFT model as a ModelSpec, for the stages after SFT (pairs, PPO, eval)."""
-    from cai.models import ModelSpec
-
-    path = stage_path(cfg, STAGE) / "model"
-    require_complete(cfg, STAGE, "a later stage")
-    return ModelSpec(name=f"sft({cfg.model.name})", source="local", path=str(path), dtype=cfg.model.dtype, cache=cfg.paths.cache)
+STAGE = Stage(
+    name="sft",
+    description="SL-CAI supervised fine-tuning",
+    build=build,
+    after="sl_data",
+    lineage=("sft", "trainer.precision"),
+    logging_only=("sft.checkpoint_every",),
+    reads=("sl_data",),
+    # 'auto' precision resolves by hardware: the same config trains differently on a GPU.
+    inputs=lambda cfg: {"precision": resolve_precision(cfg.trainer.precision)},
+    metric=lambda c: f"val loss {c['val_loss']}, {c['train_tokens_per_s']:.0f} train tok/s",
+    output="model",
+    artifact=("sft_model", "model", "model"),
+)

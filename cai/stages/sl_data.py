@@ -21,52 +21,50 @@ import logging
 import random
 import time
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from cai.artifacts import StageDir, chunked, fingerprint
+from cai.artifacts import chunked, fingerprint
+from cai.config import instantiate
 from cai.constitution import Constitution
 from cai.data import Prompt, load_prompts
 from cai.errors import CaiError
 from cai.generation import Generator
-from cai.pipeline import instantiate
-from cai.prompts import clean, critique_conversation, few_shot_turns, revision_conversation
-from cai.tracking import Tracker
+from cai.stages import Context, Stage
+from cai.templates import clean, critique_conversation, few_shot_turns, revision_conversation
 
 log = logging.getLogger(__name__)
-STAGE = "sl_data"
 
 
 def select_prompts(cfg: DictConfig) -> tuple[list[Prompt], list[Prompt]]:
     """The red-team prompts, and `sl.helpful_mix` helpfulness prompts per red-team prompt."""
     red = load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team)
     pool = load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful)
-    if cfg.sl.helpful_mix < 0:
-        raise CaiError(f"sl.helpful_mix: must be >= 0, got {cfg.sl.helpful_mix}")
     wanted = round(cfg.sl.helpful_mix * len(red))
     if wanted > len(pool):
         log.warning("sl.helpful_mix asks for %d helpful prompts but only %d are available; using all", wanted, len(pool))
     return red, pool[:wanted]
 
 
-def stage_dir(cfg: DictConfig, red: list[Prompt], helpful: list[Prompt], constitution: Constitution) -> StageDir:
-    """This stage's directory; its fingerprint covers everything that changes the rows."""
-    spec = instantiate(cfg.model)
-    config = {
-        "sl": OmegaConf.to_container(cfg.sl),
-        "generation": {k: v for k, v in OmegaConf.to_container(cfg.generation).items() if k not in ("batch_size", "_target_")},
-        "model": spec.identity(),
-        "seed": cfg.seed,
-    }
-    inputs = {
+def inputs(cfg: DictConfig) -> dict:
+    """The content this stage's rows depend on beyond its config: the prompts and the constitution."""
+    red, helpful = select_prompts(cfg)
+    return {
         "red_team": fingerprint([(p.id, p.text) for p in red]),
         "helpful": fingerprint([(p.id, p.text) for p in helpful]),
-        "constitution": constitution.digest(),
+        "constitution": instantiate(cfg.constitution).digest(),
     }
-    return StageDir(cfg, STAGE, config, inputs)
 
 
-class Counter:
-    """Generated tokens and seconds, for the tokens/s the benchmark and W&B report."""
+def check(cfg: DictConfig) -> None:
+    for field, low in (("n_revisions", 1), ("shard_size", 1), ("max_new_tokens", 1)):
+        if cfg.sl[field] < low:
+            raise CaiError(f"sl.{field}: must be >= {low}, got {cfg.sl[field]}")
+    if cfg.sl.helpful_mix < 0:
+        raise CaiError(f"sl.helpful_mix: must be >= 0, got {cfg.sl.helpful_mix}")
+
+
+class GenerationTimer:
+    """Times generation calls and counts the tokens they make, for the tokens/s the benchmark and W&B report."""
 
     def __init__(self) -> None:
         self.tokens = 0
@@ -80,8 +78,16 @@ class Counter:
         return out
 
 
+def draw(cfg: DictConfig, constitution: Constitution, prompt: Prompt, round_: int) -> tuple:
+    """The principle and few-shot turns of one prompt's round: they depend on (seed, prompt id, round) alone."""
+    rng = random.Random(f"{cfg.seed}/{prompt.id}/{round_}")
+    principle = constitution.draw_sl(rng)
+    shots = rng.sample(constitution.sl_examples, min(cfg.sl.n_few_shot, len(constitution.sl_examples)))
+    return principle, few_shot_turns(shots, constitution, cfg.sl.critique)
+
+
 def make_rows(
-    items: list[tuple[str, Prompt]], shard: int, cfg: DictConfig, constitution: Constitution, gen: Generator, counter: Counter
+    items: list[tuple[str, Prompt]], shard: int, cfg: DictConfig, constitution: Constitution, gen: Generator, timer: GenerationTimer
 ) -> list[dict]:
     """All rows of one shard: batched initial answers, then batched critiques and revisions per round."""
     sl = cfg.sl
@@ -90,40 +96,24 @@ def make_rows(
     def params(step: int):
         return gen.params(max_new_tokens=sl.max_new_tokens, seed=base + step)
 
-    answers = counter.generate(gen, [[{"role": "user", "content": p.text}] for _, p in items], params(0), f"shard {shard}: answers")
+    answers = timer.generate(gen, [[{"role": "user", "content": p.text}] for _, p in items], params(0), f"shard {shard}: answers")
     rows: list[dict] = []
     red = []
     for (kind, p), a in zip(items, answers):
         if kind == "helpful":
-            rows.append(
-                {
-                    "id": p.id,
-                    "kind": kind,
-                    "prompt": p.text,
-                    "response": a.text,
-                    "round": 0,
-                    "principle_id": None,
-                    "critique": None,
-                    "revision": None,
-                }
-            )
+            row = {"id": p.id, "kind": kind, "prompt": p.text, "response": a.text}
+            rows.append({**row, "round": 0, "principle_id": None, "critique": None, "revision": None})
         else:
             red.append((p, a.text))
     latest = [answer for _, answer in red]
     for r in range(1, sl.n_revisions + 1):
-        # Each prompt's principle and few-shot examples depend on (seed, prompt id, round) alone.
-        draws = []
-        for p, _ in red:
-            rng = random.Random(f"{cfg.seed}/{p.id}/{r}")
-            principle = constitution.draw_sl(rng)
-            shots = rng.sample(constitution.sl_examples, min(sl.n_few_shot, len(constitution.sl_examples)))
-            draws.append((principle, few_shot_turns(shots, constitution, sl.critique)))
+        draws = [draw(cfg, constitution, p, r) for p, _ in red]
         critiques: list[str | None] = [None] * len(red)
         if sl.critique:
             convs = [critique_conversation(p.text, latest[i], draws[i][0], draws[i][1]) for i, (p, _) in enumerate(red)]
-            critiques = [clean(c.text) for c in counter.generate(gen, convs, params(2 * r - 1), f"shard {shard}: critiques {r}")]
+            critiques = [clean(c.text) for c in timer.generate(gen, convs, params(2 * r - 1), f"shard {shard}: critiques {r}")]
         convs = [revision_conversation(p.text, latest[i], draws[i][0], critiques[i], draws[i][1]) for i, (p, _) in enumerate(red)]
-        revisions = [clean(c.text) for c in counter.generate(gen, convs, params(2 * r), f"shard {shard}: revisions {r}")]
+        revisions = [clean(c.text) for c in timer.generate(gen, convs, params(2 * r), f"shard {shard}: revisions {r}")]
         for i, (p, initial) in enumerate(red):
             rows.append(
                 {
@@ -141,30 +131,21 @@ def make_rows(
     return rows
 
 
-def run(cfg: DictConfig, tracker: Tracker) -> dict:
-    if cfg.sl.n_revisions < 1:
-        raise CaiError(f"sl.n_revisions: must be >= 1, got {cfg.sl.n_revisions}")
-    if cfg.sl.shard_size < 1:
-        raise CaiError(f"sl.shard_size: must be >= 1, got {cfg.sl.shard_size}")
+def build(ctx: Context) -> dict:
+    cfg, out = ctx.cfg, ctx.out
     red, helpful = select_prompts(cfg)
     constitution: Constitution = instantiate(cfg.constitution)
-    out = stage_dir(cfg, red, helpful, constitution)
-    if out.is_complete():
-        log.info("sl_data: up to date at %s, skipping", out.path)
-        m = out.manifest()
-        return {"metric": f"{m['counts']['rows']} rows (cached)", "path": str(out.path)}
-    out.open()
     # Helpful prompts are spread across shards, so every shard's batches mix both kinds.
     items = [("red_team", p) for p in red] + [("helpful", p) for p in helpful]
     random.Random(cfg.seed).shuffle(items)
     gen: Generator | None = None  # loaded only if some shard is missing
-    counter = Counter()
+    timer = GenerationTimer()
 
     def make(chunk: list[tuple[str, Prompt]], index: int) -> list[dict]:
         nonlocal gen
         if gen is None:
             gen = instantiate(cfg.generation, model=instantiate(cfg.model))
-        return make_rows(chunk, index, cfg, constitution, gen, counter)
+        return make_rows(chunk, index, cfg, constitution, gen, timer)
 
     try:
         shards = chunked(items, cfg.sl.shard_size)
@@ -173,20 +154,35 @@ def run(cfg: DictConfig, tracker: Tracker) -> dict:
         if gen is not None:
             gen.close()
     rows = out.rows()
-    tokens_per_s = counter.tokens / counter.seconds if counter.seconds else 0.0
-    counts = {
+    tokens_per_s = timer.tokens / timer.seconds if timer.seconds else 0.0
+    ctx.tracker.log({"sl_data/gen/tokens_per_s": tokens_per_s, "sl_data/gen/tokens": timer.tokens, "sl_data/data/rows": len(rows)})
+    columns = ["id", "kind", "round", "principle_id", "prompt", "response", "critique", "revision"]
+    ctx.tracker.table("sl_data/samples", columns, [[r[c] for c in columns] for r in rows[:32]])
+    ctx.extra["tokens_per_s"] = round(tokens_per_s, 1)
+    return {
         "rows": len(rows),
         "red_team_prompts": len(red),
         "helpful_prompts": len(helpful),
         "revision_rows": sum(r["kind"] == "red_team" for r in rows),
         "shards": len(shards),
         "shards_resumed": resumed,
-        "generated_tokens": counter.tokens,
-        "generation_seconds": round(counter.seconds, 1),
+        "generated_tokens": timer.tokens,
+        "generation_seconds": round(timer.seconds, 1),
     }
-    tracker.log({"sl_data/gen/tokens_per_s": tokens_per_s, "sl_data/gen/tokens": counter.tokens, "sl_data/data/rows": len(rows)})
-    columns = ["id", "kind", "round", "principle_id", "prompt", "response", "critique", "revision"]
-    tracker.table("sl_data/samples", columns, [[r[c] for c in columns] for r in rows[:32]])
-    out.complete(counts, {"tokens_per_s": round(tokens_per_s, 1)})
-    tracker.artifact(out.path, name="sl_data", type="dataset")
-    return {"metric": f"{len(rows)} rows, {tokens_per_s:.0f} gen tok/s", "path": str(out.path)}
+
+
+def metric(counts: dict) -> str:
+    tokens_per_s = counts["generated_tokens"] / counts["generation_seconds"] if counts.get("generation_seconds") else 0.0
+    return f"{counts['rows']} rows, {tokens_per_s:.0f} gen tok/s"
+
+
+STAGE = Stage(
+    name="sl_data",
+    description="SL-CAI critique/revision data",
+    build=build,
+    lineage=("model", "constitution.path", "data", "sl", "generation", "seed"),
+    inputs=inputs,
+    check=check,
+    metric=metric,
+    artifact=("sl_data", "dataset", ""),
+)

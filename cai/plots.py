@@ -1,15 +1,17 @@
-"""The harmlessness/helpfulness frontier: the paper's comparison figure.
+"""The plots cai draws: the harmlessness/helpfulness frontier and the PM's calibration curve.
 
-One point per snapshot (helpfulness Elo on x, harmlessness Elo on y) with its 95% bootstrap
-intervals as error bars, and one line per run through its snapshots in training order
-(initial -> SFT -> PPO iterations). Points shared by several runs (the initial model, a shared SFT
-model) are drawn once and every run's line starts from them.
+The frontier is the paper's comparison figure: one point per snapshot (helpfulness Elo on x,
+harmlessness Elo on y) with its 95% bootstrap intervals as error bars, and one line per run through
+its snapshots in training order (initial -> SFT -> PPO iterations). Points shared by several runs
+(the initial model, a shared SFT model) are drawn once and every run's line starts from them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+
+from cai.metrics import calibration_bins
 
 
 def plot_frontier(snapshots: Sequence[dict], runs: dict[str, list[str]], path: Path, title: str = "harmlessness vs helpfulness") -> None:
@@ -44,6 +46,26 @@ def plot_frontier(snapshots: Sequence[dict], runs: dict[str, list[str]], path: P
     ax.axvline(0, color="grey", lw=0.5)
     ax.set(xlabel="helpfulness Elo", ylabel="harmlessness Elo", title=title)
     ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def calibration_plot(probs: list[float], outcomes: list[float], path: Path) -> None:
+    """A reliability diagram: observed frequency against predicted probability, 10 bins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = [b for b in calibration_bins(probs, outcomes) if b[2]]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.plot([b[0] for b in bins], [b[1] for b in bins], "o-", label="preference model")
+    for conf, freq, count in bins:
+        ax.annotate(str(count), (conf, freq), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set(xlabel="predicted P(a preferred)", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1), title="PM calibration (validation)")
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

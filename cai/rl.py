@@ -1,0 +1,137 @@
+"""PPO's roles, named as in verl, apart from the PPO loop that uses them (cai/stages/ppo.py).
+
+- rollout: `Rollout` samples the actor's answers through a generation backend (HF on the actor
+  itself, or a vLLM engine whose weights are synced from the actor first);
+- critic: `ValueHead` (a head on the actor's last hidden states) and `CriticModel` (a separate
+  backbone with a head, initialised from the PM) share one interface:
+  `critic(batch, actor_hidden) -> values (B, L-1)`; `shares_actor` says whether it needs the
+  actor's hidden states;
+- reward: any `RewardFn(conversations, completions) -> scores` (cai.reward.pm_reward is the PM's);
+- experience: `Experience` holds what one iteration learns from; `batch_rollouts` and
+  `token_logprobs` build it. The maths (GAE, KL, whitening, losses) is in cai/losses.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from cai.data import Message
+from cai.generation import Completion, Generator, SamplingParams
+from cai.generation.hf import HFGenerator
+from cai.losses import logprobs_and_entropy
+from cai.training import gathered_state_dict, pad
+
+RewardFn = Callable[[Sequence[list[Message]], Sequence[Completion]], list[float]]  # (conversations, answers) -> scores
+
+
+# --- critic ----------------------------------------------------------------------------------------
+
+
+class ValueHead(nn.Module):
+    """The critic as a scalar head on the actor's backbone (`ppo.value_model=head`), zero-initialised."""
+
+    shares_actor = True
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: dict[str, torch.Tensor], actor_hidden: torch.Tensor | None) -> torch.Tensor:
+        """actor_hidden (B, L, H) -> values (B, L-1) at the positions that predict each next token."""
+        return self.head(actor_hidden[:, :-1].to(self.head.weight.dtype)).squeeze(-1)
+
+
+class CriticModel(nn.Module):
+    """The critic as a separate value model (`ppo.value_model=critic`): a backbone with a scalar head at every position."""
+
+    shares_actor = False
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, batch: dict[str, torch.Tensor], actor_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, L, H)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)[:, :-1]  # (B, L-1)
+
+
+Critic = ValueHead | CriticModel
+
+
+# --- rollout ---------------------------------------------------------------------------------------
+
+
+class Rollout:
+    """Samples answers from the actor: with HF generate on the actor itself, or through a vLLM engine."""
+
+    def __init__(self, actor: nn.Module, tokenizer: Any, batch_size: int, engine: Generator | None = None) -> None:
+        self.actor, self.tok, self.batch_size, self.engine = actor, tokenizer, batch_size, engine
+
+    def __call__(self, conversations: list[list[Message]], params: SamplingParams, strategy: Any, desc: str) -> list[Completion]:
+        if self.engine is not None:  # vLLM: push this iteration's weights into the engine (no disk)
+            self.engine.load_weights(gathered_state_dict(self.actor, strategy).items())
+            return self.engine.generate(conversations, params, desc=desc)
+        gen = HFGenerator(self.actor, self.tok, batch_size=self.batch_size)
+        if getattr(strategy, "zero_stage_3", False):  # never generate from sharded weights
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.actor.parameters())):
+                return gen.generate(conversations, params, desc=desc)
+        return gen.generate(conversations, params, desc=desc)
+
+
+# --- experience ------------------------------------------------------------------------------------
+
+
+def batch_rollouts(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response ids, and masks aligned with the *predicted* tokens.
+
+    input_ids, attention_mask: (B, L). action_mask: (B, L-1), 1 where token j+1 is a response token,
+    so that position j of log-prob/value tensors (computed from logits at j) scores that token.
+    """
+    ids, attn = pad([list(p) + list(r) for p, r in zip(prompts, responses)], pad_id)  # (B, L)
+    action = torch.zeros((ids.shape[0], ids.shape[1] - 1))  # (B, L-1)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        action[i, len(p) - 1 : len(p) + len(r) - 1] = 1.0
+    return {"input_ids": ids, "attention_mask": attn, "action_mask": action}
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(token j+1 | prefix) for every position j. logits (B, L, V), ids (B, L) -> (B, L-1)."""
+    return logprobs_and_entropy(logits[:, :-1], input_ids[:, 1:], with_entropy=False)[0]
+
+
+@dataclass
+class Experience:
+    """One iteration's rollouts, scored: what the PPO update learns from. Tensors are (B, L-1) unless noted."""
+
+    batch: dict[str, torch.Tensor]  # input_ids, attention_mask (B, L); action_mask
+    old_logp: torch.Tensor  # the actor's log-probs at sampling time
+    old_values: torch.Tensor  # the critic's values at sampling time
+    kl: torch.Tensor  # per-token KL(actor || ref) estimate, masked
+    advantages: torch.Tensor  # GAE, whitened
+    returns: torch.Tensor
+    scores: torch.Tensor  # (B,) raw reward-model scores
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.batch["action_mask"]
+
+    def minibatch(self, idx: torch.Tensor) -> Experience:
+        """The rows idx of every tensor."""
+        return Experience(
+            {k: v[idx] for k, v in self.batch.items()},
+            self.old_logp[idx],
+            self.old_values[idx],
+            self.kl[idx],
+            self.advantages[idx],
+            self.returns[idx],
+            self.scores[idx.cpu()],
+        )
