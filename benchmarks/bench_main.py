@@ -4,7 +4,7 @@
 
 Runs the command exactly as a user would, in a fresh artifact root (a temp dir unless ROOT is
 given), then prints the wall time and each stage's own time from its manifest.
-Target (issue 6): the whole method in 15 minutes or less on 2 CPU cores with no network.
+Target: the whole method in 15 minutes or less on 2 CPU cores with no network.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 ARTIFACTS_ROOT is a `paths.root` where the stages up to `pm` have run (for example the folder that
 benchmarks/bench_sl.py prints, after `python train.py stage=pairs`, `stage=label`, `stage=pm`
 with CAI_ROOT set to it). The PPO stage runs afresh there and the script prints its wall time and
-the per-iteration split between generation, scoring and update. Target (issue 5): 8 iterations
+the per-iteration split between generation, scoring and update. Target: 8 iterations
 of 16 rollouts of at most 48 tokens in 5 minutes or less on 2 CPU cores.
 """
 

@@ -4,7 +4,7 @@
 
 Prints wall times, generation tokens/s, training tokens/s, and the speed-up of batched generation
 over answering the same prompts one at a time with the same backend, measured in this one run.
-Targets (issue 3): SL data + SFT <= 6 min on 2 CPU cores; batched >= 4x one-at-a-time.
+Targets: SL data + SFT <= 6 min on 2 CPU cores; batched >= 4x one-at-a-time.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,11 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def shard_rows(path: Path) -> list[dict]:
+    """Every row of every `shard-*.jsonl` in a stage directory, in shard order."""
+    return [row for shard in sorted(Path(path).glob("shard-*.jsonl")) for row in read_jsonl(shard)]
 
 
 class StageDir:
@@ -147,12 +152,9 @@ class StageDir:
         write_json(self.manifest_path, data)
         return data
 
-    def shards(self) -> Iterator[Path]:
-        return iter(sorted(self.path.glob("shard-*.jsonl")))
-
     def rows(self) -> list[dict]:
         """Every row of every shard, in shard order."""
-        return [row for shard in self.shards() for row in read_jsonl(shard)]
+        return shard_rows(self.path)
 
     def write_shards(self, chunks: list[list[Any]], make: Callable[[list[Any], int], list[dict]], desc: str) -> int:
         """Write one JSONL shard per chunk with make(chunk, index), skipping shards already written.
@@ -195,7 +197,7 @@ class Upstream:
 
     def rows(self) -> list[dict]:
         """Every row of every shard, in shard order."""
-        return [row for shard in sorted(self.path.glob("shard-*.jsonl")) for row in read_jsonl(shard)]
+        return shard_rows(self.path)
 
     def model_spec(self, name: str, dtype: str, cache: str):
         """The stage's trained model as a ModelSpec (pairs, PPO and eval load the SFT model this way)."""

@@ -3,7 +3,3 @@
 
 class CaiError(Exception):
     """Bad input or an unusable setting. The message names the file or field and says how to fix it."""
-
-
-class NotImplementedStage(CaiError):
-    """A pipeline stage that has not been built yet. Raised instead of ever returning a fake result."""

@@ -34,7 +34,7 @@ from cai.training import drop_checkpoints
 
 log = logging.getLogger(__name__)
 
-# The method's order (DESIGN.md): SL-CAI data, SFT, pairs, AI labels, PM, PPO, evaluation.
+# The method's order (Bai et al., 2022): SL-CAI data, SFT, pairs, AI labels, PM, PPO, evaluation.
 PIPELINE: tuple[Stage, ...] = (sl_data.STAGE, sft.STAGE, pairs.STAGE, label.STAGE, pm.STAGE, ppo.STAGE, eval.STAGE)
 # Commands over existing artifacts, run only when asked for by name.
 COMMANDS: tuple[Stage, ...] = (pm_eval.STAGE, frontier.STAGE)

@@ -4,7 +4,9 @@ and the stage runs end to end against a real preference model."""
 from __future__ import annotations
 
 import collections
+import copy
 import json
+import math
 
 import lightning as L
 import pytest
@@ -68,6 +70,22 @@ class StopAfter(L.Callback):
     def on_train_epoch_end(self, trainer, module) -> None:
         if trainer.current_epoch + 1 == self.iterations:
             raise Stop
+
+
+def test_the_separate_critic_trains_and_the_reward_model_stays_frozen(tiny_spec):
+    from cai.reward import PreferenceModel, pm_reward
+    from cai.rl import CriticModel
+
+    pm = PreferenceModel.from_causal_lm(tiny_spec.load_model())
+    critic = CriticModel(copy.deepcopy(pm.backbone), copy.deepcopy(pm.head))
+    reward_fn = pm_reward(pm.requires_grad_(False), tiny_spec.load_tokenizer(), 128, 8)
+    frozen = {k: v.clone() for k, v in pm.state_dict().items()}
+    start = {k: v.clone() for k, v in critic.state_dict().items()}
+    module = PPOModule(tiny_spec.load_model().train(), tiny_spec.load_tokenizer(), reward_fn, PROMPTS, ppo_cfg(), seed=0, critic=critic)
+    train_ppo(module, 2, "unused", 0, TRAINER)
+    assert all(torch.equal(v, pm.state_dict()[k]) for k, v in frozen.items())  # the reward model never moves
+    assert any(not torch.equal(v, critic.state_dict()[k]) for k, v in start.items())  # the value model learns
+    assert all(math.isfinite(h["ppo/train/value_loss"]) for h in module.history)
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_spec, tmp_path):
@@ -143,3 +161,10 @@ def test_ppo_stage_end_to_end(make_cfg, tmp_path):
     assert "ppo/train/kl" in log and "ppo/time/generation_s" in log
     assert list((tmp_path / "log" / "tables").glob("ppo_rollouts_*.jsonl"))
     assert not (out / "checkpoints").exists()
+
+    # The other critic form: a separate value model initialised from the PM (loaded once, copied).
+    critic = make_cfg("stage=ppo", *small, *ppo, "ppo.value_model=critic")
+    [summary] = run(critic)
+    assert stage_path(critic, "ppo") != out and "cached" not in summary["metric"]
+    history = json.loads((stage_path(critic, "ppo") / "history.json").read_text())
+    assert len(history) == 4 and all(math.isfinite(h["ppo/train/value_loss"]) for h in history)

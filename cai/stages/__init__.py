@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from cai.artifacts import StageDir, Upstream
+from cai.tracking import Tracker
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Context:
     """What a stage's `build` is handed by the pipeline."""
 
     cfg: DictConfig
-    tracker: Any  # cai.tracking.Tracker
+    tracker: Tracker
     out: StageDir | None  # this stage's directory, opened (None for commands: pm_eval, frontier)
     upstream: dict[str, Upstream] = field(default_factory=dict)  # the finished stages it reads, by name
     extra: dict[str, Any] = field(default_factory=dict)  # manifest fields beyond the counts
