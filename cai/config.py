@@ -2,7 +2,9 @@
 
 Every YAML file under conf/ is merged onto one of these dataclasses (through its defaults list), so a
 misspelled field fails when the config is composed, and the error names the field. The YAML files
-carry the values and the comments; this file carries the types.
+carry the values and the comments; this file carries the types. Where an object is built from a
+group (a ModelSpec, a generator, a strategy, a tracker), its fields are defined here once and the
+object's class extends or takes them. `instantiate` builds one from its `_target_`.
 """
 
 from __future__ import annotations
