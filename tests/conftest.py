@@ -13,10 +13,20 @@ import cai
 import cai.config  # noqa: F401  (registers the schemas)
 
 CONF = cai.ROOT / "conf"
-SHARED = cai.ROOT.parent / "shared" / "data"
+# The shared development data (hh-rlhf dev split, MT-bench, the paper's prompt files) lives beside our
+# checkouts, not in the repository; CAI_TEST_DATA may point elsewhere. Tests that need it skip without it.
+SHARED = Path(os.environ.get("CAI_TEST_DATA") or cai.ROOT.parent / "shared" / "data")
 HH_DEV = SHARED / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
 MT_BENCH = SHARED / "mt-bench" / "question.jsonl"
 PAPER_PROMPTS = SHARED / "cai-paper" / "prompts"
+needs_shared_data = pytest.mark.skipif(
+    not SHARED.is_dir(), reason=f"needs the shared development data at {SHARED} (set CAI_TEST_DATA to its data/ folder)"
+)
+# Small files written for the project in the same formats (tests/fixtures/README.md): they run everywhere.
+FIXTURES = Path(__file__).parent / "fixtures"
+HH_SMALL = FIXTURES / "hh_small.jsonl.gz"
+MT_BENCH_SMALL = FIXTURES / "mt_bench_small.jsonl"
+PAPER_FORMAT = FIXTURES / "paper_format"
 # The tiny model with counts small enough for a test of the stages from SL data to the PM.
 TINY_RUN = (
     "model=tiny",

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import PAPER_PROMPTS
+from conftest import PAPER_FORMAT, PAPER_PROMPTS, needs_shared_data
 
 import cai
 from cai.constitution import load_constitution
@@ -29,6 +29,7 @@ def test_default_constitution_has_16_sl_and_16_rl_principles():
         assert c.sl_principle(pid)
 
 
+@needs_shared_data
 def test_default_constitution_is_our_own_text():
     ours = DEFAULT.read_text().lower()
     paper = " ".join(p.read_text().lower() for p in PAPER_PROMPTS.glob("*.json"))
@@ -43,9 +44,9 @@ def test_default_constitution_is_our_own_text():
 
 
 def test_paper_json_format_loads_from_a_folder():
-    c = load_constitution(str(PAPER_PROMPTS))
-    assert len(c.sl_principles) == 16 and len(c.rl_principles) == 16
-    assert len(c.sl_examples) == 5 and len(c.rl_examples) == 5
+    c = load_constitution(str(PAPER_FORMAT))
+    assert len(c.sl_principles) == 2 and len(c.rl_principles) == 2
+    assert len(c.sl_examples) == 2 and len(c.rl_examples) == 2
     ex = c.sl_examples[0]
     assert ex.conversation[-1]["role"] == "user" and ex.response and ex.critique and ex.revision
     assert ex.critique_request and ex.revision_request
@@ -55,11 +56,18 @@ def test_paper_json_format_loads_from_a_folder():
     assert rl.chosen != rl.rejected and rl.conversation[0]["role"] == "user"
 
 
+@needs_shared_data
+def test_the_paper_authors_own_files_load():
+    c = load_constitution(str(PAPER_PROMPTS))
+    assert len(c.sl_principles) == 16 and len(c.rl_principles) == 16
+    assert len(c.sl_examples) == 5 and len(c.rl_examples) == 5
+
+
 def test_paper_folder_with_only_rl_files(tmp_path):
     for name in ("RLMadisonInstructions.json", "RLMadisonFewShotPrompts.json"):
-        shutil.copy(PAPER_PROMPTS / name, tmp_path / name)
+        shutil.copy(PAPER_FORMAT / name, tmp_path / name)
     c = load_constitution(str(tmp_path))
-    assert not c.sl_principles and len(c.rl_principles) == 16
+    assert not c.sl_principles and len(c.rl_principles) == 2
     with pytest.raises(CaiError, match="no SL principles"):
         c.draw_sl(random.Random(0))
 
@@ -126,4 +134,4 @@ def test_digest_tracks_content():
     a = load_constitution(str(DEFAULT))
     b = load_constitution(str(DEFAULT), ensemble_size=0, variant="ensemble")
     assert a.digest() == b.digest()
-    assert a.digest() != load_constitution(str(PAPER_PROMPTS)).digest()
+    assert a.digest() != load_constitution(str(PAPER_FORMAT)).digest()

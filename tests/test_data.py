@@ -6,7 +6,7 @@ import gzip
 import json
 
 import pytest
-from conftest import HH_DEV, MT_BENCH
+from conftest import HH_DEV, HH_SMALL, MT_BENCH, MT_BENCH_SMALL, needs_shared_data
 
 from cai.data import load_prompts, read_hh_rlhf, read_prompt_file
 from cai.errors import CaiError
@@ -23,6 +23,13 @@ def test_shipped_sets_have_200_prompts_split_train_test(kind):
     assert len(load_prompts(kind, n=8)) == 8
 
 
+def test_hh_rlhf_reader_on_a_small_file():
+    comps = read_hh_rlhf(HH_SMALL)
+    assert len(comps) == 40 and all(c.conversation == [{"role": "user", "content": c.conversation[0]["content"]}] for c in comps)
+    assert all(c.chosen != c.rejected for c in comps)
+
+
+@needs_shared_data
 def test_hh_rlhf_reader_on_the_dev_split():
     comps = read_hh_rlhf(HH_DEV)
     assert len(comps) > 1100
@@ -47,6 +54,13 @@ def test_hh_rlhf_reader_handles_plain_jsonl_and_bad_rows(tmp_path):
 
 
 def test_mt_bench_reader():
+    qs = read_prompt_file(MT_BENCH_SMALL)
+    assert [q.id for q in qs] == ["100", "101", "102"] and qs[0].category == "writing"
+    assert qs[0].text == "Write a short poem about autumn leaves."  # the first turn stands alone
+
+
+@needs_shared_data
+def test_mt_bench_reader_on_the_real_questions():
     qs = read_prompt_file(MT_BENCH)
     assert len(qs) == 80 and qs[0].id == "81" and qs[0].category == "writing"
 

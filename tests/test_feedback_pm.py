@@ -8,7 +8,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import HH_DEV, TINY_RUN
+from conftest import HH_SMALL, TINY_RUN
 
 from cai.artifacts import Upstream
 from cai.constitution import load_constitution
@@ -33,7 +33,7 @@ def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
     assert len(pairs) == 8 + 4 and {r["kind"] for r in pairs} == {"red_team", "helpful"}
     assert sum(r["response_a"] != r["response_b"] for r in pairs) >= 10  # two real samples per prompt
 
-    run(make_cfg("stage=label", *SMALL, "constitution=ensemble", "label.report_data=" + str(HH_DEV), "label.report_n=4"))
+    run(make_cfg("stage=label", *SMALL, "constitution=ensemble", "label.report_data=" + str(HH_SMALL), "label.report_n=4"))
     labels = Upstream("", tmp_path / "artifacts" / "label" / "latest", {}).rows()
     ids = {p.id for p in load_constitution("constitutions/default.yaml").rl_principles}
     for r in labels:
@@ -51,7 +51,7 @@ def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
             "stage=pm",
             *SMALL,
             "constitution=ensemble",
-            f"pm.eval_data={HH_DEV}",
+            f"pm.eval_data={HH_SMALL}",
             "pm.n_eval=20",
             "pm.lr=1e-3",
             "logger=csv",
@@ -72,10 +72,10 @@ def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
     assert "hh accuracy" in summary["metric"]
 
     # pm_eval on the same file, then with chosen and rejected swapped: exactly 1 - accuracy
-    run(make_cfg("stage=pm_eval", *SMALL, "constitution=ensemble", "pm.lr=1e-3", f"pm.eval_data={HH_DEV}", "pm.n_eval=60"))
-    acc = json.loads((tmp_path / "artifacts" / "pm_eval" / "harmless-base-dev" / "metrics.json").read_text())["accuracy"]
+    run(make_cfg("stage=pm_eval", *SMALL, "constitution=ensemble", "pm.lr=1e-3", f"pm.eval_data={HH_SMALL}", "pm.n_eval=60"))
+    acc = json.loads((tmp_path / "artifacts" / "pm_eval" / "hh_small" / "metrics.json").read_text())["accuracy"]
     swapped = tmp_path / "swapped.jsonl"
-    with gzip.open(HH_DEV, "rt") as f, swapped.open("w") as g:
+    with gzip.open(HH_SMALL, "rt") as f, swapped.open("w") as g:
         for line in f:
             row = json.loads(line)
             g.write(json.dumps({"chosen": row["rejected"], "rejected": row["chosen"]}) + "\n")
@@ -124,7 +124,7 @@ def test_reward_reads_the_last_real_token(tiny_spec):
 
 
 def test_human_labels(make_cfg, tmp_path):
-    run(make_cfg("stage=label", *SMALL, "label=human", f"label.data={HH_DEV}", "label.n_human=30"))
+    run(make_cfg("stage=label", *SMALL, "label=human", f"label.data={HH_SMALL}", "label.n_human=30"))
     rows = Upstream("", tmp_path / "artifacts" / "label" / "latest", {}).rows()
     assert len(rows) == 30 and all(r["label"] in (0.0, 1.0) and r["label_type"] == "human" for r in rows)
     assert 5 < sum(r["label"] for r in rows) < 25  # chosen is randomly placed in a or b
