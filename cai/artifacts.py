@@ -63,9 +63,12 @@ def versions() -> dict[str, str]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves a torn manifest."""
+    """Write JSON atomically (temp file, fsync, rename), so neither a crash nor a power cut leaves a torn manifest."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    with tmp.open("w") as f:
+        f.write(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -80,6 +83,8 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     with tmp.open("w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -105,7 +110,10 @@ class StageDir:
             return None
         try:
             return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning(
+                "%s: %s cannot be read (torn or not JSON); the directory will be moved aside and redone", self.stage, self.manifest_path
+            )
             return None
 
     def is_complete(self) -> bool:
@@ -121,6 +129,8 @@ class StageDir:
             log.warning("%s: config or inputs changed; moving the old artifacts to %s", self.stage, aside)
             os.replace(self.path, aside)
         self.path.mkdir(parents=True, exist_ok=True)
+        for leftover in self.path.glob("*.tmp*"):  # half-written files of a run that died (the stage lock is held)
+            leftover.unlink()
         self._write("running", {})
         return self
 

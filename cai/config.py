@@ -9,6 +9,7 @@ object's class extends or takes them. `instantiate` builds one from its `_target
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 import cai
 from cai.errors import CaiError
+
+
+def ranged(default: Any, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None):
+    """A field with a valid range; `check_ranges` enforces it before any stage runs (OmegaConf checks only types)."""
+    return field(default=default, metadata={"range": {"ge": ge, "gt": gt, "le": le, "lt": lt}})
 
 
 @dataclass
@@ -46,7 +52,7 @@ class ConstitutionConfig:
     _target_: str = "cai.constitution.load_constitution"
     variant: str = MISSING  # default | ensemble | single | custom: how principles are drawn
     path: str = MISSING  # a YAML file, or a directory with the paper authors' JSON files
-    ensemble_size: int = 1  # RL principles averaged per comparison; 0 means all of them
+    ensemble_size: int = ranged(1, ge=0)  # RL principles averaged per comparison; 0 means all of them
     principle: str | None = None  # use only this RL principle id
 
 
@@ -54,41 +60,41 @@ class ConstitutionConfig:
 class LabelConfig:
     kind: str = MISSING  # hard | soft | cot | human
     debias: bool = True
-    clamp_low: float = 0.0
-    clamp_high: float = 1.0
+    clamp_low: float = ranged(0.0, ge=0, le=1)
+    clamp_high: float = ranged(1.0, ge=0, le=1)
     few_shot: bool = True
-    cot_max_new_tokens: int = 96
-    batch_size: int = 8
+    cot_max_new_tokens: int = ranged(96, ge=1)
+    batch_size: int = ranged(8, ge=1)
     data: str | None = None  # hh-rlhf-format file, for kind=human
-    n_human: int = 0  # comparisons read from `data` for kind=human (0 = all)
+    n_human: int = ranged(0, ge=0)  # comparisons read from `data` for kind=human (0 = all)
     report_data: str | None = None  # hh-rlhf-format file: also write the constitution report
-    report_n: int = 100  # comparisons used by the report
+    report_n: int = ranged(100, ge=0)  # comparisons used by the report
 
 
 @dataclass
 class SamplingConfig:
     """How to sample: the one definition of these fields (the generators' SamplingParams extends it)."""
 
-    max_new_tokens: int = 128
-    temperature: float = 0.7  # 0 = greedy
-    top_p: float = 0.95
+    max_new_tokens: int = ranged(128, ge=1)
+    temperature: float = ranged(0.7, ge=0)  # 0 = greedy
+    top_p: float = ranged(0.95, gt=0, le=1)
     seed: int = 0
 
 
 @dataclass
 class HFGenerationConfig(SamplingConfig):
     _target_: str = "cai.generation.hf.HFGenerator"
-    batch_size: int = 16
+    batch_size: int = ranged(16, ge=1)
 
 
 @dataclass
 class VLLMGenerationConfig(SamplingConfig):
     _target_: str = "cai.generation.vllm.VLLMGenerator"
-    batch_size: int = 256
+    batch_size: int = ranged(256, ge=1)
     dtype: str = "auto"
-    gpu_memory_utilization: float = 0.4
-    tensor_parallel_size: int = 1
-    max_model_len: int = 2048
+    gpu_memory_utilization: float = ranged(0.4, gt=0, le=1)
+    tensor_parallel_size: int = ranged(1, ge=1)
+    max_model_len: int = ranged(2048, ge=16)
     enforce_eager: bool | None = None  # None: eager on CPUs (starts ~4x faster), CUDA graphs on GPUs
 
 
@@ -129,8 +135,8 @@ class PathsConfig:
 class DataConfig:
     red_team: str = "builtin"  # 'builtin' or a prompt file (.jsonl with 'prompt', or .txt)
     helpful: str = "builtin"
-    n_red_team: int = 32  # train prompts used; 0 = all
-    n_helpful: int = 16
+    n_red_team: int = ranged(32, ge=0)  # train prompts used; 0 = all
+    n_helpful: int = ranged(16, ge=0)
 
 
 @dataclass
@@ -138,89 +144,89 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
     precision: str = "auto"  # auto: bf16-mixed where the hardware has it, else 32-true
-    num_nodes: int = 1
+    num_nodes: int = ranged(1, ge=1)
 
 
 @dataclass
 class SLConfig:
-    n_revisions: int = 1
-    helpful_mix: float = 0.25
+    n_revisions: int = ranged(1, ge=1)
+    helpful_mix: float = ranged(0.25, ge=0)
     critique: bool = True
-    n_few_shot: int = 1
-    max_new_tokens: int = 96
-    shard_size: int = 64
+    n_few_shot: int = ranged(1, ge=0)
+    max_new_tokens: int = ranged(96, ge=1)
+    shard_size: int = ranged(64, ge=1)
 
 
 @dataclass
 class SFTConfig:
     revision: int = -1
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-5
-    warmup_ratio: float = 0.1
-    max_length: int = 512
-    val_fraction: float = 0.1
-    checkpoint_every: int = 50
+    epochs: int = ranged(1, ge=1)
+    batch_size: int = ranged(8, ge=1)
+    grad_accum: int = ranged(1, ge=1)
+    lr: float = ranged(2e-5, gt=0)
+    warmup_ratio: float = ranged(0.1, ge=0, le=1)
+    max_length: int = ranged(512, ge=8)
+    val_fraction: float = ranged(0.1, ge=0, lt=1)
+    checkpoint_every: int = ranged(50, ge=0)
 
 
 @dataclass
 class PairsConfig:
-    temperature: float = 1.0
-    max_new_tokens: int = 64
-    shard_size: int = 64
+    temperature: float = ranged(1.0, gt=0)
+    max_new_tokens: int = ranged(64, ge=1)
+    shard_size: int = ranged(64, ge=1)
 
 
 @dataclass
 class PMConfig:
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-5
-    warmup_ratio: float = 0.1
-    max_length: int = 512
-    val_fraction: float = 0.1
-    checkpoint_every: int = 50
+    epochs: int = ranged(1, ge=1)
+    batch_size: int = ranged(8, ge=1)
+    grad_accum: int = ranged(1, ge=1)
+    lr: float = ranged(1e-5, gt=0)
+    warmup_ratio: float = ranged(0.1, ge=0, le=1)
+    max_length: int = ranged(512, ge=8)
+    val_fraction: float = ranged(0.1, ge=0, lt=1)
+    checkpoint_every: int = ranged(50, ge=0)
     helpful_data: str | None = None
-    n_helpful: int = 0  # human helpfulness comparisons mixed in (0 = as many as harmlessness labels)
+    n_helpful: int = ranged(0, ge=0)  # human helpfulness comparisons mixed in (0 = as many as harmlessness labels)
     eval_data: str | None = None
-    n_eval: int = 0  # comparisons of eval_data scored (0 = all)
+    n_eval: int = ranged(0, ge=0)  # comparisons of eval_data scored (0 = all)
     checkpoint: str | None = None
 
 
 @dataclass
 class PPOConfig:
-    iterations: int = 8
-    rollouts: int = 16
-    max_new_tokens: int = 48
-    ppo_epochs: int = 2
-    minibatch_size: int = 8
-    lr: float = 1e-5
-    clip_range: float = 0.2
-    value_clip: float = 0.2
-    value_coef: float = 0.5
-    entropy_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.05
+    iterations: int = ranged(8, ge=1)
+    rollouts: int = ranged(16, ge=2)
+    max_new_tokens: int = ranged(48, ge=1)
+    ppo_epochs: int = ranged(2, ge=1)
+    minibatch_size: int = ranged(8, ge=1)
+    lr: float = ranged(1e-5, gt=0)
+    clip_range: float = ranged(0.2, gt=0)
+    value_clip: float = ranged(0.2, gt=0)
+    value_coef: float = ranged(0.5, ge=0)
+    entropy_coef: float = ranged(0.0, ge=0)
+    gamma: float = ranged(1.0, gt=0, le=1)
+    lam: float = ranged(0.95, ge=0, le=1)
+    kl_coef: float = ranged(0.05, ge=0)
     adaptive_kl: bool = True
-    target_kl: float = 6.0
-    kl_horizon: int = 10000
+    target_kl: float = ranged(6.0, gt=0)
+    kl_horizon: int = ranged(10000, ge=1)
     whiten_rewards: bool = True
-    reward_clip: float = 5.0
+    reward_clip: float = ranged(5.0, gt=0)
     value_model: str = "head"  # head | critic
-    checkpoint_every: int = 4
-    table_every: int = 4
-    snapshot_every: int = 4  # iterations between the policy snapshots that eval rates
+    checkpoint_every: int = ranged(4, ge=0)
+    table_every: int = ranged(4, ge=0)
+    snapshot_every: int = ranged(4, ge=0)  # iterations between the policy snapshots that eval rates
 
 
 @dataclass
 class EvalConfig:
     judge: str = "feedback"  # feedback | pm
-    n_red_team: int = 16
-    n_helpful: int = 16
-    max_new_tokens: int = 64
-    bootstrap: int = 200
+    n_red_team: int = ranged(16, ge=1)
+    n_helpful: int = ranged(16, ge=1)
+    max_new_tokens: int = ranged(64, ge=1)
+    bootstrap: int = ranged(200, ge=1)
     runs: list[str] = field(default_factory=list)  # stage=frontier: eval dirs or artifact roots to merge
 
 
@@ -269,6 +275,45 @@ def register() -> None:
 
 
 register()
+
+
+# The sections whose fields carry ranges, and their schemas (generation: by its option's _target_).
+RANGED_SECTIONS = {
+    "constitution": ConstitutionConfig,
+    "label": LabelConfig,
+    "data": DataConfig,
+    "trainer": TrainerConfig,
+    "sl": SLConfig,
+    "sft": SFTConfig,
+    "pairs": PairsConfig,
+    "pm": PMConfig,
+    "ppo": PPOConfig,
+    "eval": EvalConfig,
+}
+BOUNDS = {
+    "ge": (">=", lambda v, b: v >= b),
+    "gt": (">", lambda v, b: v > b),
+    "le": ("<=", lambda v, b: v <= b),
+    "lt": ("<", lambda v, b: v < b),
+}
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Check every ranged field (counts, batch sizes, epochs, learning rates, fractions) before any model loads."""
+    sections = dict(RANGED_SECTIONS)
+    sections["generation"] = VLLMGenerationConfig if "vllm" in str(cfg.generation.get("_target_", "")) else HFGenerationConfig
+    for section, schema in sections.items():
+        for f in dataclasses.fields(schema):
+            bounds = f.metadata.get("range")
+            value = cfg[section].get(f.name) if bounds else None
+            if value is None:
+                continue
+            failed = [f"{op} {b}" for kind, (op, ok) in BOUNDS.items() if (b := bounds[kind]) is not None and not ok(value, b)]
+            if failed:
+                wanted = " and ".join(f"{op} {b}" for kind, (op, _) in BOUNDS.items() if (b := bounds[kind]) is not None)
+                raise CaiError(
+                    f"{section}.{f.name}: must be {wanted}, got {value} (fix it in conf/ or on the command line: {section}.{f.name}=...)"
+                )
 
 
 def instantiate(node: DictConfig, **kwargs):

@@ -15,19 +15,23 @@ here and nowhere else:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 import cai
 from cai.artifacts import StageDir, Upstream, fingerprint
-from cai.config import instantiate
-from cai.data import load_prompts
+from cai.config import check_ranges, instantiate
+from cai.data import load_prompts, read_hh_rlhf
 from cai.errors import CaiError
+from cai.reward import check_pm_dir
 from cai.stages import Context, Stage, eval, frontier, label, pairs, pm, pm_eval, ppo, sft, sl_data
 from cai.tracking import Tracker
 from cai.training import drop_checkpoints
@@ -116,7 +120,36 @@ def run_stage(stage: Stage, cfg: DictConfig, tracker: Tracker) -> dict:
     config = json.loads(_blob(lineage_config(cfg, stage.name)))
     inputs = {**{n: u.fingerprint for n, u in upstream.items()}, **stage.inputs(cfg)}
     out = StageDir(stage.name, stage_path(cfg, stage.name), config, inputs)
-    ctx = Context(cfg, tracker, out, upstream)
+    with stage_lock(out.path):
+        return _run_locked(stage, out, Context(cfg, tracker, out, upstream))
+
+
+@contextlib.contextmanager
+def stage_lock(path: Path):
+    """One writer per stage directory: a second run of the same stage waits, then finds it complete.
+
+    Only the process of global rank 0 takes it: under DDP the other ranks are launched from inside
+    rank 0's stage, which holds the lock.
+    """
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("%s is being written by another run; waiting for it to finish", path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_locked(stage: Stage, out: StageDir, ctx: Context) -> dict:
+    """Skip, or open, build and complete, under the stage lock."""
+    tracker = ctx.tracker
     summary = {"path": str(out.path / stage.output)}
     if out.is_complete():
         log.info("%s: up to date at %s, skipping", stage.name, out.path)
@@ -141,19 +174,45 @@ def run_stage(stage: Stage, cfg: DictConfig, tracker: Tracker) -> dict:
 LABEL_KINDS = ("hard", "soft", "cot", "human")
 
 
+def check_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise CaiError(
+            f"paths.artifacts: cannot write to '{root}' ({err.strerror}); set paths.artifacts or CAI_ROOT to a writable directory"
+        ) from None
+
+
 def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
-    """Check the inputs every stage relies on before any work starts, so bad input costs nothing."""
+    """Check the inputs every stage relies on before any model loads, so bad input costs nothing.
+
+    Ranges of every count, size, rate and fraction; every input file named by the config, opened and
+    parsed; the artifacts root writable; then each selected stage's own checks.
+    """
+    check_ranges(cfg)
     for key in ("model", "feedback_model", "pm_model"):
         instantiate(cfg[key])  # source, path and dtype are checked when the spec is built
     instantiate(cfg.constitution)  # loads and validates every principle and example
     if cfg.label.kind not in LABEL_KINDS:
         raise CaiError(f"label.kind: unknown label type '{cfg.label.kind}'; choose one of {', '.join(LABEL_KINDS)}")
-    if not 0.0 <= cfg.label.clamp_low <= cfg.label.clamp_high <= 1.0:
+    if cfg.label.clamp_low > cfg.label.clamp_high:
         raise CaiError(f"label.clamp_low/clamp_high: need 0 <= low <= high <= 1, got [{cfg.label.clamp_low}, {cfg.label.clamp_high}]")
     if cfg.label.kind == "human" and not cfg.label.data:
         raise CaiError("label.data: label=human needs an hh-rlhf-format file, e.g. label.data=path/to/harmless-base.jsonl.gz")
     load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team)
     load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful)
+    for field in ("label.data", "label.report_data", "pm.helpful_data", "pm.eval_data"):  # every comparison file, parsed
+        if path := OmegaConf.select(cfg, field):
+            try:
+                read_hh_rlhf(path, field=field)
+            except CaiError as err:
+                raise CaiError(str(err) if str(err).startswith(field) else f"{field}: {err}") from None
+    if cfg.pm.checkpoint:
+        check_pm_dir(cfg.pm.checkpoint)
+    check_writable(Path(cfg.paths.artifacts).expanduser())
     instantiate(cfg.strategy)
     for name in names:
         if BY_NAME[name].check:

@@ -60,10 +60,7 @@ class PreferenceModel(nn.Module):
         from transformers import AutoModel, AutoTokenizer
 
         path = Path(path).expanduser()
-        if not (path / "pm.json").exists():
-            raise CaiError(
-                f"pm.checkpoint: '{path}' is not a preference-model directory (no pm.json); point it at artifacts/pm/latest/model, or run stage=pm_eval with the overrides the pm stage ran with"
-            )
+        check_pm_dir(path)
         backbone = AutoModel.from_pretrained(path / "backbone", dtype=dtype)
         pm = cls(backbone)
         pm.head.load_state_dict(load_file(str(path / "head.safetensors")))
@@ -71,6 +68,21 @@ class PreferenceModel(nn.Module):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return pm.eval(), tok
+
+
+def check_pm_dir(path: str | Path, field: str = "pm.checkpoint") -> None:
+    """A clear error unless `path` holds a whole preference model (pm.json, backbone/, head.safetensors)."""
+    path = Path(path).expanduser()
+    if not (path / "pm.json").exists():
+        raise CaiError(
+            f"{field}: '{path}' is not a preference-model directory (no pm.json); point it at artifacts/pm/latest/model, "
+            "or run stage=pm_eval with the overrides the pm stage ran with"
+        )
+    for part in ("backbone/config.json", "head.safetensors"):
+        if not (path / part).exists():
+            raise CaiError(
+                f"{field}: '{path}' is an incomplete preference model: {part} is missing; copy the whole directory or retrain it"
+            )
 
 
 def encode_transcript(tokenizer, conversation: Sequence[Message], response: str, max_length: int) -> list[int]:

@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ from omegaconf import DictConfig
 from torch.utils.data import Sampler
 
 from cai.errors import CaiError
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "ddp", "deepspeed")
 
@@ -68,6 +72,103 @@ def adamw_with_cosine(params, lr: float, warmup_ratio: float, total_steps: int) 
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def check_finite(stage: str, step: int, what: str, value: float) -> None:
+    """Stop at the first NaN or inf, with one line naming the stage, step and value, before anything is saved."""
+    if not math.isfinite(value):
+        raise CaiError(
+            f"{stage}: the {what} became {value} at step {step}; training diverged and nothing was saved or marked complete. "
+            f"Lower {stage}.lr (or raise {stage}.warmup_ratio where there is one) and run again"
+        )
+
+
+def parameter_norm(module: torch.nn.Module) -> float:
+    """The L2 norm of all parameters (NaN or inf if any parameter is)."""
+    with torch.no_grad():
+        return float(torch.sqrt(sum((p.detach().float() ** 2).sum() for p in module.parameters() if p.numel()) or torch.tensor(0.0)))
+
+
+class FiniteGuard(L.Callback):
+    """Stops training at the first non-finite loss, gradient norm or parameter, and warns when it trends badly.
+
+    The error is raised before the checkpoint callback saves (Lightning runs checkpoints last), so a
+    diverged model is never written, marked complete or pointed at by `latest`. Warnings (the loss
+    ended above where it started, the weights grew more than 10x) go to the log and to the logger
+    as `<stage>/train/warning_*`.
+    """
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.losses: list[float] = []
+        self.start_norm = 0.0
+
+    def on_train_start(self, trainer, module) -> None:
+        self.start_norm = parameter_norm(module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.losses.append(float(loss.detach()))
+            check_finite(self.stage, trainer.global_step, "training loss", self.losses[-1])
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        grads = [p.grad.detach().float().norm() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            check_finite(self.stage, trainer.global_step, "gradient norm", float(torch.stack(grads).norm()))
+
+    def on_train_end(self, trainer, module) -> None:
+        norm = parameter_norm(module)
+        check_finite(self.stage, trainer.global_step, "parameter norm", norm)
+        warnings = {}
+        quarter = len(self.losses) // 4
+        if quarter >= 1 and sum(self.losses[-quarter:]) > sum(self.losses[:quarter]):
+            warnings["loss_rose"] = 1.0
+            log.warning(
+                "%s: the training loss rose from %.3g to %.3g; %s.lr may be too high",
+                self.stage,
+                self.losses[0],
+                self.losses[-1],
+                self.stage,
+            )
+        if self.start_norm > 0 and norm > 10 * self.start_norm:
+            warnings["weights_exploded"] = 1.0
+            log.warning(
+                "%s: the weight norm grew from %.3g to %.3g; %s.lr is probably too high", self.stage, self.start_norm, norm, self.stage
+            )
+        if warnings and trainer.logger:
+            trainer.logger.log_metrics({f"{self.stage}/train/warning_{k}": v for k, v in warnings.items()}, step=trainer.global_step)
+
+
+class SamplerResume(L.Callback):
+    """Saves where the length-bucket sampler stands in the checkpoint, so a resumed run continues mid-epoch exactly.
+
+    Lightning restores the epoch and the count of batches already trained but restarts a plain
+    DataLoader from its first batch; the sampler is told to skip the batches already trained.
+    """
+
+    def __init__(self, sampler: LengthBucketSampler) -> None:
+        self.sampler = sampler
+        self.done = 0  # batches trained in the current epoch
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        # Lightning calls set_epoch on samplers, not on batch samplers: do it here, before the epoch's iterator.
+        self.sampler.set_epoch(trainer.current_epoch)
+        self.done = 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.done += 1  # runs before the checkpoint callback saves (Lightning runs checkpoints last)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, done = state["epoch"], state["done"]
+        if done >= len(self.sampler):  # saved at an epoch's end: Lightning goes on with the next epoch's iterator
+            epoch, done = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.done = done
+        self.sampler.skip = (epoch, done)
+
+
 def fit(
     module: L.LightningModule,
     train_loader,
@@ -75,6 +176,7 @@ def fit(
     cfg: DictConfig,
     out_dir: Path,
     *,
+    stage: str,
     epochs: int,
     grad_accum: int = 1,
     checkpoint_every: int,
@@ -92,6 +194,8 @@ def fit(
     """
     ckpt_dir = Path(out_dir) / "checkpoints"
     every = {"every_n_train_steps" if checkpoint_unit == "steps" else "every_n_epochs": checkpoint_every}
+    sampler = getattr(train_loader, "batch_sampler", None)
+    resume_sampler = [SamplerResume(sampler)] if isinstance(sampler, LengthBucketSampler) else []
     saver = [L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, **every)] if checkpoint_every else []
     trainer = L.Trainer(
         max_epochs=epochs,
@@ -102,7 +206,7 @@ def fit(
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
         logger=logger,
-        callbacks=saver + list(callbacks),
+        callbacks=[FiniteGuard(stage), *resume_sampler, *saver, *callbacks],
         enable_checkpointing=bool(saver),
         log_every_n_steps=1,
         num_sanity_val_steps=0,
@@ -112,8 +216,12 @@ def fit(
         use_distributed_sampler=False,  # our batch samplers shard across ranks themselves
     )
     resume = ckpt_dir / "last.ckpt"
+    # SamplerResume makes our mid-epoch resume exact; Lightning cannot see that and would warn otherwise.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     t0 = time.perf_counter()
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume.exists() else None)
+    if trainer.global_step == 0:  # completion means work was done
+        raise CaiError(f"{stage}: training took no optimizer step (no training batches); give it more data or a smaller {stage}.batch_size")
     return trainer, time.perf_counter() - t0
 
 
@@ -169,10 +277,14 @@ class LengthBucketSampler(Sampler[list[int]]):
         self.seed = seed
         self.pool = pool
         self.epoch = 0
+        self.skip = (0, 0)  # (epoch, batches of it already trained): set when resuming mid-epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before every epoch (fit's SamplerResume does it), so the order depends on the epoch alone."""
+        self.epoch = epoch
 
     def __iter__(self):
         rng = random.Random(self.seed + self.epoch)
-        self.epoch += 1
         idx = list(range(len(self.lengths)))
         rng.shuffle(idx)
         size = self.batch_size * self.pool
@@ -185,7 +297,8 @@ class LengthBucketSampler(Sampler[list[int]]):
         if world > 1:
             per_rank = math.ceil(len(batches) / world)
             batches = (batches * world)[: per_rank * world][rank::world]
-        return iter(batches)
+        epoch, skip = self.skip
+        return iter(batches[skip:] if epoch == self.epoch else batches)
 
     def __len__(self) -> int:
         return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / rank_and_world()[1])

@@ -15,6 +15,7 @@ import gzip
 import json
 import random
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,18 +49,28 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
 
 
+def _lines(path: Path) -> Iterator[str]:
+    """The file's lines, with a torn or fake .gz and non-UTF-8 text reported as one line naming the file."""
+    try:
+        with _open_text(path) as f:
+            yield from f
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise CaiError(f"{path}: not a complete gzip file ({err}); download it again, or drop the .gz suffix if it is plain text") from None
+    except UnicodeDecodeError as err:
+        raise CaiError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); convert it to UTF-8") from None
+
+
 def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CaiError(f"{path}: line {n}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise CaiError(f"{path}: line {n}: each line must be a JSON object")
-            yield n, row
+    for n, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CaiError(f"{path}: line {n}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise CaiError(f"{path}: line {n}: each line must be a JSON object")
+        yield n, row
 
 
 def read_prompt_file(path: str | Path) -> list[Prompt]:
@@ -69,7 +80,7 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
         raise CaiError(f"{path}: prompt file not found")
     out: list[Prompt] = []
     if p.suffix == ".txt":
-        out = [Prompt(id=f"{p.stem}-{i:05d}", text=line.strip()) for i, line in enumerate(p.read_text().splitlines()) if line.strip()]
+        out = [Prompt(id=f"{p.stem}-{i:05d}", text=line.strip()) for i, line in enumerate(_lines(p)) if line.strip()]
     else:
         for n, row in _jsonl(p):
             text = row.get("prompt")

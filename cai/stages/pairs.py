@@ -15,7 +15,6 @@ from omegaconf import DictConfig
 from cai.artifacts import chunked, fingerprint
 from cai.config import instantiate
 from cai.data import Prompt, load_prompts
-from cai.errors import CaiError
 from cai.generation import Generator
 from cai.stages import Context, Stage
 
@@ -27,11 +26,6 @@ def select_prompts(cfg: DictConfig) -> list[tuple[str, Prompt]]:
     if cfg.pm.helpful_data is None:  # helpfulness comparisons will be AI-labelled: sample them here
         items += [("helpful", p) for p in load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful)]
     return items
-
-
-def check(cfg: DictConfig) -> None:
-    if cfg.pairs.temperature <= 0:
-        raise CaiError(f"pairs.temperature: two samples need temperature > 0, got {cfg.pairs.temperature}")
 
 
 def build(ctx: Context) -> dict:
@@ -78,7 +72,6 @@ STAGE = Stage(
     lineage=("pairs", "pm.helpful_data"),
     reads=("sft",),
     inputs=lambda cfg: {"prompts": fingerprint([(k, p.id, p.text) for k, p in select_prompts(cfg)])},
-    check=check,
     metric=lambda c: f"{c['pairs']} pairs",
     artifact=("pairs", "dataset", ""),
 )

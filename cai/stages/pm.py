@@ -166,6 +166,7 @@ def build(ctx: Context) -> dict | None:
         val_loader,
         cfg,
         out.path,
+        stage="pm",
         epochs=cfg.pm.epochs,
         grad_accum=cfg.pm.grad_accum,
         checkpoint_every=cfg.pm.checkpoint_every,

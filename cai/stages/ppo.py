@@ -54,7 +54,7 @@ from cai.metrics import boilerplate_rate, refusal_rate
 from cai.reward import PreferenceModel, pm_reward
 from cai.rl import Critic, CriticModel, Experience, RewardFn, Rollout, ValueHead, batch_rollouts, token_logprobs
 from cai.stages import Context, Stage
-from cai.training import fit, gathered_state_dict
+from cai.training import check_finite, fit, gathered_state_dict
 
 log = logging.getLogger(__name__)
 VALUE_MODELS = ("head", "critic")
@@ -163,6 +163,7 @@ class PPOModule(L.LightningModule):
                 critic_loss = value_loss(values, minibatch.old_values, minibatch.returns, mask, cfg.value_clip)
                 mean_entropy = masked_mean(entropy, mask)
                 loss = policy_loss + cfg.value_coef * critic_loss - cfg.entropy_coef * mean_entropy
+                check_finite("ppo", iteration, "PPO loss", float(loss.detach()))
                 opt.zero_grad()
                 self.manual_backward(loss)
                 self.clip_gradients(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
@@ -231,6 +232,7 @@ def train_ppo(
         None,
         cfg,
         Path(out_dir),
+        stage="ppo",
         epochs=iterations,
         checkpoint_every=checkpoint_every,
         checkpoint_unit="epochs",

@@ -159,6 +159,7 @@ def build(ctx: Context) -> dict | None:
         loader(val, False) if val else None,
         cfg,
         out.path,
+        stage="sft",
         epochs=cfg.sft.epochs,
         grad_accum=cfg.sft.grad_accum,
         checkpoint_every=cfg.sft.checkpoint_every,

@@ -27,7 +27,6 @@ from cai.artifacts import chunked, fingerprint
 from cai.config import instantiate
 from cai.constitution import Constitution
 from cai.data import Prompt, load_prompts
-from cai.errors import CaiError
 from cai.generation import Generator
 from cai.stages import Context, Stage
 from cai.templates import clean, critique_conversation, few_shot_turns, revision_conversation
@@ -53,14 +52,6 @@ def inputs(cfg: DictConfig) -> dict:
         "helpful": fingerprint([(p.id, p.text) for p in helpful]),
         "constitution": instantiate(cfg.constitution).digest(),
     }
-
-
-def check(cfg: DictConfig) -> None:
-    for field, low in (("n_revisions", 1), ("shard_size", 1), ("max_new_tokens", 1)):
-        if cfg.sl[field] < low:
-            raise CaiError(f"sl.{field}: must be >= {low}, got {cfg.sl[field]}")
-    if cfg.sl.helpful_mix < 0:
-        raise CaiError(f"sl.helpful_mix: must be >= 0, got {cfg.sl.helpful_mix}")
 
 
 class GenerationTimer:
@@ -182,7 +173,6 @@ STAGE = Stage(
     build=build,
     lineage=("model", "constitution.path", "data", "sl", "generation", "seed"),
     inputs=inputs,
-    check=check,
     metric=metric,
     artifact=("sl_data", "dataset", ""),
 )
