@@ -147,8 +147,12 @@ _RL_X = {"conversation": True, "chosen": True, "rejected": True, "reasoning": Fa
 def _load_yaml(path: Path) -> Constitution:
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise CaiError(f"{path}: not valid YAML ({err})") from None
+    except yaml.YAMLError as err:  # one line: where, and what the parser expected
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise CaiError(f"{path}: not valid YAML ({where}{getattr(err, 'problem', None) or err})") from None
+    except UnicodeDecodeError:
+        raise CaiError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
     if not isinstance(data, dict):
         raise CaiError(f"{path}: a constitution must be a mapping with 'name', 'sl' and/or 'rl'")
     _no_unknown(path, "top level", data, _TOP)

@@ -89,7 +89,7 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
         "pm.checkpoint_every": "7",
         "pm.eval_data": str(hh),
         "pm.n_eval": "5",
-        "pm.checkpoint": str(tmp_path),
+        "pm.checkpoint": str(stage_path(cfg, "pm") / "model"),
         "ppo.checkpoint_every": "7",
         "ppo.table_every": "1",
         "eval.runs": f"[{tmp_path}]",
@@ -140,7 +140,7 @@ def test_multirun_shares_upstream_stages_and_draws_one_frontier(tmp_path):
     art = tmp_path / "artifacts"
 
     def lineages(stage: str) -> list[Path]:
-        return [d for d in (art / stage).iterdir() if d.name != "latest"]
+        return [d for d in (art / stage).iterdir() if d.is_dir() and d.name != "latest"]
 
     for stage in ("sl_data", "sft", "pairs"):
         assert len(lineages(stage)) == 1, stage  # computed once, reused by the other two jobs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -72,15 +73,16 @@ def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
     assert "hh accuracy" in summary["metric"]
 
     # pm_eval on the same file, then with chosen and rejected swapped: exactly 1 - accuracy
-    run(make_cfg("stage=pm_eval", *SMALL, "constitution=ensemble", "pm.lr=1e-3", f"pm.eval_data={HH_SMALL}", "pm.n_eval=60"))
-    acc = json.loads((tmp_path / "artifacts" / "pm_eval" / "hh_small" / "metrics.json").read_text())["accuracy"]
+    [first] = run(make_cfg("stage=pm_eval", *SMALL, "constitution=ensemble", "pm.lr=1e-3", f"pm.eval_data={HH_SMALL}", "pm.n_eval=60"))
+    acc = json.loads(Path(first["path"]).read_text())["accuracy"]
     swapped = tmp_path / "swapped.jsonl"
     with gzip.open(HH_SMALL, "rt") as f, swapped.open("w") as g:
         for line in f:
             row = json.loads(line)
             g.write(json.dumps({"chosen": row["rejected"], "rejected": row["chosen"]}) + "\n")
-    run(make_cfg("stage=pm_eval", *SMALL, f"pm.eval_data={swapped}", "pm.n_eval=60", f"pm.checkpoint={out / 'model'}"))
-    acc_swapped = json.loads((tmp_path / "artifacts" / "pm_eval" / "swapped" / "metrics.json").read_text())["accuracy"]
+    [second] = run(make_cfg("stage=pm_eval", *SMALL, f"pm.eval_data={swapped}", "pm.n_eval=60", f"pm.checkpoint={out / 'model'}"))
+    acc_swapped = json.loads(Path(second["path"]).read_text())["accuracy"]
+    assert Path(second["path"]).parent.name.startswith("swapped-")
     assert acc_swapped == pytest.approx(1 - acc, abs=1e-12)
 
 

@@ -25,7 +25,7 @@ SMALL = ("model=tiny", "data.n_red_team=8", "sl.helpful_mix=0.25", "sl.max_new_t
 
 def sl_dir(root: Path) -> Path:
     """The one sl_data lineage directory under root (complete or not)."""
-    [path] = [d for d in (root / "artifacts" / "sl_data").iterdir() if d.name != "latest" and ".stale-" not in d.name]
+    [path] = [d for d in (root / "artifacts" / "sl_data").iterdir() if d.is_dir() and d.name != "latest" and ".stale-" not in d.name]
     return path
 
 
@@ -129,7 +129,7 @@ def test_changed_config_keeps_both_and_changed_inputs_move_aside(make_cfg, tmp_p
     run(make_cfg("stage=sl_data", *SMALL))
     run(make_cfg("stage=sl_data", *SMALL, "sl.max_new_tokens=8"))
     stage = tmp_path / "artifacts" / "sl_data"
-    dirs = [d for d in stage.iterdir() if d.name != "latest"]
+    dirs = [d for d in stage.iterdir() if d.is_dir() and d.name != "latest"]
     assert len(dirs) == 2 and all(list(d.glob("shard-*.jsonl")) for d in dirs)
     assert json.loads((stage / "latest" / "manifest.json").read_text())["config"]["sl"]["max_new_tokens"] == 8
     # The same config with an edited prompt file: the old output is moved aside, never deleted.

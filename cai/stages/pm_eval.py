@@ -3,7 +3,8 @@
     python train.py stage=pm_eval pm.checkpoint=DIR pm.eval_data=FILE
 
 Prints the accuracy (the chosen answer scored above the rejected one; exact ties count half) with
-its 95% Wilson interval, and writes `metrics.json` under ${paths.artifacts}/pm_eval/<file name>/.
+its 95% Wilson interval, and writes `metrics.json` under ${paths.artifacts}/pm_eval/<file name>-<key>/,
+keyed by the PM's weights, the file's content and pm.n_eval.
 `pm.checkpoint` defaults to this run's `artifacts/pm/model`.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cai.artifacts import write_json
+from cai.artifacts import file_hash, fingerprint, write_json
 from cai.errors import CaiError
 from cai.reward import PreferenceModel, hh_accuracy
 from cai.stages import Context, Stage
@@ -33,7 +34,9 @@ def build(ctx: Context) -> dict:
     pm, tokenizer = PreferenceModel.load(checkpoint)
     result = hh_accuracy(pm, tokenizer, cfg.pm.eval_data, cfg.pm.max_length, cfg.pm.n_eval, cfg.pm.batch_size)
     result["checkpoint"] = str(checkpoint)
-    out = Path(cfg.paths.artifacts).expanduser() / "pm_eval" / Path(cfg.pm.eval_data).name.split(".")[0]
+    # One directory per (PM, data file): two PMs scored on files of the same name never overwrite each other.
+    key = fingerprint({"pm": file_hash(checkpoint / "head.safetensors"), "data": file_hash(cfg.pm.eval_data), "n": cfg.pm.n_eval})
+    out = Path(cfg.paths.artifacts).expanduser() / "pm_eval" / f"{Path(cfg.pm.eval_data).name.split('.')[0]}-{key}"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
     low, high = result["interval_95"]
