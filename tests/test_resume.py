@@ -8,13 +8,18 @@ run it again with an interruption injected part-way, run it once more (the resum
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_RUN
 from safetensors.torch import load_file
 
+import cai
 from cai.generation.hf import HFGenerator
 from cai.labels import Labeller
 from cai.pipeline import run, stage_path
@@ -101,3 +106,18 @@ def test_every_stage_resumes_to_what_an_uninterrupted_run_writes(make_cfg, monke
         [summary] = run(make_cfg(f"stage={stage}", *small))  # the resume
         assert "cached" not in summary["metric"]
         assert_same(straight, outputs(path))
+
+
+def test_two_runs_of_one_stage_compute_it_once(tmp_path):
+    """Two identical runs started together on one artifacts root: one writes, the other waits and reuses."""
+    env = {**os.environ, "CAI_ROOT": str(tmp_path), "WANDB_MODE": "disabled"}
+    env.setdefault("CAI_CACHE", str(tmp_path / "cache"))
+    cmd = [sys.executable, "train.py", "stage=sl_data", "logger=none", *TINY_RUN]
+    runs = [subprocess.Popen(cmd, cwd=cai.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in runs]
+    assert all(p.returncode == 0 for p in runs), [e[-2000:] for _, e in outs]
+    summaries = [next(line for line in out.splitlines() if line.startswith("sl_data ")) for out, _ in outs]
+    assert sum("(cached)" in s for s in summaries) == 1, summaries  # exactly one of them generated
+    assert [d.name for d in (tmp_path / "artifacts" / "sl_data").iterdir() if d.is_dir() and d.name != "latest"] == [
+        Path(summaries[0].split()[-1]).name
+    ]  # one directory, nothing moved aside

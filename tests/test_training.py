@@ -1,0 +1,43 @@
+"""Training safeguards: the finite-loss guard and its trend warnings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cai.errors import CaiError
+from cai.training import FiniteGuard, check_finite
+
+
+def test_the_finite_guard_stops_at_nan_and_warns_on_exploding_weights(caplog):
+    with pytest.raises(CaiError, match=r"sft: the training loss became nan at step 3; .* Lower sft.lr"):
+        check_finite("sft", 3, "training loss", math.nan)
+    check_finite("sft", 3, "training loss", 1.5)  # finite: nothing happens
+
+    class Logger:
+        def __init__(self) -> None:
+            self.logged = {}
+
+        def log_metrics(self, metrics, step):
+            self.logged.update(metrics)
+
+    class Trainer:
+        global_step = 7
+        logger = Logger()
+
+    module = torch.nn.Linear(4, 4)
+    guard = FiniteGuard("pm")
+    guard.on_train_start(Trainer, module)
+    guard.losses = [1.0, 1.0, 2.0, 3.0]  # ended above where it started
+    with torch.no_grad():
+        module.weight.mul_(1000.0)  # and the weights grew far more than 10x
+    with caplog.at_level("WARNING", logger="cai.training"):
+        guard.on_train_end(Trainer, module)
+    assert "pm: the training loss rose" in caplog.text and "pm: the weight norm grew" in caplog.text
+    assert Trainer.logger.logged == {"pm/train/warning_loss_rose": 1.0, "pm/train/warning_weights_exploded": 1.0}
+    with torch.no_grad():
+        module.weight[0, 0] = float("inf")
+    with pytest.raises(CaiError, match="pm: the parameter norm became inf"):
+        guard.on_train_end(Trainer, module)
