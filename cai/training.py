@@ -118,10 +118,10 @@ class FiniteGuard(L.Callback):
     def on_train_end(self, trainer, module) -> None:
         norm = parameter_norm(module)
         check_finite(self.stage, trainer.global_step, "parameter norm", norm)
-        warnings = {}
+        flags = {}
         quarter = len(self.losses) // 4
         if quarter >= 1 and sum(self.losses[-quarter:]) > sum(self.losses[:quarter]):
-            warnings["loss_rose"] = 1.0
+            flags["loss_rose"] = 1.0
             log.warning(
                 "%s: the training loss rose from %.3g to %.3g; %s.lr may be too high",
                 self.stage,
@@ -130,12 +130,12 @@ class FiniteGuard(L.Callback):
                 self.stage,
             )
         if self.start_norm > 0 and norm > 10 * self.start_norm:
-            warnings["weights_exploded"] = 1.0
+            flags["weights_exploded"] = 1.0
             log.warning(
                 "%s: the weight norm grew from %.3g to %.3g; %s.lr is probably too high", self.stage, self.start_norm, norm, self.stage
             )
-        if warnings and trainer.logger:
-            trainer.logger.log_metrics({f"{self.stage}/train/warning_{k}": v for k, v in warnings.items()}, step=trainer.global_step)
+        if flags and trainer.logger:
+            trainer.logger.log_metrics({f"{self.stage}/train/warning_{k}": v for k, v in flags.items()}, step=trainer.global_step)
 
 
 class SamplerResume(L.Callback):
