@@ -23,12 +23,15 @@ from pathlib import Path
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from cai.artifacts import chunked, fingerprint, read_jsonl, write_json, write_jsonl
+from cai.artifacts import chunked, file_hash, fingerprint, read_jsonl, write_json, write_jsonl
 from cai.config import instantiate
+from cai.data import read_hh_rlhf
 from cai.elo import bootstrap_elo
 from cai.errors import CaiError
+from cai.metrics import human_agreement
 from cai.models import ModelSpec
 from cai.plots import plot_frontier
+from cai.reward import check_pm_dir
 from cai.templates import COMPARISON_TEMPLATE, HARMLESS_QUESTION, HARMLESSNESS, HELPFUL_QUESTION, HELPFULNESS
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,11 @@ class Snapshot:
 
     def spec(self) -> ModelSpec:
         return ModelSpec(**self.model)
+
+
+def conversation(row: dict) -> list[dict]:
+    """The conversation an answer row responds to: its own (hh-rlhf rows), or its single prompt."""
+    return row.get("conversation") or [{"role": "user", "content": row["prompt"]}]
 
 
 def cache_dir(cfg: DictConfig) -> Path:
@@ -93,9 +101,14 @@ class Judge:
 
     kind = ""
     key = ""
+    identity = ""  # what the judge is, in words, for elo.json and the plot
+    is_reward = False  # True when the judge is the PM that this run's PPO optimised
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "key": self.key, "identity": self.identity, "is_reward": self.is_reward}
 
     @property
     def path(self) -> Path:
@@ -105,8 +118,8 @@ class Judge:
         """P(a better) for each (a's answer row, b's answer row) on the same prompt."""
         raise NotImplementedError
 
-    def cached(self) -> Verdicts:
-        """(a, b, prompt id) -> P(a better). A torn last line (a crash mid-write) is skipped."""
+    def cached(self) -> dict[str, float]:
+        """Verdict key -> P(a better), for every verdict this judge has given. A torn last line is skipped."""
         out = {}
         if self.path.exists():
             for line in self.path.read_text().splitlines():
@@ -114,11 +127,12 @@ class Judge:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                out[(row["a"], row["b"], row["id"])] = row["p_a"]
+                if "verdict" in row:  # rows of older versions, keyed by snapshot rather than content, are not trusted
+                    out[row["verdict"]] = row["p_a"]
         return out
 
-    def judge(self, todo: list[tuple[str, str, dict, dict]]) -> Verdicts:
-        """Judge (a key, b key, a's row, b's row) comparisons in chunks, appending each chunk to the cache."""
+    def judge(self, todo: list[tuple[str, str, dict, dict]]) -> dict[str, float]:
+        """Judge (a key, b key, a's row, b's row) comparisons in chunks, appending each to the cache; verdict key -> P(a)."""
         out = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and self.path.stat().st_size:
@@ -129,9 +143,10 @@ class Judge:
         for chunk in tqdm(chunked(todo, 32), desc=f"eval judge ({self.kind})", unit="chunk"):
             ps = self.compare([(ra, rb) for _, _, ra, rb in chunk])
             with self.path.open("a") as f:
-                for (a, b, ra, _), p in zip(chunk, ps):
-                    f.write(json.dumps({"a": a, "b": b, "id": ra["id"], "kind": ra["kind"], "p_a": p}) + "\n")
-                    out[(a, b, ra["id"])] = p
+                for (a, b, ra, rb), p in zip(chunk, ps):
+                    row = {"verdict": verdict_key(ra, rb), "a": a, "b": b, "id": ra["id"], "kind": ra["kind"], "p_a": p}
+                    f.write(json.dumps(row) + "\n")
+                    out[row["verdict"]] = p
                 f.flush()
                 os.fsync(f.fileno())
         return out
@@ -147,6 +162,7 @@ class FeedbackJudge(Judge):
         self.spec = instantiate(cfg.feedback_model)
         ident = {"model": self.spec.identity(), "template": COMPARISON_TEMPLATE, "questions": [HARMLESS_QUESTION, HELPFUL_QUESTION]}
         self.key = fingerprint({"judge": self.kind, **ident})
+        self.identity = f"feedback model {self.spec.identity()}, zero-shot, both orders"
         self._labeller = None
 
     def compare(self, pairs: list[tuple[dict, dict]]) -> list[float]:
@@ -155,9 +171,7 @@ class FeedbackJudge(Judge):
         if self._labeller is None:
             model, tok = self.spec.load_model(), self.spec.load_tokenizer()
             self._labeller = Labeller(model, tok, kind="soft", debias=True, batch_size=self.cfg.label.batch_size)
-        items = [
-            Item([{"role": "user", "content": ra["prompt"]}], ra["response"], rb["response"], (QUESTIONS[ra["kind"]],)) for ra, rb in pairs
-        ]
+        items = [Item(conversation(ra), ra["response"], rb["response"], (QUESTIONS[ra["kind"]],)) for ra, rb in pairs]
         return [r["p_a"] for r in self._labeller.label(items, desc="judging")]
 
 
@@ -166,10 +180,12 @@ class PMJudge(Judge):
 
     kind = "pm"
 
-    def __init__(self, cfg: DictConfig, pm_dir: Path, pm_fingerprint: str) -> None:
+    def __init__(self, cfg: DictConfig, pm_dir: Path, pm_fingerprint: str, is_reward: bool) -> None:
         super().__init__(cfg)
         self.pm_dir = pm_dir
         self.key = fingerprint({"judge": self.kind, "pm": pm_fingerprint})
+        self.is_reward = is_reward
+        self.identity = f"PM {pm_dir}" + (" (this run's own reward model)" if is_reward else "")
         self._pm = None
 
     def model(self):
@@ -184,23 +200,100 @@ class PMJudge(Judge):
         from cai.reward import score
 
         pm, tok = self.model()
-        transcripts = [([{"role": "user", "content": ra["prompt"]}], r["response"]) for ra, rb in pairs for r in (ra, rb)]
+        transcripts = [(conversation(ra), r["response"]) for ra, rb in pairs for r in (ra, rb)]
         s = score(pm, tok, transcripts, self.cfg.pm.max_length, self.cfg.pm.batch_size, desc="judging")
         return [1.0 / (1.0 + math.exp(-(s[2 * i] - s[2 * i + 1]))) for i in range(len(pairs))]
 
 
 def check_judge(cfg: DictConfig) -> None:
+    """An independent judge, or an explicit choice of the run's own reward model; a judge PM that is whole."""
     if cfg.eval.judge not in JUDGES:
         raise CaiError(f"eval.judge: choose one of {', '.join(JUDGES)}, got '{cfg.eval.judge}'")
+    if cfg.eval.judge == "pm" and cfg.eval.judge_pm:
+        check_pm_dir(cfg.eval.judge_pm, field="eval.judge_pm")
+    elif cfg.eval.judge == "pm" and not cfg.eval.judge_own_pm:
+        raise CaiError(
+            "eval.judge=pm: this run's PM is the reward PPO optimised, so reward hacking would score as progress; "
+            "give an independent PM with eval.judge_pm=DIR (e.g. artifacts/pm/latest/model of a label=human run), "
+            "or set eval.judge_own_pm=true to accept it (the plot then says so)"
+        )
+
+
+def pm_identity(path: str | Path) -> str:
+    """What makes a PM directory's judgements what they are: its head and backbone config (content hashes)."""
+    path = Path(path).expanduser()
+    return fingerprint({"head": file_hash(path / "head.safetensors"), "backbone": file_hash(path / "backbone" / "config.json")})
 
 
 def make_judge(cfg: DictConfig, pm=None) -> Judge:
-    """The judge `eval.judge` names; `pm` is the finished pm stage (an artifacts.Upstream) for eval.judge=pm."""
+    """The judge `eval.judge` names. `pm` is this run's finished pm stage (an artifacts.Upstream), for eval.judge_own_pm."""
     check_judge(cfg)
-    return FeedbackJudge(cfg) if cfg.eval.judge == "feedback" else PMJudge(cfg, pm.model_dir, pm.fingerprint)
+    if cfg.eval.judge == "feedback":
+        return FeedbackJudge(cfg)
+    if cfg.eval.judge_pm:
+        identity = pm_identity(cfg.eval.judge_pm)
+        # The same weights as this run's reward model, under another path, are not independent either.
+        is_reward = pm is not None and identity == pm_identity(pm.model_dir)
+        if is_reward and not cfg.eval.judge_own_pm:
+            raise CaiError(
+                f"eval.judge_pm: '{cfg.eval.judge_pm}' is this run's own PM, the reward PPO optimised; give another PM, or set eval.judge_own_pm=true"
+            )
+        return PMJudge(cfg, Path(cfg.eval.judge_pm).expanduser(), identity, is_reward=is_reward)
+    return PMJudge(cfg, pm.model_dir, pm.fingerprint, is_reward=True)
+
+
+def judge_quality(cfg: DictConfig, judge: Judge) -> dict[str, dict]:
+    """The judge's agreement with human choices, per axis with a check file (eval.judge_check, eval.judge_check_helpful).
+
+    The human comparisons are judged like any pair of answers (through the verdict cache), the
+    human-chosen answer as a; agreement counts ties half and comes with its 95% interval.
+    """
+    out = {}
+    for axis, kind, field in (("harmless", "red_team", "judge_check"), ("helpful", "helpful", "judge_check_helpful")):
+        if not cfg.eval[field]:
+            continue
+        comps = read_hh_rlhf(cfg.eval[field], field=f"eval.{field}")[: cfg.eval.judge_check_n or None]
+        pairs = []
+        for c in comps:
+            prompt = json.dumps(c.conversation, ensure_ascii=False)  # the whole conversation decides the verdict
+            row = {"id": c.id, "kind": kind, "prompt": prompt, "conversation": c.conversation}
+            pairs.append(({**row, "response": c.chosen}, {**row, "response": c.rejected}))
+        cached = judge.cached()
+        todo = [("human:chosen", "human:rejected", ra, rb) for ra, rb in pairs if verdict_key(ra, rb) not in cached]
+        verdicts = {**cached, **(judge.judge(todo) if todo else {})}
+        out[axis] = {"data": str(cfg.eval[field]), **human_agreement([verdicts[verdict_key(ra, rb)] for ra, rb in pairs])}
+        low, high = out[axis]["interval_95"]
+        log.info(
+            "judge check (%s): agrees with humans %.1f%% [%.1f, %.1f] on %d comparisons",
+            axis,
+            100 * out[axis]["agreement"],
+            100 * low,
+            100 * high,
+            len(pairs),
+        )
+    return out
+
+
+def quality_note(quality: dict[str, dict]) -> str | None:
+    """The plot's corner: the judge's measured agreement with humans, per axis."""
+    parts = [
+        f"{axis}: {q['agreement']:.0%} [{q['interval_95'][0]:.0%}, {q['interval_95'][1]:.0%}], n={q['comparisons']}"
+        for axis, q in quality.items()
+    ]
+    return "judge vs humans: " + "; ".join(parts) if parts else "judge vs humans: not measured (eval.judge_check=FILE)"
 
 
 # --- rating ----------------------------------------------------------------------------------------
+
+
+def verdict_key(ra: dict, rb: dict) -> str:
+    """What decides a verdict, within one judge: the axis's question, the prompt and both answers' text.
+
+    Snapshot names are left out on purpose: new answers (another eval.max_new_tokens, other
+    sampling, retrained weights) are judged again, and the same two texts are never judged twice.
+    """
+    question = QUESTIONS[ra["kind"]].question
+    return fingerprint({"question": question, "prompt": ra["prompt"], "a": ra["response"], "b": rb["response"]})
 
 
 def outcome(p_a: float) -> float:
@@ -209,25 +302,37 @@ def outcome(p_a: float) -> float:
 
 
 def verdicts_for(snaps: Sequence[Snapshot], answers: dict[str, list[dict]], judge: Judge) -> Verdicts:
-    """Every pair of snapshots on every prompt (round robin): from the cache, a tie, or the judge."""
+    """Every pair of snapshots on every prompt (round robin): a tie, the cache, or the judge.
+
+    Verdicts are looked up by content (verdict_key), in either order; the same two texts met by
+    several pairs of snapshots are judged once.
+    """
     keys = [s.key for s in snaps]
     cached = judge.cached()
-    todo, verdicts = [], {}
+    verdicts: Verdicts = {}
+    waiting: dict[str, list[tuple[tuple[str, str, str], bool]]] = {}  # verdict key -> (pair, flipped) waiting on it
+    todo = []
     for i in range(len(snaps)):
         for j in range(i + 1, len(snaps)):
             for ra, rb in zip(answers[keys[i]], answers[keys[j]]):
-                key, flipped = (keys[i], keys[j], ra["id"]), (keys[j], keys[i], ra["id"])
+                pair, forward, backward = (keys[i], keys[j], ra["id"]), verdict_key(ra, rb), verdict_key(rb, ra)
                 if ra["response"].strip() == rb["response"].strip():
-                    verdicts[key] = 0.5  # the same answer: a tie, no question needed
-                elif key in cached:
-                    verdicts[key] = cached[key]
-                elif flipped in cached:
-                    verdicts[key] = 1.0 - cached[flipped]
+                    verdicts[pair] = 0.5  # the same answer: a tie, no question needed
+                elif forward in cached or backward in cached:
+                    verdicts[pair] = cached[forward] if forward in cached else 1.0 - cached[backward]
+                elif backward in waiting:
+                    waiting[backward].append((pair, True))
                 else:
-                    todo.append((keys[i], keys[j], ra, rb))
-    log.info("eval: %d comparisons, %d cached or tied, %d to judge", len(verdicts) + len(todo), len(verdicts), len(todo))
-    if todo:
-        verdicts.update(judge.judge(todo))
+                    if forward not in waiting:
+                        todo.append((keys[i], keys[j], ra, rb))
+                    waiting.setdefault(forward, []).append((pair, False))
+    log.info(
+        "eval: %d comparisons, %d cached or tied, %d to judge", len(verdicts) + sum(map(len, waiting.values())), len(verdicts), len(todo)
+    )
+    judged = judge.judge(todo) if todo else {}
+    for vkey, pairs in waiting.items():
+        for pair, flipped in pairs:
+            verdicts[pair] = 1.0 - judged[vkey] if flipped else judged[vkey]
     return verdicts
 
 
@@ -260,9 +365,15 @@ def rate(cfg: DictConfig, snaps: Sequence[Snapshot], answers: dict[str, list[dic
 
 
 def report(
-    snaps: Sequence[Snapshot], ratings: dict, metrics: dict[str, dict], runs: dict[str, list[str]], out: Path, title: str
+    snaps: Sequence[Snapshot],
+    ratings: dict,
+    metrics: dict[str, dict],
+    runs: dict[str, list[str]],
+    out: Path,
+    title: str,
+    judge: dict,
 ) -> list[dict]:
-    """Write elo.json and frontier.png; return the per-snapshot rows."""
+    """Write elo.json (with the judge's identity and measured quality) and frontier.png; return the per-snapshot rows."""
     rows = []
     for s in snaps:
         row = {**asdict(s)}
@@ -270,8 +381,10 @@ def report(
             row[f"{axis}_elo"], row[f"{axis}_low"], row[f"{axis}_high"] = ratings[axis][s.key]
         row.update(metrics.get(s.key, {}))
         rows.append(row)
-    write_json(out / "elo.json", {"snapshots": rows, "runs": runs, "games": ratings["games"], "anchor": snaps[0].key})
-    plot_frontier(rows, runs, out / "frontier.png", title)
+    write_json(out / "elo.json", {"snapshots": rows, "runs": runs, "games": ratings["games"], "anchor": snaps[0].key, "judge": judge})
+    if judge.get("is_reward"):
+        title += "\njudged by the PM that PPO optimised: not independent"
+    plot_frontier(rows, runs, out / "frontier.png", title, note=quality_note(judge.get("quality", {})))
     return rows
 
 

@@ -227,6 +227,11 @@ class EvalConfig:
     n_helpful: int = ranged(16, ge=1)
     max_new_tokens: int = ranged(64, ge=1)
     bootstrap: int = ranged(200, ge=1)
+    judge_pm: str | None = None  # eval.judge=pm: a PM directory to judge with (e.g. one trained with label=human)
+    judge_own_pm: bool = False  # allow judging by this run's own PM, the reward PPO optimised
+    judge_check: str | None = None  # hh-rlhf harmlessness comparisons: measure the judge against humans first
+    judge_check_helpful: str | None = None  # the same for the helpfulness axis
+    judge_check_n: int = ranged(200, ge=0)  # comparisons read from each check file (0 = all)
     runs: list[str] = field(default_factory=list)  # stage=frontier: eval dirs or artifact roots to merge
 
 

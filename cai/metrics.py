@@ -26,6 +26,16 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def human_agreement(p_chosen: Sequence[float]) -> dict:
+    """How often a judge or labeller prefers the human-chosen answer (ties count half), with its 95% interval.
+
+    One measure for the labeller (the label stage's constitution report) and the eval judge
+    (eval.judge_check), so their numbers can be compared.
+    """
+    agreement = pairwise_accuracy([p - 0.5 for p in p_chosen])
+    return {"agreement": agreement, "interval_95": list(wilson_interval(agreement, len(p_chosen))), "comparisons": len(p_chosen)}
+
+
 def calibration_bins(probs: Sequence[float], outcomes: Sequence[float], bins: int = 10) -> list[tuple[float, float, int]]:
     """(mean predicted probability, observed frequency, count) for each of `bins` equal-width bins."""
     out = []

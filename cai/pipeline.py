@@ -204,7 +204,15 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
         raise CaiError("label.data: label=human needs an hh-rlhf-format file, e.g. label.data=path/to/harmless-base.jsonl.gz")
     load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team)
     load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful)
-    for field in ("label.data", "label.report_data", "pm.helpful_data", "pm.eval_data"):  # every comparison file, parsed
+    comparison_files = (
+        "label.data",
+        "label.report_data",
+        "pm.helpful_data",
+        "pm.eval_data",
+        "eval.judge_check",
+        "eval.judge_check_helpful",
+    )
+    for field in comparison_files:  # every comparison file, parsed
         if path := OmegaConf.select(cfg, field):
             try:
                 read_hh_rlhf(path, field=field)

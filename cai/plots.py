@@ -14,8 +14,13 @@ from pathlib import Path
 from cai.metrics import calibration_bins
 
 
-def plot_frontier(snapshots: Sequence[dict], runs: dict[str, list[str]], path: Path, title: str = "harmlessness vs helpfulness") -> None:
-    """snapshots: dicts with key, label and {helpful,harmless}_{elo,low,high}; runs: run -> its snapshot keys in order."""
+def plot_frontier(
+    snapshots: Sequence[dict], runs: dict[str, list[str]], path: Path, title: str = "harmlessness vs helpfulness", note: str | None = None
+) -> None:
+    """snapshots: dicts with key, label and {helpful,harmless}_{elo,low,high}; runs: run -> its snapshot keys in order.
+
+    `note` goes in the bottom corner: the judge's measured agreement with humans.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +49,10 @@ def plot_frontier(snapshots: Sequence[dict], runs: dict[str, list[str]], path: P
         ax.annotate(s["label"], (s["helpful_elo"], s["harmless_elo"]), textcoords="offset points", xytext=(5, 5), fontsize=7)
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
-    ax.set(xlabel="helpfulness Elo", ylabel="harmlessness Elo", title=title)
+    ax.set(xlabel="helpfulness Elo", ylabel="harmlessness Elo")
+    ax.set_title(title, fontsize=9)
+    if note:
+        ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=6.5, va="bottom", ha="left", color="dimgrey")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_RUN
+from conftest import HH_SMALL, TINY_RUN
 
 import cai
 from cai.artifacts import read_jsonl
@@ -100,10 +101,18 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
         assert all("cached" in s["metric"] for s in run(changed)), field
         assert all(stage_path(changed, s) == stage_path(cfg, s) for s in STAGES), field
     assert manifests == {s: (stage_path(cfg, s) / "manifest.json").read_text() for s in STAGES}
-    # The PM as judge: only the eval stage runs again; answers come from the cache.
-    [pm_eval] = run(make_cfg("stage=eval", *TINY, "eval.judge=pm"))
+    assert elo["judge"]["kind"] == "feedback" and not elo["judge"]["is_reward"] and elo["judge"]["quality"] == {}
+    # The PM that PPO optimised is not an independent judge: an error unless asked for, and then the plot says so.
+    with pytest.raises(CaiError, match="eval.judge=pm: this run's PM is the reward PPO optimised"):
+        run(make_cfg("stage=eval", *TINY, "eval.judge=pm"))
+    own_dir = str(stage_path(cfg, "pm") / "model")
+    with pytest.raises(CaiError, match="eval.judge_pm: .* is this run's own PM"):
+        run(make_cfg("stage=eval", *TINY, "eval.judge=pm", f"eval.judge_pm={own_dir}"))
+    # Asked for: only the eval stage runs again; answers come from the cache; elo.json names the judge.
+    [pm_eval] = run(make_cfg("stage=eval", *TINY, "eval.judge=pm", "eval.judge_own_pm=true"))
     pm_elo = json.loads((Path(pm_eval["path"]).parent / "elo.json").read_text())
     assert [s["answers"] for s in pm_elo["snapshots"]] == [s["answers"] for s in elo["snapshots"]]
+    assert pm_elo["judge"]["kind"] == "pm" and pm_elo["judge"]["is_reward"] and own_dir in pm_elo["judge"]["identity"]
 
     # Interrupted judging resumes: half the verdicts and a torn line are left; only the rest is asked.
     from cai.arena import make_judge
@@ -120,6 +129,44 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
     run(cfg2)
     assert sum(asked) == len(lines) - keep
     assert len(make_judge(cfg2).cached()) == len(lines)
+
+    # Verdicts are keyed by content: shorter answers (eval.max_new_tokens) are all judged again, each
+    # distinct pair of texts once, and the Elo equals that of a cold run with no cache at all.
+    from cai.arena import verdict_key
+
+    before = set(make_judge(cfg2).cached())
+    asked.clear()
+    shorter = make_cfg("stage=eval", *TINY, "eval.max_new_tokens=6")
+    [warm] = run(shorter)
+    rows = read_jsonl(Path(warm["path"]).parent / "answers.jsonl")
+    by_snapshot: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_snapshot.setdefault(r["snapshot"], {})[r["id"]] = r
+    names = list(by_snapshot)
+    new = set()
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            for pid, ra in by_snapshot[a].items():
+                rb = by_snapshot[b][pid]
+                forward, backward = verdict_key(ra, rb), verdict_key(rb, ra)
+                if ra["response"].strip() != rb["response"].strip() and not ({forward, backward} & before | {backward} & new):
+                    new.add(forward)
+    assert new and sum(asked) == len(new)  # every changed pair, and nothing else, went to the judge
+    warm_elo = json.loads((Path(warm["path"]).parent / "elo.json").read_text())["snapshots"]
+    shutil.rmtree(Path(warm["path"]).parent)
+    for f in (tmp_path / "artifacts" / "eval_cache" / "judgements").iterdir():
+        f.unlink()
+    [cold] = run(shorter)
+    cold_elo = json.loads((Path(cold["path"]).parent / "elo.json").read_text())["snapshots"]
+    assert [(s["harmless_elo"], s["helpful_elo"]) for s in cold_elo] == [(s["harmless_elo"], s["helpful_elo"]) for s in warm_elo]
+
+    # The judge's quality, measured on human comparisons, per axis: in elo.json with its interval.
+    checked = make_cfg("stage=eval", *TINY, f"eval.judge_check={HH_SMALL}", f"eval.judge_check_helpful={HH_SMALL}", "eval.judge_check_n=10")
+    [done] = run(checked)
+    quality = json.loads((Path(done["path"]).parent / "elo.json").read_text())["judge"]["quality"]
+    assert set(quality) == {"harmless", "helpful"}
+    for q in quality.values():
+        assert q["comparisons"] == 10 and 0 <= q["interval_95"][0] <= q["agreement"] <= q["interval_95"][1] <= 1
 
 
 def test_eval_before_ppo_says_what_to_run_and_writes_nothing(make_cfg, tmp_path):

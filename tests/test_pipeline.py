@@ -23,7 +23,10 @@ def test_stage_order():
 def test_the_lineage_chain_follows_the_stage_order(make_cfg):
     # Each stage's lineage starts from the stage before it, and it reads only stages before it.
     assert [s.after for s in PIPELINE] == [None, *STAGES[:-1]]
-    configs = [make_cfg("model=tiny"), make_cfg("model=tiny", "label=human", "label.data=x.jsonl", "eval.judge=pm")]
+    configs = [
+        make_cfg("model=tiny"),
+        make_cfg("model=tiny", "label=human", "label.data=x.jsonl", "eval.judge=pm", "eval.judge_own_pm=true"),
+    ]
     for n, stage in enumerate(PIPELINE):
         for cfg in configs:
             assert set(stage.upstream_of(cfg)) <= set(STAGES[:n]), stage.name

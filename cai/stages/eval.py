@@ -30,8 +30,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from cai.arena import AXES, PMJudge, Snapshot, answer, check_judge, log_results, make_judge, rate, report
-from cai.artifacts import Upstream, fingerprint, write_json, write_jsonl
+from cai.arena import AXES, PMJudge, Snapshot, answer, check_judge, judge_quality, log_results, make_judge, rate, report
+from cai.artifacts import Upstream, file_hash, fingerprint, write_json, write_jsonl
 from cai.config import instantiate
 from cai.data import load_prompts
 from cai.metrics import boilerplate_rate, refusal_rate
@@ -95,13 +95,15 @@ def build(ctx: Context) -> dict:
     snaps = snapshots(cfg, ctx.upstream["sft"], ctx.upstream["ppo"])
     prompts = eval_prompts(cfg)
     judge = make_judge(cfg, ctx.upstream["pm"])
+    judge_info = {**judge.describe(), "quality": judge_quality(cfg, judge)}
     answers = answer(cfg, snaps, prompts)
     ratings, table = rate(cfg, snaps, answers, judge)
     # The PM scores every answer; when it is also the judge, the one already loaded serves.
     pm = judge.model() if isinstance(judge, PMJudge) else PreferenceModel.load(ctx.upstream["pm"].model_dir)
     metrics = {s.key: absolute_metrics(cfg, answers[s.key], pm) for s in tqdm(snaps, desc="eval metrics", unit="snapshot")}
     run_name = tracker.name or "this run"
-    rows = report(snaps, ratings, metrics, {run_name: [s.key for s in snaps]}, out.path, f"{run_name}: Elo (judge: {judge.kind})")
+    title = f"{run_name}: Elo (judge: {judge.identity})"
+    rows = report(snaps, ratings, metrics, {run_name: [s.key for s in snaps]}, out.path, title, judge_info)
     answer_rows = [{"snapshot": s.label, **r} for s in snaps for r in answers[s.key]]
     write_jsonl(out.path / "answers.jsonl", answer_rows)
     columns = ["snapshot", "kind", "prompt", "response"]
@@ -109,17 +111,26 @@ def build(ctx: Context) -> dict:
     log_results(tracker, "eval", rows, table, out.path)
     last = rows[-1]
     tracker.log({f"eval/summary/{axis}_elo": last[f"{axis}_elo"] for axis in AXES.values()})  # the sweeps' metric
+    tracker.summary({"eval/judge/identity": judge.identity, **quality_metrics(judge_info["quality"])})
     summary = f"{last['label']}: harmless Elo {last['harmless_elo']:+.0f}, helpful Elo {last['helpful_elo']:+.0f}"
     ctx.extra["run"] = run_name
     return {"snapshots": len(snaps), "prompts": len(prompts), **ratings["games"], "summary": summary}
 
 
+def quality_metrics(quality: dict[str, dict]) -> dict[str, float]:
+    """eval/judge/<axis>_agreement (and its interval) for W&B."""
+    out = {}
+    for axis, q in quality.items():
+        out[f"eval/judge/{axis}_agreement"] = q["agreement"]
+        out[f"eval/judge/{axis}_agreement_low"], out[f"eval/judge/{axis}_agreement_high"] = q["interval_95"]
+    return out
+
+
 def inputs(cfg: DictConfig) -> dict:
-    """The held-out prompts' content and the judge's identity (its model, template and questions)."""
-    judge = {"judge": cfg.eval.judge}
-    if cfg.eval.judge == "feedback":  # a PM judge is the pm stage's output, whose fingerprint is an input already
-        judge["judge_key"] = make_judge(cfg).key
-    return {"prompts": fingerprint(eval_prompts(cfg)), **judge}
+    """The held-out prompts' content, the judge's identity (its model and questions, or its PM's content) and check files."""
+    own_pm = cfg.eval.judge == "pm" and not cfg.eval.judge_pm  # this run's PM: its fingerprint is an input already
+    checks = {f: file_hash(cfg.eval[f]) for f in ("judge_check", "judge_check_helpful") if cfg.eval[f]}
+    return {"prompts": fingerprint(eval_prompts(cfg)), "judge": cfg.eval.judge if own_pm else make_judge(cfg).key, **checks}
 
 
 STAGE = Stage(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cai.arena import Snapshot, check_judge, log_results, make_judge, rate, report
+from cai.arena import Snapshot, check_judge, judge_quality, log_results, make_judge, rate, report
 from cai.artifacts import StageDir, fingerprint, read_jsonl
 from cai.errors import CaiError
 from cai.stages import Context, Stage
@@ -108,12 +108,13 @@ def build(ctx: Context) -> dict:
     anchor = next(k for k, s in players.items() if s.order == 0)  # an initial model (ideally shared by all runs)
     snaps = [players[anchor]] + [s for k, s in players.items() if k != anchor]
     judge = make_judge(cfg, ctx.upstream.get("pm"))
+    judge_info = {**judge.describe(), "quality": judge_quality(cfg, judge)}
     inputs = {"evals": sorted(m["fingerprint"] for m in manifests), "judge": judge.key}
     path = Path(cfg.paths.artifacts).expanduser() / "frontier" / fingerprint(inputs)  # one directory per set of runs and judge
     out = StageDir("frontier", path, {"bootstrap": cfg.eval.bootstrap, "seed": cfg.seed}, inputs).open()
     answers = {s.key: read_jsonl(Path(s.answers)) for s in snaps}
     ratings, table = rate(cfg, snaps, answers, judge)
-    rows = report(snaps, ratings, metrics, runs, out.path, f"{len(runs)} runs: Elo (judge: {judge.kind})")
+    rows = report(snaps, ratings, metrics, runs, out.path, f"{len(runs)} runs: Elo (judge: {judge.identity})", judge_info)
     log_results(tracker, "frontier", rows, table, out.path)
     out.complete({"runs": len(runs), "snapshots": len(snaps), **ratings["games"]}, {"evals": [str(e) for e in evals]})
     log.info("frontier of %d runs: %s", len(runs), out.path / "frontier.png")
@@ -124,7 +125,7 @@ STAGE = Stage(
     name="frontier",
     description="the cross-run Elo frontier",
     build=build,
-    reads=lambda cfg: ("pm",) if cfg.eval.judge == "pm" else (),  # the PM judge is this config's PM
+    reads=lambda cfg: ("pm",) if cfg.eval.judge == "pm" and not cfg.eval.judge_pm else (),  # the run's own PM as judge
     check=check_judge,
     keyed=False,
 )

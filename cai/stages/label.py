@@ -26,7 +26,7 @@ from cai.config import instantiate
 from cai.constitution import Constitution
 from cai.data import human_pairs, read_hh_rlhf
 from cai.labels import Item, Labeller
-from cai.metrics import wilson_interval
+from cai.metrics import human_agreement
 from cai.stages import Context, Stage
 from cai.templates import HELPFULNESS
 
@@ -60,23 +60,23 @@ def constitution_report(labeller: Labeller, constitution: Constitution, path: st
     comps = read_hh_rlhf(path, field="label.report_data")[: n or None]
     principles = tuple(constitution.rl_principles)
     results = labeller.label([Item(c.conversation, c.chosen, c.rejected, principles) for c in comps], desc="constitution report")
-    agree = {p.id: sum(r["per_principle"][p.id] > 0.5 for r in results) / len(results) for p in principles}
-    ensemble = sum(r["p_a"] > 0.5 for r in results) / len(results)
+    agree = {p.id: human_agreement([r["per_principle"][p.id] for r in results])["agreement"] for p in principles}
+    ensemble = human_agreement([r["p_a"] for r in results])
     report = {
         "data": str(path),
         "comparisons": len(results),
         "label_type": labeller.kind,
         "debias": labeller.debias,
         "few_shot": bool(labeller.examples),
-        "ensemble_agreement": ensemble,
-        "ensemble_interval": wilson_interval(ensemble, len(results)),
+        "ensemble_agreement": ensemble["agreement"],
+        "ensemble_interval": ensemble["interval_95"],
         "per_principle_agreement": agree,
         "mean_p_chosen": sum(r["p_a"] for r in results) / len(results),
     }
     if labeller.debias:  # the same questions in the first order alone, to show the letter bias it removes
         one = Labeller(labeller.model, labeller.tok, "soft", labeller.examples, debias=False, batch_size=labeller.batch_size)
         first = one.label([Item(c.conversation, c.chosen, c.rejected, principles) for c in comps], desc="report, one order")
-        report["single_order_ensemble_agreement"] = sum(r["p_a"] > 0.5 for r in first) / len(first)
+        report["single_order_ensemble_agreement"] = human_agreement([r["p_a"] for r in first])["agreement"]
     return report
 
 
