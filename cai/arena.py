@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from cai.artifacts import chunked, file_hash, fingerprint, read_jsonl, write_json, write_jsonl
 from cai.config import instantiate
-from cai.data import read_hh_rlhf
+from cai.data import read_answer_set, read_hh_rlhf
 from cai.elo import bootstrap_elo
 from cai.errors import CaiError
 from cai.metrics import human_agreement
@@ -88,6 +88,51 @@ def answer(cfg: DictConfig, snaps: Sequence[Snapshot], prompts: list[dict]) -> d
         snap.answers = str(path)
         out[snap.key] = read_jsonl(path)
     return out
+
+
+# --- other systems' answers -------------------------------------------------------------------------
+
+
+def parse_external(cfg: DictConfig) -> list[tuple[str, Path]]:
+    """eval.external entries NAME:FILE (or 'NAME=FILE', quoted for Hydra), checked: each file is read and parsed."""
+    out = []
+    for entry in cfg.eval.external:
+        name, sep, path = str(entry).partition("=" if "=" in str(entry) else ":")
+        if not sep or not name.strip() or not path.strip():
+            raise CaiError(f"eval.external: '{entry}' is not NAME:FILE, e.g. eval.external=[gpt:answers.jsonl,base:base.jsonl]")
+        read_answer_set(path, field=f"eval.external ({name})")
+        out.append((name.strip(), Path(path.strip()).expanduser()))
+    if len({n for n, _ in out}) < len(out):
+        raise CaiError("eval.external: two answer sets have the same NAME; give each its own")
+    return out
+
+
+def external_players(cfg: DictConfig, prompts: list[dict], own_prompts: bool) -> tuple[list[Snapshot], dict[str, list[dict]]]:
+    """The eval.external answer sets as players, on the prompts they share with `prompts` (matched by conversation).
+
+    With own_prompts, a set's other prompts count too (stage=frontier), each on the axis its row's
+    `kind` names; in a run's eval only the run's held-out prompts are rated. Answers are written
+    to the answers cache, so a later frontier finds them like a snapshot's.
+    """
+    known = {fingerprint(conversation(p)): p for p in prompts}
+    snaps, answers = [], {}
+    for name, path in parse_external(cfg):
+        rows = []
+        for r in read_answer_set(path, field=f"eval.external ({name})"):
+            match = known.get(fingerprint(r["conversation"]))
+            if match is None and (not own_prompts or r["kind"] is None):
+                continue
+            base = match or {"id": f"ext:{fingerprint(r['conversation'])}", "kind": r["kind"], "prompt": r["prompt"]}
+            rows.append({**base, "conversation": r["conversation"], "response": r["response"], "tokens": None})
+        if not rows:
+            raise CaiError(f"eval.external: {path} shares no prompt with the others (and its rows name no kind); nothing to compare")
+        key = fingerprint({"external": name, "content": file_hash(path)})
+        cached = cache_dir(cfg) / "answers" / f"external-{key}.jsonl"
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(cached, rows)
+        snaps.append(Snapshot(key, f"ext:{name}", -1, {"external": str(path)}, str(cached)))
+        answers[key] = rows
+    return snaps, answers
 
 
 # --- judges ----------------------------------------------------------------------------------------
@@ -206,7 +251,8 @@ class PMJudge(Judge):
 
 
 def check_judge(cfg: DictConfig) -> None:
-    """An independent judge, or an explicit choice of the run's own reward model; a judge PM that is whole."""
+    """An independent judge (or an explicit choice of the run's own reward model), a whole judge PM, readable answer sets."""
+    parse_external(cfg)
     if cfg.eval.judge not in JUDGES:
         raise CaiError(f"eval.judge: choose one of {', '.join(JUDGES)}, got '{cfg.eval.judge}'")
     if cfg.eval.judge == "pm" and cfg.eval.judge_pm:
@@ -293,7 +339,7 @@ def verdict_key(ra: dict, rb: dict) -> str:
     sampling, retrained weights) are judged again, and the same two texts are never judged twice.
     """
     question = QUESTIONS[ra["kind"]].question
-    return fingerprint({"question": question, "prompt": ra["prompt"], "a": ra["response"], "b": rb["response"]})
+    return fingerprint({"question": question, "prompt": conversation(ra), "a": ra["response"], "b": rb["response"]})
 
 
 def outcome(p_a: float) -> float:
@@ -312,9 +358,11 @@ def verdicts_for(snaps: Sequence[Snapshot], answers: dict[str, list[dict]], judg
     verdicts: Verdicts = {}
     waiting: dict[str, list[tuple[tuple[str, str, str], bool]]] = {}  # verdict key -> (pair, flipped) waiting on it
     todo = []
+    by_id = {k: {r["id"]: r for r in answers[k]} for k in keys}
     for i in range(len(snaps)):
         for j in range(i + 1, len(snaps)):
-            for ra, rb in zip(answers[keys[i]], answers[keys[j]]):
+            shared = [(ra, by_id[keys[j]][ra["id"]]) for ra in answers[keys[i]] if ra["id"] in by_id[keys[j]]]  # prompts both answered
+            for ra, rb in shared:
                 pair, forward, backward = (keys[i], keys[j], ra["id"]), verdict_key(ra, rb), verdict_key(rb, ra)
                 if ra["response"].strip() == rb["response"].strip():
                     verdicts[pair] = 0.5  # the same answer: a tie, no question needed
@@ -343,13 +391,16 @@ def rate(cfg: DictConfig, snaps: Sequence[Snapshot], answers: dict[str, list[dic
     """
     keys = [s.key for s in snaps]
     verdicts = verdicts_for(snaps, answers, judge)
-    kind_of = {r["id"]: r["kind"] for r in answers[keys[0]]}
+    kind_of = {r["id"]: r["kind"] for k in keys for r in answers[k]}
     index = {k: n for n, k in enumerate(keys)}
     result: dict = {"games": {}}
     for kind, axis in AXES.items():
         games = [(index[a], index[b], outcome(p), pid) for (a, b, pid), p in verdicts.items() if kind_of[pid] == kind]
-        if not games:
-            raise CaiError(f"eval.n_{kind}: no {kind} prompts were compared; set it above 0")
+        if not games:  # e.g. answer sets of helpfulness prompts only: that axis is not measured
+            log.warning("no %s prompts were compared: the %s axis is not measured", kind, axis)
+            result[axis] = {k: (math.nan, math.nan, math.nan) for k in keys}
+            result["games"][axis] = 0
+            continue
         point, low, high = bootstrap_elo(
             len(keys), [g[:3] for g in games], groups=[g[3] for g in games], n_boot=cfg.eval.bootstrap, seed=cfg.seed
         )

@@ -233,6 +233,7 @@ class EvalConfig:
     judge_check_helpful: str | None = None  # the same for the helpfulness axis
     judge_check_n: int = ranged(200, ge=0)  # comparisons read from each check file (0 = all)
     runs: list[str] = field(default_factory=list)  # stage=frontier: eval dirs or artifact roots to merge
+    external: list[str] = field(default_factory=list)  # NAME:FILE answer sets of other systems, rated as players
 
 
 @dataclass

@@ -8,6 +8,7 @@ its snapshots in training order (initial -> SFT -> PPO iterations). Points share
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def plot_frontier(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    unmeasured = [axis for axis in ("helpful", "harmless") if all(math.isnan(s[f"{axis}_elo"]) for s in snapshots)]
+    if unmeasured:  # an axis with no comparisons is drawn at 0, and the axis label says so
+        snapshots = [{**s, **{f"{a}_{f}": 0.0 for a in unmeasured for f in ("elo", "low", "high")}} for s in snapshots]
     by_key = {s["key"]: s for s in snapshots}
     fig, ax = plt.subplots(figsize=(6.5, 5.0))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -49,7 +53,10 @@ def plot_frontier(
         ax.annotate(s["label"], (s["helpful_elo"], s["harmless_elo"]), textcoords="offset points", xytext=(5, 5), fontsize=7)
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
-    ax.set(xlabel="helpfulness Elo", ylabel="harmlessness Elo")
+    ax.set(
+        xlabel="helpfulness Elo" + (" (not measured)" if "helpful" in unmeasured else ""),
+        ylabel="harmlessness Elo" + (" (not measured)" if "harmless" in unmeasured else ""),
+    )
     ax.set_title(title, fontsize=9)
     if note:
         ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=6.5, va="bottom", ha="left", color="dimgrey")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HH_SMALL, TINY_RUN
+from conftest import FIXTURES, HH_SMALL, TINY_RUN
 
 import cai
 from cai.artifacts import read_jsonl
@@ -161,12 +161,58 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
     assert [(s["harmless_elo"], s["helpful_elo"]) for s in cold_elo] == [(s["harmless_elo"], s["helpful_elo"]) for s in warm_elo]
 
     # The judge's quality, measured on human comparisons, per axis: in elo.json with its interval.
+    # Another system's answers rated with the run: a copy of the initial model's answers ties it on every prompt.
+    initial = [r for r in read_jsonl(out / "answers.jsonl") if r["snapshot"] == "initial"]
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n" for r in initial))
+    [with_copy] = run(make_cfg("stage=eval", *TINY, f"eval.external=[copy:{copy}]"))
+    rated = json.loads((Path(with_copy["path"]).parent / "elo.json").read_text())
+    [ext] = [s for s in rated["snapshots"] if s["label"] == "ext:copy"]
+    assert ext["order"] == -1 and rated["runs"]["ext:copy"] == [ext["key"]] and rated["games"]["harmless"] == 10 * 6
+    for axis in ("harmless", "helpful"):
+        assert ext[f"{axis}_low"] <= 0.0 <= ext[f"{axis}_high"] and abs(ext[f"{axis}_elo"]) < 60
+
     checked = make_cfg("stage=eval", *TINY, f"eval.judge_check={HH_SMALL}", f"eval.judge_check_helpful={HH_SMALL}", "eval.judge_check_n=10")
     [done] = run(checked)
     quality = json.loads((Path(done["path"]).parent / "elo.json").read_text())["judge"]["quality"]
     assert set(quality) == {"harmless", "helpful"}
     for q in quality.values():
         assert q["comparisons"] == 10 and 0 <= q["interval_95"][0] <= q["agreement"] <= q["interval_95"][1] <= 1
+
+
+def test_answer_sets_of_other_systems_are_rated_without_any_run(make_cfg, tmp_path):
+    """stage=frontier with eval.external alone: a judge PM that learned refusals are unhelpful ranks them last;
+    two copies of one answer set tie on every prompt."""
+    human = (
+        "model=tiny",
+        "label=human",
+        f"label.data={FIXTURES / 'hh_helpful_refusals.jsonl.gz'}",
+        "pm.lr=1e-3",
+        "pm.epochs=4",
+        "pm.batch_size=4",
+    )
+    run(make_cfg("stage=label", *human))
+    [pm] = run(make_cfg("stage=pm", *human))
+    sets = f"[real:{FIXTURES / 'answers_helpful.jsonl'},again:{FIXTURES / 'answers_helpful.jsonl'},refusals:{FIXTURES / 'answers_refusals.jsonl'}]"
+    cfg = make_cfg(
+        "stage=frontier",
+        "model=tiny",
+        "eval.judge=pm",
+        f"eval.judge_pm={pm['path']}",
+        f"eval.external={sets}",
+        "logger=csv",
+        f"logger.dir={tmp_path}/log",
+    )
+    [done] = run(cfg)
+    elo = json.loads((Path(done["path"]).parent / "elo.json").read_text())
+    by = {s["label"]: s for s in elo["snapshots"]}
+    assert set(by) == {"ext:real", "ext:again", "ext:refusals"} and set(elo["runs"]) == set(by)
+    assert elo["games"] == {"harmless": 0, "helpful": 3 * 8}  # helpfulness prompts only: one axis measured
+    assert by["ext:refusals"]["helpful_elo"] < min(by["ext:real"]["helpful_elo"], by["ext:again"]["helpful_elo"]) - 200
+    table = read_jsonl(tmp_path / "log" / "tables" / "frontier_judgements.jsonl")
+    copies = [t for t in table if {t["snapshot_a"], t["snapshot_b"]} == {"ext:real", "ext:again"}]
+    assert len(copies) == 8 and all(t["p_a"] == 0.5 for t in copies)  # a set against itself: a tie on every prompt
+    assert_real_plot(Path(done["path"]))
 
 
 def test_eval_before_ppo_says_what_to_run_and_writes_nothing(make_cfg, tmp_path):

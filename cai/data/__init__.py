@@ -129,6 +129,53 @@ def parse_transcript(text: str) -> list[Message]:
     return [{"role": "user" if parts[k] == "Human" else "assistant", "content": parts[k + 1].strip()} for k in range(1, len(parts) - 1, 2)]
 
 
+KIND_NAMES = {"red_team": "red_team", "harmless": "red_team", "helpful": "helpful"}
+
+
+def _prompt_of(row: dict) -> list[Message] | None:
+    """A prompt as a conversation: plain text, a messages list, or an hh-style transcript."""
+    prompt = row.get("prompt", row.get("messages"))
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        conv = [m for m in prompt if m["role"] != "assistant" or m is not prompt[-1]]  # a trailing answer is not prompt
+    elif isinstance(prompt, str) and "\n\nHuman:" in prompt:
+        conv = parse_transcript(prompt.rstrip() + ("" if prompt.rstrip().endswith("Assistant:") else "\n\nAssistant:"))
+        conv = conv[:-1] if conv and conv[-1]["role"] == "assistant" and not conv[-1]["content"] else conv
+    elif isinstance(prompt, str) and prompt.strip():
+        conv = [{"role": "user", "content": prompt.strip()}]
+    else:
+        return None
+    return conv if conv and conv[-1]["role"] == "user" else None
+
+
+def read_answer_set(path: str | Path, field: str = "eval.external") -> list[dict]:
+    """Another system's answers: JSONL rows with a prompt and one or more answers.
+
+    The prompt is `prompt` (plain text or an hh-style "\n\nHuman: ...\n\nAssistant:" transcript) or
+    `messages` (a chat list ending with the user's turn); the answer is `response`, or the first of
+    `responses` / `answers`. An optional `kind` (red_team, harmless or helpful) names the axis, for
+    prompts that no run shares. Returns {conversation, prompt (the last user turn), kind, response}.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CaiError(f"{field}: '{path}' not found; give a JSONL file of prompts and answers")
+    out = []
+    for n, row in _jsonl(p):
+        conv = _prompt_of(row)
+        if conv is None:
+            raise CaiError(f"{p}: line {n}: no prompt; give 'prompt' (text or an hh transcript) or 'messages' ending with a user turn")
+        answers = row.get("response", row.get("responses", row.get("answers")))
+        answer = answers[0] if isinstance(answers, list) and answers else answers
+        if not isinstance(answer, str):
+            raise CaiError(f"{p}: line {n}: no answer; give 'response' (text) or 'responses' (a list of texts)")
+        kind = row.get("kind")
+        if kind is not None and kind not in KIND_NAMES:
+            raise CaiError(f"{p}: line {n}: kind '{kind}' is not one of {', '.join(KIND_NAMES)}")
+        out.append({"conversation": conv, "prompt": conv[-1]["content"], "kind": KIND_NAMES.get(kind), "response": answer.strip()})
+    if not out:
+        raise CaiError(f"{p}: the answer set is empty")
+    return out
+
+
 def human_pairs(comparisons: list[Comparison], seed: int) -> list[dict]:
     """Human comparisons as labelled pairs {id, conversation, response_a, response_b, label}.
 

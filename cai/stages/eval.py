@@ -30,7 +30,20 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from cai.arena import AXES, PMJudge, Snapshot, answer, check_judge, judge_quality, log_results, make_judge, rate, report
+from cai.arena import (
+    AXES,
+    PMJudge,
+    Snapshot,
+    answer,
+    check_judge,
+    external_players,
+    judge_quality,
+    log_results,
+    make_judge,
+    parse_external,
+    rate,
+    report,
+)
 from cai.artifacts import Upstream, file_hash, fingerprint, write_json, write_jsonl
 from cai.config import instantiate
 from cai.data import load_prompts
@@ -74,8 +87,9 @@ def absolute_metrics(cfg: DictConfig, answers: list[dict], pm=None) -> dict:
     out = {
         "refusal_rate": refusal_rate(red) if red else 0.0,
         "boilerplate_rate": boilerplate_rate([r["response"] for r in answers]),
-        "mean_length": sum(r["tokens"] for r in answers) / len(answers),
     }
+    if all(r.get("tokens") is not None for r in answers):  # another system's answers come without token counts
+        out["mean_length"] = sum(r["tokens"] for r in answers) / len(answers)
     if pm is not None:
         model, tok = pm
         transcripts = [([{"role": "user", "content": r["prompt"]}], r["response"]) for r in answers]
@@ -96,25 +110,28 @@ def build(ctx: Context) -> dict:
     prompts = eval_prompts(cfg)
     judge = make_judge(cfg, ctx.upstream["pm"])
     judge_info = {**judge.describe(), "quality": judge_quality(cfg, judge)}
-    answers = answer(cfg, snaps, prompts)
-    ratings, table = rate(cfg, snaps, answers, judge)
+    externals, external_answers = external_players(cfg, prompts, own_prompts=False)
+    answers = {**answer(cfg, snaps, prompts), **external_answers}
+    players = snaps + externals
+    ratings, table = rate(cfg, players, answers, judge)
     # The PM scores every answer; when it is also the judge, the one already loaded serves.
     pm = judge.model() if isinstance(judge, PMJudge) else PreferenceModel.load(ctx.upstream["pm"].model_dir)
-    metrics = {s.key: absolute_metrics(cfg, answers[s.key], pm) for s in tqdm(snaps, desc="eval metrics", unit="snapshot")}
+    metrics = {s.key: absolute_metrics(cfg, answers[s.key], pm) for s in tqdm(players, desc="eval metrics", unit="snapshot")}
     run_name = tracker.name or "this run"
     title = f"{run_name}: Elo (judge: {judge.identity})"
-    rows = report(snaps, ratings, metrics, {run_name: [s.key for s in snaps]}, out.path, title, judge_info)
-    answer_rows = [{"snapshot": s.label, **r} for s in snaps for r in answers[s.key]]
+    runs = {run_name: [s.key for s in snaps], **{s.label: [s.key] for s in externals}}
+    rows = report(players, ratings, metrics, runs, out.path, title, judge_info)
+    answer_rows = [{"snapshot": s.label, **r} for s in players for r in answers[s.key]]
     write_jsonl(out.path / "answers.jsonl", answer_rows)
     columns = ["snapshot", "kind", "prompt", "response"]
     tracker.table("eval/answers", columns, [[r[k] for k in columns] for r in answer_rows])
     log_results(tracker, "eval", rows, table, out.path)
-    last = rows[-1]
+    last = rows[len(snaps) - 1]  # the final policy
     tracker.log({f"eval/summary/{axis}_elo": last[f"{axis}_elo"] for axis in AXES.values()})  # the sweeps' metric
     tracker.summary({"eval/judge/identity": judge.identity, **quality_metrics(judge_info["quality"])})
     summary = f"{last['label']}: harmless Elo {last['harmless_elo']:+.0f}, helpful Elo {last['helpful_elo']:+.0f}"
     ctx.extra["run"] = run_name
-    return {"snapshots": len(snaps), "prompts": len(prompts), **ratings["games"], "summary": summary}
+    return {"snapshots": len(snaps), "external": len(externals), "prompts": len(prompts), **ratings["games"], "summary": summary}
 
 
 def quality_metrics(quality: dict[str, dict]) -> dict[str, float]:
@@ -130,7 +147,9 @@ def inputs(cfg: DictConfig) -> dict:
     """The held-out prompts' content, the judge's identity (its model and questions, or its PM's content) and check files."""
     own_pm = cfg.eval.judge == "pm" and not cfg.eval.judge_pm  # this run's PM: its fingerprint is an input already
     checks = {f: file_hash(cfg.eval[f]) for f in ("judge_check", "judge_check_helpful") if cfg.eval[f]}
-    return {"prompts": fingerprint(eval_prompts(cfg)), "judge": cfg.eval.judge if own_pm else make_judge(cfg).key, **checks}
+    external = {name: file_hash(path) for name, path in parse_external(cfg)}
+    judge = cfg.eval.judge if own_pm else make_judge(cfg).key
+    return {"prompts": fingerprint(eval_prompts(cfg)), "judge": judge, **checks, **({"external": external} if external else {})}
 
 
 STAGE = Stage(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cai.arena import Snapshot, check_judge, judge_quality, log_results, make_judge, rate, report
+from cai.arena import Snapshot, check_judge, external_players, judge_quality, log_results, make_judge, rate, report
 from cai.artifacts import StageDir, fingerprint, read_jsonl
 from cai.errors import CaiError
 from cai.stages import Context, Stage
@@ -58,7 +58,7 @@ def find_evals(cfg: DictConfig) -> dict[Path, str | None]:
             if _complete_eval(path):
                 key = path.resolve()
                 found[key] = found.get(key) or name
-    if not found:
+    if not found and not cfg.eval.external:
         raise CaiError(
             f"eval.runs: no finished evaluation under {', '.join(entries)}; run `python train.py` (stage=all) or stage=eval first"
         )
@@ -72,18 +72,11 @@ def short_names(names: list[str]) -> list[str]:
     return [",".join(x for x in p if x not in common) or n for p, n in zip(parts, names)]
 
 
-def build(ctx: Context) -> dict:
-    cfg, tracker = ctx.cfg, ctx.tracker
-    found = find_evals(cfg)
+def merge_runs(found: dict[Path, str | None]) -> tuple[dict[str, Snapshot], dict[str, dict], dict[str, list[str]]]:
+    """One player per snapshot key across the runs (a snapshot of one run only is labelled with its name),
+    their absolute metrics, and each run's line (its snapshots in order); other systems' sets are points."""
     evals = list(found)
     manifests = [json.loads((e / "manifest.json").read_text()) for e in evals]
-    prompt_sets = {m["inputs"]["prompts"] for m in manifests}
-    if len(prompt_sets) > 1:
-        raise CaiError(
-            "eval.runs: these runs were evaluated on different prompts (eval.n_red_team, eval.n_helpful or data.*); "
-            f"re-run their eval stage with the same settings: {', '.join(str(e) for e in evals)}"
-        )
-    # Merge: one player per snapshot key; a snapshot of one run only is labelled with the run's name.
     players: dict[str, Snapshot] = {}
     metrics: dict[str, dict] = {}
     runs: dict[str, list[str]] = {}
@@ -93,7 +86,8 @@ def build(ctx: Context) -> dict:
         while name in runs:
             name += "'"
         data = json.loads((e / "elo.json").read_text())
-        runs[name] = [s["key"] for s in data["snapshots"]]
+        runs[name] = [s["key"] for s in data["snapshots"] if s["order"] >= 0]
+        runs.update({s["label"]: [s["key"]] for s in data["snapshots"] if s["order"] < 0})  # external answer sets
         for s in data["snapshots"]:
             seen_in[s["key"]] = seen_in.get(s["key"], 0) + 1
             if s["key"] not in players:
@@ -105,18 +99,38 @@ def build(ctx: Context) -> dict:
         for k in keys:
             if seen_in[k] == 1 and players[k].order > 0:
                 players[k].label = f"{name}/{players[k].label}"
-    anchor = next(k for k, s in players.items() if s.order == 0)  # an initial model (ideally shared by all runs)
+    return players, metrics, runs
+
+
+def build(ctx: Context) -> dict:
+    cfg, tracker = ctx.cfg, ctx.tracker
+    found = find_evals(cfg)
+    manifests = [json.loads((e / "manifest.json").read_text()) for e in found]
+    if len({m["inputs"]["prompts"] for m in manifests}) > 1:
+        raise CaiError(
+            "eval.runs: these runs were evaluated on different prompts (eval.n_red_team, eval.n_helpful or data.*); "
+            f"re-run their eval stage with the same settings: {', '.join(str(e) for e in found)}"
+        )
+    players, metrics, runs = merge_runs(found)
+    answers = {k: read_jsonl(Path(s.answers)) for k, s in players.items()}
+    prompts = list({r["id"]: r for rows in answers.values() for r in rows}.values())
+    externals, external_answers = external_players(cfg, prompts, own_prompts=True)
+    for s in externals:
+        players[s.key], answers[s.key], runs[s.label] = s, external_answers[s.key], [s.key]
+        metrics[s.key] = {}
+    # The anchor (Elo 0): an initial model, ideally shared by all runs; with answer sets alone, the first of them.
+    anchor = next((k for k, s in players.items() if s.order == 0), next(iter(players)))
     snaps = [players[anchor]] + [s for k, s in players.items() if k != anchor]
     judge = make_judge(cfg, ctx.upstream.get("pm"))
     judge_info = {**judge.describe(), "quality": judge_quality(cfg, judge)}
-    inputs = {"evals": sorted(m["fingerprint"] for m in manifests), "judge": judge.key}
-    path = Path(cfg.paths.artifacts).expanduser() / "frontier" / fingerprint(inputs)  # one directory per set of runs and judge
+    inputs = {"evals": sorted(m["fingerprint"] for m in manifests), "players": sorted(players), "judge": judge.key}
+    path = Path(cfg.paths.artifacts).expanduser() / "frontier" / fingerprint(inputs)  # one directory per set of players and judge
     out = StageDir("frontier", path, {"bootstrap": cfg.eval.bootstrap, "seed": cfg.seed}, inputs).open()
-    answers = {s.key: read_jsonl(Path(s.answers)) for s in snaps}
     ratings, table = rate(cfg, snaps, answers, judge)
-    rows = report(snaps, ratings, metrics, runs, out.path, f"{len(runs)} runs: Elo (judge: {judge.identity})", judge_info)
+    title = f"{len(runs)} runs and answer sets: Elo (judge: {judge.identity})"
+    rows = report(snaps, ratings, metrics, runs, out.path, title, judge_info)
     log_results(tracker, "frontier", rows, table, out.path)
-    out.complete({"runs": len(runs), "snapshots": len(snaps), **ratings["games"]}, {"evals": [str(e) for e in evals]})
+    out.complete({"runs": len(runs), "snapshots": len(snaps), **ratings["games"]}, {"evals": [str(e) for e in found]})
     log.info("frontier of %d runs: %s", len(runs), out.path / "frontier.png")
     return {"metric": f"{len(runs)} runs, {len(snaps)} snapshots", "path": str(out.path / "frontier.png")}
 
