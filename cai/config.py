@@ -192,6 +192,7 @@ class PMConfig:
     eval_data: str | None = None
     n_eval: int = ranged(0, ge=0)  # comparisons of eval_data scored (0 = all)
     checkpoint: str | None = None
+    trainable: str = "all"  # all | last_block | head: what the PM trains (a frozen backbone is much cheaper)
 
 
 @dataclass

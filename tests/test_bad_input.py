@@ -72,6 +72,7 @@ CASES = [
     (("sft.val_fraction=1",), "sft.val_fraction"),
     (("pm.warmup_ratio=2",), "pm.warmup_ratio"),
     (("pm.grad_accum=0",), "pm.grad_accum"),
+    (("pm.trainable=body",), "pm.trainable"),
     (("ppo.minibatch_size=0",), "ppo.minibatch_size"),
     (("ppo.iterations=0",), "ppo.iterations"),
     (("ppo.gamma=1.5",), "ppo.gamma"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import HH_SMALL, TINY_RUN
+from conftest import FIXTURES, HH_SMALL, TINY_RUN
 
 from cai.artifacts import Upstream
 from cai.constitution import load_constitution
@@ -137,3 +137,18 @@ def test_label_needs_pairs_and_pm_eval_needs_data(make_cfg):
         run(make_cfg("stage=label", *SMALL))
     with pytest.raises(CaiError, match="pm.eval_data: stage=pm_eval needs an hh-rlhf-format file"):
         run(make_cfg("stage=pm_eval", *SMALL))
+
+
+@pytest.mark.parametrize("trainable", ["head", "last_block"])
+def test_a_pm_with_a_frozen_backbone_trains_only_what_it_says(make_cfg, tmp_path, tiny_spec, trainable):
+    data = ("model=tiny", "label=human", f"label.data={FIXTURES / 'hh_helpful_refusals.jsonl.gz'}", "pm.lr=1e-3", "pm.epochs=3")
+    run(make_cfg("stage=label", *data))
+    [summary] = run(make_cfg("stage=pm", *data, f"pm.trainable={trainable}"))
+    pm, _ = PreferenceModel.load(summary["path"])
+    start = PreferenceModel.from_causal_lm(tiny_spec.load_model())
+    changed = {k for k, v in pm.backbone.state_dict().items() if not torch.equal(v, start.backbone.state_dict()[k])}
+    if trainable == "head":
+        assert not changed  # the backbone is exactly the initial model
+    else:
+        assert changed and all(k.startswith(("layers.1.", "norm.")) for k in changed)  # the last of 2 blocks, and the norm
+    assert float(json.loads((Path(summary["path"]).parent / "metrics.json").read_text())["pm/val/accuracy"]) >= 0.5

@@ -65,14 +65,32 @@ def collate_pairs(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 # --- model ---------------------------------------------------------------------------------------
 
 
+TRAINABLE = ("all", "last_block", "head")
+
+
+def freeze(pm: PreferenceModel, trainable: str) -> None:
+    """pm.trainable: train everything, or only the last transformer block (and final norm) and the head, or the head.
+
+    A frozen backbone needs no backward pass through it: `head` costs about one forward pass per
+    step, a cheap PM on a CPU at some cost in accuracy (README, results).
+    """
+    if trainable == "all":
+        return
+    pm.backbone.requires_grad_(False)
+    if trainable == "last_block":
+        pm.backbone.layers[-1].requires_grad_(True)
+        pm.backbone.norm.requires_grad_(True)
+
+
 class PMModule(L.LightningModule):
     """Bradley-Terry training of a PreferenceModel; validation collects calibration statistics."""
 
-    def __init__(self, model_spec, lr: float, warmup_ratio: float) -> None:
+    def __init__(self, model_spec, lr: float, warmup_ratio: float, trainable: str = "all") -> None:
         super().__init__()
         self.model_spec = model_spec
         self.lr = lr
         self.warmup_ratio = warmup_ratio
+        self.trainable = trainable
         self.pm: PreferenceModel | None = None
         self.val_probs: list[float] = []
         self.val_targets: list[float] = []
@@ -81,6 +99,7 @@ class PMModule(L.LightningModule):
         if self.pm is None:
             self.pm = PreferenceModel.from_causal_lm(self.model_spec.load_model())
             self.pm.train()
+            freeze(self.pm, self.trainable)
 
     def rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.pm(batch["input_ids"], batch["attention_mask"]).float()  # (2B,)
@@ -114,7 +133,7 @@ class PMModule(L.LightningModule):
         self.log("pm/val/ece", expected_calibration_error(probs, outcomes))
 
     def configure_optimizers(self):
-        return adamw_with_cosine(self.pm.parameters(), self.lr, self.warmup_ratio, int(self.trainer.estimated_stepping_batches))
+        return adamw_with_cosine([p for p in self.pm.parameters() if p.requires_grad], self.lr, self.warmup_ratio, int(self.trainer.estimated_stepping_batches))
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -159,7 +178,7 @@ def build(ctx: Context) -> dict | None:
     rows = comparisons(cfg, ctx.upstream["label"].rows())
     train_loader, val_loader, n_train, n_val = loaders(cfg, tokenizer, rows)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = PMModule(spec, cfg.pm.lr, cfg.pm.warmup_ratio)
+    module = PMModule(spec, cfg.pm.lr, cfg.pm.warmup_ratio, cfg.pm.trainable)
     trainer, seconds = fit(
         module,
         train_loader,
@@ -197,6 +216,11 @@ def metric(counts: dict) -> str:
     return f"val accuracy {counts['val_accuracy']}, ECE {counts['val_ece']}{hh}"
 
 
+def check(cfg: DictConfig) -> None:
+    if cfg.pm.trainable not in TRAINABLE:
+        raise CaiError(f"pm.trainable: choose {', '.join(TRAINABLE)}, got '{cfg.pm.trainable}'")
+
+
 STAGE = Stage(
     name="pm",
     description="the preference model",
@@ -206,6 +230,7 @@ STAGE = Stage(
     logging_only=("pm.checkpoint_every", "pm.eval_data", "pm.n_eval", "pm.checkpoint"),
     reads=("label",),
     inputs=lambda cfg: {"helpful_data": file_hash(cfg.pm.helpful_data)} if cfg.pm.helpful_data else {},
+    check=check,
     metric=metric,
     output="model",
     artifact=("preference_model", "model", "model"),
