@@ -1,0 +1,129 @@
+"""How good is each judge? The feedback model, an AI-labelled PM and a human-label PM, on held-out human choices.
+
+    python benchmarks/bench_judges.py [ROOT] [--data FILE] [--n N] [--speed N] [--max-length 256]
+
+The hh-rlhf dev comparisons (default: the shared dev split, 1,146) are split once, by position:
+even rows tune (train the PMs), odd rows report. On the report half it prints, with 95% intervals
+and wall times:
+- the feedback-model judge (the embedded SmolLM2-135M, the eval's harmlessness question, zero-shot,
+  both orders): how often it prefers the human-chosen answer;
+- a human-label PM: `label=human` on the tune half, then `stage=pm pm.trainable=head` (frozen
+  backbone), scored with `pm.eval_data` = the report half;
+- an AI-labelled PM: the same, on the tune half ordered by the feedback model's (debiased) choice.
+Then the cost of `pm.trainable=head` against `all`: PM training tokens/s on `--speed` comparisons.
+PMs are trained through `python train.py`, in ROOT (a temp dir unless given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cai
+from cai.arena import QUESTIONS
+from cai.data import Comparison, read_hh_rlhf
+from cai.labels import Item, Labeller
+from cai.metrics import human_agreement
+from cai.models import ModelSpec
+
+HH_DEV = cai.ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
+
+
+def write_hh(path: Path, comps: list[Comparison], flip: list[bool] | None = None) -> Path:
+    """Comparisons back to the hh-rlhf format; flip[i] swaps chosen and rejected (an AI's choice)."""
+
+    def transcript(conv: list[dict], answer: str) -> str:
+        turns = [*conv, {"role": "assistant", "content": answer}]
+        return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in turns)
+
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i, c in enumerate(comps):
+            chosen, rejected = (c.rejected, c.chosen) if flip and flip[i] else (c.chosen, c.rejected)
+            f.write(json.dumps({"chosen": transcript(c.conversation, chosen), "rejected": transcript(c.conversation, rejected)}) + "\n")
+    return path
+
+
+def train(root: Path, *overrides: str) -> float:
+    """`python train.py` with these overrides in ROOT; returns the wall time."""
+    env = {**os.environ, "CAI_ROOT": str(root), "WANDB_MODE": "disabled"}
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "train.py", "logger=none", *overrides], cwd=cai.ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"train.py {' '.join(overrides)} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - t
+
+
+def pm_accuracy(root: Path, data: Path, report: Path, args, trainable: str = "head") -> tuple[dict, float]:
+    """Train a PM on `data` (label=human) and score it on `report`; (pm/hh metrics, seconds)."""
+    common = ("label=human", f"label.data={data}", f"pm.trainable={trainable}", f"pm.max_length={args.max_length}", "pm.epochs=1")
+    seconds = train(root, "stage=label", *common)
+    seconds += train(root, "stage=pm", *common, "pm.lr=1e-3", "pm.batch_size=8", f"pm.eval_data={report}")
+    metrics = json.loads(next((root / "artifacts" / "pm").glob("latest/metrics.json")).read_text())
+    return metrics, seconds
+
+
+def line(name: str, q: dict, seconds: float) -> str:
+    low, high = q["interval_95"]
+    return f"{name:34s} {q['agreement']:.3f} [{low:.3f}, {high:.3f}]  n={q['comparisons']}  {seconds:7.0f} s"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("root", nargs="?", default=None)
+    ap.add_argument("--data", default=str(HH_DEV))
+    ap.add_argument("--n", type=int, default=0, help="comparisons used (0 = all)")
+    ap.add_argument("--speed", type=int, default=32, help="comparisons for the head-vs-all training speed")
+    ap.add_argument("--max-length", type=int, default=256)
+    args = ap.parse_args()
+    root = Path(args.root or tempfile.mkdtemp(prefix="cai-judges-")).resolve()
+    comps = read_hh_rlhf(args.data)[: args.n or None]
+    tune, report = comps[0::2], comps[1::2]
+    files = root / "data"
+    files.mkdir(parents=True, exist_ok=True)
+    report_file = write_hh(files / "report.jsonl.gz", report)
+    print(f"== judges on {len(report)} held-out comparisons of {args.data} (odd rows; the {len(tune)} even rows train the PMs)")
+    results = {"data": args.data, "split": "tune = rows 0, 2, 4, ...; report = rows 1, 3, 5, ...", "tune": len(tune), "report": len(report)}
+
+    spec = ModelSpec(name="smollm2_135m", source="embedded", dtype="float32", cache=os.environ.get("CAI_CACHE", "~/.cache/cai"))
+    labeller = Labeller(spec.load_model(), spec.load_tokenizer(), "soft", debias=True, batch_size=8)
+    question = (QUESTIONS["red_team"],)
+    t = time.perf_counter()
+    judged = labeller.label([Item(c.conversation, c.chosen, c.rejected, question) for c in report], desc="feedback judge")
+    results["feedback_judge"] = {**human_agreement([r["p_a"] for r in judged]), "seconds": time.perf_counter() - t}
+    print(line("feedback-model judge (135M)", results["feedback_judge"], results["feedback_judge"]["seconds"]), flush=True)
+
+    t = time.perf_counter()
+    ai = labeller.label([Item(c.conversation, c.chosen, c.rejected, question) for c in tune], desc="AI labels")
+    ai_seconds = time.perf_counter() - t
+    ai_file = write_hh(files / "tune-ai.jsonl.gz", tune, flip=[r["p_a"] < 0.5 for r in ai])
+    results["ai_label_agreement_on_tune"] = human_agreement([r["p_a"] for r in ai])
+    human_file = write_hh(files / "tune-human.jsonl.gz", tune)
+    for name, data, extra in (("human-label PM (head)", human_file, 0.0), ("AI-labelled PM (head)", ai_file, ai_seconds)):
+        metrics, seconds = pm_accuracy(root / name.split()[0], data, report_file, args)
+        q = {"agreement": metrics["pm/hh/accuracy"], "interval_95": [metrics["pm/hh/accuracy_low"], metrics["pm/hh/accuracy_high"]]}
+        q["comparisons"] = len(report)
+        results[name] = {**q, "seconds": seconds + extra}
+        print(line(name, q, seconds + extra), flush=True)
+
+    print(f"\n== PM training cost, pm.trainable=head vs all, {args.speed} comparisons, 1 epoch, max length {args.max_length}")
+    small = write_hh(files / "speed.jsonl.gz", tune[: args.speed])
+    for trainable in ("head", "all"):
+        where = root / f"speed-{trainable}"
+        metrics, _ = pm_accuracy(where, small, small, args, trainable)
+        manifest = json.loads((where / "artifacts" / "pm" / "latest" / "manifest.json").read_text())
+        results[f"train_seconds_{trainable}"] = manifest["counts"]["seconds"]
+        print(f"pm.trainable={trainable:5s} training {manifest['counts']['seconds']:.1f} s")
+    print(f"speed-up of head over all: {results['train_seconds_all'] / results['train_seconds_head']:.1f}x")
+    (root / "judges.json").write_text(json.dumps(results, indent=2))
+    print(f"\nwritten: {root / 'judges.json'}")
+
+
+if __name__ == "__main__":
+    main()
