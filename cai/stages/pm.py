@@ -133,7 +133,9 @@ class PMModule(L.LightningModule):
         self.log("pm/val/ece", expected_calibration_error(probs, outcomes))
 
     def configure_optimizers(self):
-        return adamw_with_cosine([p for p in self.pm.parameters() if p.requires_grad], self.lr, self.warmup_ratio, int(self.trainer.estimated_stepping_batches))
+        return adamw_with_cosine(
+            [p for p in self.pm.parameters() if p.requires_grad], self.lr, self.warmup_ratio, int(self.trainer.estimated_stepping_batches)
+        )
 
 
 # --- the stage -----------------------------------------------------------------------------------
