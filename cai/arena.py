@@ -31,7 +31,7 @@ from cai.errors import CaiError
 from cai.metrics import human_agreement
 from cai.models import ModelSpec
 from cai.plots import plot_frontier
-from cai.reward import check_pm_dir
+from cai.reward import check_pm_dir, pm_identity
 from cai.templates import COMPARISON_TEMPLATE, HARMLESS_QUESTION, HARMLESSNESS, HELPFUL_QUESTION, HELPFULNESS
 
 log = logging.getLogger(__name__)
@@ -93,16 +93,16 @@ def answer(cfg: DictConfig, snaps: Sequence[Snapshot], prompts: list[dict]) -> d
 # --- other systems' answers -------------------------------------------------------------------------
 
 
-def parse_external(cfg: DictConfig) -> list[tuple[str, Path]]:
-    """eval.external entries NAME:FILE (or 'NAME=FILE', quoted for Hydra), checked: each file is read and parsed."""
+def parse_external(cfg: DictConfig) -> list[tuple[str, Path, list[dict]]]:
+    """eval.external entries NAME:FILE (or 'NAME=FILE', quoted for Hydra): (name, path, the file's parsed rows)."""
     out = []
     for entry in cfg.eval.external:
         name, sep, path = str(entry).partition("=" if "=" in str(entry) else ":")
         if not sep or not name.strip() or not path.strip():
             raise CaiError(f"eval.external: '{entry}' is not NAME:FILE, e.g. eval.external=[gpt:answers.jsonl,base:base.jsonl]")
-        read_answer_set(path, field=f"eval.external ({name})")
-        out.append((name.strip(), Path(path.strip()).expanduser()))
-    if len({n for n, _ in out}) < len(out):
+        rows = read_answer_set(path.strip(), field=f"eval.external ({name})")
+        out.append((name.strip(), Path(path.strip()).expanduser(), rows))
+    if len({n for n, _, _ in out}) < len(out):
         raise CaiError("eval.external: two answer sets have the same NAME; give each its own")
     return out
 
@@ -116,9 +116,9 @@ def external_players(cfg: DictConfig, prompts: list[dict], own_prompts: bool) ->
     """
     known = {fingerprint(conversation(p)): p for p in prompts}
     snaps, answers = [], {}
-    for name, path in parse_external(cfg):
+    for name, path, parsed in parse_external(cfg):
         rows = []
-        for r in read_answer_set(path, field=f"eval.external ({name})"):
+        for r in parsed:
             match = known.get(fingerprint(r["conversation"]))
             if match is None and (not own_prompts or r["kind"] is None):
                 continue
@@ -225,10 +225,10 @@ class PMJudge(Judge):
 
     kind = "pm"
 
-    def __init__(self, cfg: DictConfig, pm_dir: Path, pm_fingerprint: str, is_reward: bool) -> None:
+    def __init__(self, cfg: DictConfig, pm_dir: Path, is_reward: bool) -> None:
         super().__init__(cfg)
-        self.pm_dir = pm_dir
-        self.key = fingerprint({"judge": self.kind, "pm": pm_fingerprint})
+        self.pm_dir = Path(pm_dir).expanduser()
+        self.key = fingerprint({"judge": self.kind, "pm": pm_identity(self.pm_dir)})  # the same weights, the same cache
         self.is_reward = is_reward
         self.identity = f"PM {pm_dir}" + (" (this run's own reward model)" if is_reward else "")
         self._pm = None
@@ -250,9 +250,14 @@ class PMJudge(Judge):
         return [1.0 / (1.0 + math.exp(-(s[2 * i] - s[2 * i + 1]))) for i in range(len(pairs))]
 
 
-def check_judge(cfg: DictConfig) -> None:
-    """An independent judge (or an explicit choice of the run's own reward model), a whole judge PM, readable answer sets."""
+def check_arena(cfg: DictConfig) -> None:
+    """Before any stage runs (eval, frontier): the judge, and every answer set read and parsed."""
+    check_judge(cfg)
     parse_external(cfg)
+
+
+def check_judge(cfg: DictConfig) -> None:
+    """An independent judge (or an explicit choice of the run's own reward model), and a whole judge PM."""
     if cfg.eval.judge not in JUDGES:
         raise CaiError(f"eval.judge: choose one of {', '.join(JUDGES)}, got '{cfg.eval.judge}'")
     if cfg.eval.judge == "pm" and cfg.eval.judge_pm:
@@ -265,27 +270,20 @@ def check_judge(cfg: DictConfig) -> None:
         )
 
 
-def pm_identity(path: str | Path) -> str:
-    """What makes a PM directory's judgements what they are: its head and backbone config (content hashes)."""
-    path = Path(path).expanduser()
-    return fingerprint({"head": file_hash(path / "head.safetensors"), "backbone": file_hash(path / "backbone" / "config.json")})
-
-
 def make_judge(cfg: DictConfig, pm=None) -> Judge:
     """The judge `eval.judge` names. `pm` is this run's finished pm stage (an artifacts.Upstream), for eval.judge_own_pm."""
     check_judge(cfg)
     if cfg.eval.judge == "feedback":
         return FeedbackJudge(cfg)
     if cfg.eval.judge_pm:
-        identity = pm_identity(cfg.eval.judge_pm)
         # The same weights as this run's reward model, under another path, are not independent either.
-        is_reward = pm is not None and identity == pm_identity(pm.model_dir)
+        is_reward = pm is not None and pm_identity(cfg.eval.judge_pm) == pm_identity(pm.model_dir)
         if is_reward and not cfg.eval.judge_own_pm:
             raise CaiError(
                 f"eval.judge_pm: '{cfg.eval.judge_pm}' is this run's own PM, the reward PPO optimised; give another PM, or set eval.judge_own_pm=true"
             )
-        return PMJudge(cfg, Path(cfg.eval.judge_pm).expanduser(), identity, is_reward=is_reward)
-    return PMJudge(cfg, pm.model_dir, pm.fingerprint, is_reward=True)
+        return PMJudge(cfg, cfg.eval.judge_pm, is_reward=is_reward)
+    return PMJudge(cfg, pm.model_dir, is_reward=True)
 
 
 def judge_quality(cfg: DictConfig, judge: Judge) -> dict[str, dict]:

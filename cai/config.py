@@ -158,8 +158,9 @@ class SLConfig:
 
 
 @dataclass
-class SFTConfig:
-    revision: int = -1
+class TrainingConfig:
+    """What SFT and the PM both train with (through cai.training.fit): one definition of these fields and ranges."""
+
     epochs: int = ranged(1, ge=1)
     batch_size: int = ranged(8, ge=1)
     grad_accum: int = ranged(1, ge=1)
@@ -171,6 +172,11 @@ class SFTConfig:
 
 
 @dataclass
+class SFTConfig(TrainingConfig):
+    revision: int = -1
+
+
+@dataclass
 class PairsConfig:
     temperature: float = ranged(1.0, gt=0)
     max_new_tokens: int = ranged(64, ge=1)
@@ -178,15 +184,8 @@ class PairsConfig:
 
 
 @dataclass
-class PMConfig:
-    epochs: int = ranged(1, ge=1)
-    batch_size: int = ranged(8, ge=1)
-    grad_accum: int = ranged(1, ge=1)
+class PMConfig(TrainingConfig):
     lr: float = ranged(1e-5, gt=0)
-    warmup_ratio: float = ranged(0.1, ge=0, le=1)
-    max_length: int = ranged(512, ge=8)
-    val_fraction: float = ranged(0.1, ge=0, lt=1)
-    checkpoint_every: int = ranged(50, ge=0)
     helpful_data: str | None = None
     n_helpful: int = ranged(0, ge=0)  # human helpfulness comparisons mixed in (0 = as many as harmlessness labels)
     eval_data: str | None = None

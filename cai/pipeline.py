@@ -1,6 +1,6 @@
 """Runs the stages in order. Stages hand off through artifacts on disk, never through memory.
 
-The method's order is declared once, in STAGES. For each stage the pipeline does the same steps,
+The method's order is declared once, in PIPELINE. For each stage the pipeline does the same steps,
 here and nowhere else:
   require   the stages it reads must be complete (else: which stage to run, with which overrides);
   key       its directory is `${paths.artifacts}/<stage>/<lineage key>`: a hash of the config fields

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from cai.artifacts import file_hash, fingerprint
 from cai.data import Message, read_hh_rlhf
 from cai.errors import CaiError
 from cai.metrics import pairwise_accuracy, wilson_interval
@@ -83,6 +84,12 @@ def check_pm_dir(path: str | Path, field: str = "pm.checkpoint") -> None:
             raise CaiError(
                 f"{field}: '{path}' is an incomplete preference model: {part} is missing; copy the whole directory or retrain it"
             )
+
+
+def pm_identity(path: str | Path) -> str:
+    """What makes a PM directory score what it scores: its head and backbone config (content hashes)."""
+    path = Path(path).expanduser()
+    return fingerprint({"head": file_hash(path / "head.safetensors"), "backbone": file_hash(path / "backbone" / "config.json")})
 
 
 def encode_transcript(tokenizer, conversation: Sequence[Message], response: str, max_length: int) -> list[int]:

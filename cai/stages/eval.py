@@ -35,7 +35,8 @@ from cai.arena import (
     PMJudge,
     Snapshot,
     answer,
-    check_judge,
+    check_arena,
+    conversation,
     external_players,
     judge_quality,
     log_results,
@@ -92,7 +93,7 @@ def absolute_metrics(cfg: DictConfig, answers: list[dict], pm=None) -> dict:
         out["mean_length"] = sum(r["tokens"] for r in answers) / len(answers)
     if pm is not None:
         model, tok = pm
-        transcripts = [([{"role": "user", "content": r["prompt"]}], r["response"]) for r in answers]
+        transcripts = [(conversation(r), r["response"]) for r in answers]
         scores = score(model, tok, transcripts, cfg.pm.max_length, cfg.pm.batch_size)
         out["pm_score"] = sum(scores) / len(scores)
     return out
@@ -114,8 +115,8 @@ def build(ctx: Context) -> dict:
     answers = {**answer(cfg, snaps, prompts), **external_answers}
     players = snaps + externals
     ratings, table = rate(cfg, players, answers, judge)
-    # The PM scores every answer; when it is also the judge, the one already loaded serves.
-    pm = judge.model() if isinstance(judge, PMJudge) else PreferenceModel.load(ctx.upstream["pm"].model_dir)
+    # This run's PM scores every answer; when it is also the judge, the copy the judge loaded serves.
+    pm = judge.model() if isinstance(judge, PMJudge) and judge.is_reward else PreferenceModel.load(ctx.upstream["pm"].model_dir)
     metrics = {s.key: absolute_metrics(cfg, answers[s.key], pm) for s in tqdm(players, desc="eval metrics", unit="snapshot")}
     run_name = tracker.name or "this run"
     title = f"{run_name}: Elo (judge: {judge.identity})"
@@ -147,7 +148,7 @@ def inputs(cfg: DictConfig) -> dict:
     """The held-out prompts' content, the judge's identity (its model and questions, or its PM's content) and check files."""
     own_pm = cfg.eval.judge == "pm" and not cfg.eval.judge_pm  # this run's PM: its fingerprint is an input already
     checks = {f: file_hash(cfg.eval[f]) for f in ("judge_check", "judge_check_helpful") if cfg.eval[f]}
-    external = {name: file_hash(path) for name, path in parse_external(cfg)}
+    external = {name: file_hash(path) for name, path, _ in parse_external(cfg)}
     judge = cfg.eval.judge if own_pm else make_judge(cfg).key
     return {"prompts": fingerprint(eval_prompts(cfg)), "judge": judge, **checks, **({"external": external} if external else {})}
 
@@ -161,7 +162,7 @@ STAGE = Stage(
     logging_only=("eval.runs",),
     reads=("sft", "ppo", "pm"),
     inputs=inputs,
-    check=check_judge,
+    check=check_arena,
     metric=lambda c: c["summary"],
     output="frontier.png",
     artifact=("eval", "evaluation", ""),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cai.arena import Snapshot, check_judge, external_players, judge_quality, log_results, make_judge, rate, report
+from cai.arena import Snapshot, check_arena, external_players, judge_quality, log_results, make_judge, rate, report
 from cai.artifacts import StageDir, fingerprint, read_jsonl
 from cai.errors import CaiError
 from cai.stages import Context, Stage
@@ -140,6 +140,6 @@ STAGE = Stage(
     description="the cross-run Elo frontier",
     build=build,
     reads=lambda cfg: ("pm",) if cfg.eval.judge == "pm" and not cfg.eval.judge_pm else (),  # the run's own PM as judge
-    check=check_judge,
+    check=check_arena,
     keyed=False,
 )

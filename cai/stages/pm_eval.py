@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from cai.artifacts import file_hash, fingerprint, write_json
 from cai.errors import CaiError
-from cai.reward import PreferenceModel, hh_accuracy
+from cai.reward import PreferenceModel, hh_accuracy, pm_identity
 from cai.stages import Context, Stage
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def build(ctx: Context) -> dict:
     result = hh_accuracy(pm, tokenizer, cfg.pm.eval_data, cfg.pm.max_length, cfg.pm.n_eval, cfg.pm.batch_size)
     result["checkpoint"] = str(checkpoint)
     # One directory per (PM, data file): two PMs scored on files of the same name never overwrite each other.
-    key = fingerprint({"pm": file_hash(checkpoint / "head.safetensors"), "data": file_hash(cfg.pm.eval_data), "n": cfg.pm.n_eval})
+    key = fingerprint({"pm": pm_identity(checkpoint), "data": file_hash(cfg.pm.eval_data), "n": cfg.pm.n_eval})
     out = Path(cfg.paths.artifacts).expanduser() / "pm_eval" / f"{Path(cfg.pm.eval_data).name.split('.')[0]}-{key}"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
