@@ -1,6 +1,6 @@
 """How good is each judge? The feedback model, an AI-labelled PM and a human-label PM, on held-out human choices.
 
-    python benchmarks/bench_judges.py [ROOT] [--data FILE] [--n N] [--speed N] [--max-length 256]
+    python benchmarks/bench_judges.py [ROOT] [--data FILE] [--n N] [--all] [--max-length 256]
 
 The hh-rlhf dev comparisons (default: the shared dev split, 1,146) are split once, by position:
 even rows tune (train the PMs), odd rows report. On the report half it prints, with 95% intervals
@@ -10,7 +10,8 @@ and wall times:
 - a human-label PM: `label=human` on the tune half, then `stage=pm pm.trainable=head` (frozen
   backbone), scored with `pm.eval_data` = the report half;
 - an AI-labelled PM: the same, on the tune half ordered by the feedback model's (debiased) choice.
-Then the cost of `pm.trainable=head` against `all`: PM training tokens/s on `--speed` comparisons.
+With --all, the human-label PM is trained again with `pm.trainable=all`: the accuracy that the frozen
+backbone costs and the training time it saves, on the same data.
 PMs are trained through `python train.py`, in ROOT (a temp dir unless given).
 """
 
@@ -33,6 +34,8 @@ from cai.labels import Item, Labeller
 from cai.metrics import human_agreement
 from cai.models import ModelSpec
 
+# A linear head on frozen features takes a large step; fine-tuning the whole 135M model a small one.
+LR = {"head": 1e-3, "last_block": 1e-4, "all": 1e-5}
 HH_DEV = cai.ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
 
 
@@ -64,7 +67,7 @@ def pm_accuracy(root: Path, data: Path, report: Path, args, trainable: str = "he
     """Train a PM on `data` (label=human) and score it on `report`; (pm/hh metrics, seconds)."""
     common = ("label=human", f"label.data={data}", f"pm.trainable={trainable}", f"pm.max_length={args.max_length}", "pm.epochs=1")
     seconds = train(root, "stage=label", *common)
-    seconds += train(root, "stage=pm", *common, "pm.lr=1e-3", "pm.batch_size=8", f"pm.eval_data={report}")
+    seconds += train(root, "stage=pm", *common, f"pm.lr={LR[trainable]}", "pm.batch_size=8", f"pm.eval_data={report}")
     metrics = json.loads(next((root / "artifacts" / "pm").glob("latest/metrics.json")).read_text())
     return metrics, seconds
 
@@ -79,7 +82,7 @@ def main() -> None:
     ap.add_argument("root", nargs="?", default=None)
     ap.add_argument("--data", default=str(HH_DEV))
     ap.add_argument("--n", type=int, default=0, help="comparisons used (0 = all)")
-    ap.add_argument("--speed", type=int, default=32, help="comparisons for the head-vs-all training speed")
+    ap.add_argument("--all", action="store_true", help="also train the human-label PM with pm.trainable=all (slow)")
     ap.add_argument("--max-length", type=int, default=256)
     args = ap.parse_args()
     root = Path(args.root or tempfile.mkdtemp(prefix="cai-judges-")).resolve()
@@ -105,22 +108,25 @@ def main() -> None:
     ai_file = write_hh(files / "tune-ai.jsonl.gz", tune, flip=[r["p_a"] < 0.5 for r in ai])
     results["ai_label_agreement_on_tune"] = human_agreement([r["p_a"] for r in ai])
     human_file = write_hh(files / "tune-human.jsonl.gz", tune)
-    for name, data, extra in (("human-label PM (head)", human_file, 0.0), ("AI-labelled PM (head)", ai_file, ai_seconds)):
-        metrics, seconds = pm_accuracy(root / name.split()[0], data, report_file, args)
+    runs = (
+        ("human-label PM (head)", human_file, 0.0, "head"),
+        ("AI-labelled PM (head)", ai_file, ai_seconds, "head"),
+        ("human-label PM (all)", human_file, 0.0, "all"),
+    )
+    for name, data, extra, trainable in runs[: None if args.all else 2]:
+        where = root / name.replace(" ", "_").replace("(", "").replace(")", "")
+        metrics, seconds = pm_accuracy(where, data, report_file, args, trainable)
         q = {"agreement": metrics["pm/hh/accuracy"], "interval_95": [metrics["pm/hh/accuracy_low"], metrics["pm/hh/accuracy_high"]]}
         q["comparisons"] = len(report)
-        results[name] = {**q, "seconds": seconds + extra}
-        print(line(name, q, seconds + extra), flush=True)
-
-    print(f"\n== PM training cost, pm.trainable=head vs all, {args.speed} comparisons, 1 epoch, max length {args.max_length}")
-    small = write_hh(files / "speed.jsonl.gz", tune[: args.speed])
-    for trainable in ("head", "all"):
-        where = root / f"speed-{trainable}"
-        metrics, _ = pm_accuracy(where, small, small, args, trainable)
         manifest = json.loads((where / "artifacts" / "pm" / "latest" / "manifest.json").read_text())
-        results[f"train_seconds_{trainable}"] = manifest["counts"]["seconds"]
-        print(f"pm.trainable={trainable:5s} training {manifest['counts']['seconds']:.1f} s")
-    print(f"speed-up of head over all: {results['train_seconds_all'] / results['train_seconds_head']:.1f}x")
+        results[name] = {**q, "seconds": seconds + extra, "train_seconds": manifest["counts"]["seconds"]}
+        print(line(name, q, seconds + extra) + f"  (PM training {manifest['counts']['seconds']:.0f} s)", flush=True)
+    if args.all:
+        head, full = results["human-label PM (head)"], results["human-label PM (all)"]
+        print(
+            f"\npm.trainable=head vs all: training {full['train_seconds'] / head['train_seconds']:.1f}x faster, "
+            f"agreement {head['agreement']:.3f} vs {full['agreement']:.3f}"
+        )
     (root / "judges.json").write_text(json.dumps(results, indent=2))
     print(f"\nwritten: {root / 'judges.json'}")
 

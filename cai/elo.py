@@ -5,9 +5,12 @@ maximises the log-likelihood of the observed outcomes (1 win, 0 loss, 0.5 tie, o
 with one player (the anchor, the initial model) fixed at 0. Elo = 400 * log10(e) * r, so a 400-point
 gap means 10:1 odds, as in chess and in the paper's figures.
 
-Each player also plays `prior_ties` virtual ties against the anchor. This keeps the fit finite when a
-player wins or loses every comparison (the MLE is then infinite) and costs a negligible bias once
-there are more than a handful of real comparisons.
+Each player also plays `prior_ties` virtual ties, spread evenly over every other player. This keeps
+the fit finite when a player wins or loses every comparison (the MLE is then infinite) and costs a
+negligible bias once there are more than a handful of real comparisons. The ties go to every pair,
+not only to the anchor, so the prior treats all players alike: two players with the same record get
+the same rating (a copy of the anchor rates exactly 0), and moving the anchor only shifts every
+rating by a constant.
 
 Pure functions on numpy arrays; cai/stages/eval.py feeds them the judge's verdicts.
 """
@@ -46,12 +49,10 @@ def fit_strengths(
     """Bradley–Terry MLE by Newton's method. wins, games: (P, P) -> r: (P,) log-odds, r[anchor] = 0."""
     n = len(wins)
     wins, games = wins.astype(float).copy(), games.astype(float).copy()
-    for i in range(n):  # virtual ties with the anchor: half a win and half a loss each
-        if i != anchor:
-            wins[i, anchor] += prior_ties / 2
-            wins[anchor, i] += prior_ties / 2
-            games[i, anchor] += prior_ties
-            games[anchor, i] += prior_ties
+    if n > 1:  # virtual ties between every pair: half a win and half a loss each
+        tie = prior_ties / (n - 1) * (1.0 - np.eye(n))  # (P, P): each player plays prior_ties in all
+        wins += tie / 2
+        games += tie
     free = np.array([i for i in range(n) if i != anchor])
     r = np.zeros(n)
     for _ in range(iters):

@@ -50,10 +50,11 @@ def test_symmetric_and_anchored():
     perm = [0, 2, 1]
     relabelled = [(perm[i], perm[j], s) for i, j, s in comps]
     assert np.allclose(elo(3, relabelled)[perm], base)
-    # Anchoring another player shifts every rating by a constant (with no prior, which is anchor-specific).
-    a0, a1 = elo(3, comps, anchor=0, prior_ties=0.0), elo(3, comps, anchor=1, prior_ties=0.0)
-    assert a1[1] == 0.0
-    assert np.allclose(a0 - a1, a0[1])
+    # Anchoring another player shifts every rating by a constant, with or without the prior.
+    for prior in (0.0, 0.5):
+        a0, a1 = elo(3, comps, anchor=0, prior_ties=prior), elo(3, comps, anchor=1, prior_ties=prior)
+        assert a1[1] == 0.0
+        assert np.allclose(a0 - a1, a0[1])
     # A player that wins every game stays finite thanks to the virtual ties.
     assert np.isfinite(elo(2, [(1, 0, 1.0)] * 10)).all()
 
@@ -70,3 +71,18 @@ def test_bootstrap_intervals_cover_the_truth():
         total += 2
     coverage = covered / total
     assert 0.88 <= coverage <= 0.99, coverage
+
+
+def test_identical_players_rate_identically():
+    # Player 2 is a copy of the anchor: it ties the anchor and meets player 1 exactly as the anchor does.
+    comps = [(0, 2, 0.5)] * 10 + [(1, 0, 1.0)] * 7 + [(0, 1, 1.0)] * 3 + [(1, 2, 1.0)] * 7 + [(2, 1, 1.0)] * 3
+    ratings = elo(3, comps)
+    assert ratings[2] == pytest.approx(0.0, abs=1e-9)
+    # Two copies of a player that won everything: infinite without the prior, equal and finite with it.
+    ratings = elo(3, [(1, 0, 1.0)] * 5 + [(2, 0, 1.0)] * 5 + [(1, 2, 0.5)] * 4)
+    assert np.isfinite(ratings).all() and ratings[1] == pytest.approx(ratings[2]) and ratings[1] > 300
+
+
+def test_prior_pulls_toward_a_tie_by_the_hand_computed_amount():
+    # Two players, 3 wins in 4 games, plus 0.5 virtual games of ties: score (3 + 0.25) / 4.5 -> odds 13/5.
+    assert elo(2, [(1, 0, 1.0)] * 3 + [(1, 0, 0.0)], prior_ties=0.5)[1] == pytest.approx(400 * math.log10(13 / 5))
