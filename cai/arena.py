@@ -29,7 +29,7 @@ from cai.data import read_answer_set, read_hh_rlhf
 from cai.elo import bootstrap_elo
 from cai.errors import CaiError
 from cai.metrics import human_agreement
-from cai.models import ModelSpec
+from cai.models import ModelSpec, placement
 from cai.plots import plot_frontier
 from cai.reward import check_pm_dir, pm_identity
 from cai.templates import COMPARISON_TEMPLATE, HARMLESS_QUESTION, HARMLESSNESS, HELPFUL_QUESTION, HELPFULNESS
@@ -51,6 +51,7 @@ class Snapshot:
     order: int  # position along its run: 0 initial, 1 SFT, then PPO iterations
     model: dict  # ModelSpec fields
     answers: str = ""  # the file holding its answers, once written
+    ran_on: dict | None = None  # where it generated them (None when they came from the cache)
 
     def spec(self) -> ModelSpec:
         return ModelSpec(**self.model)
@@ -80,6 +81,7 @@ def answer(cfg: DictConfig, snaps: Sequence[Snapshot], prompts: list[dict]) -> d
             path.parent.mkdir(parents=True, exist_ok=True)
             gen = instantiate(cfg.generation, model=snap.spec())
             try:
+                snap.ran_on = gen.placement()
                 params = gen.params(max_new_tokens=sampling["max_new_tokens"], seed=cfg.seed * 31 + 7)
                 done = gen.generate([[{"role": "user", "content": p["prompt"]}] for p in prompts], params, desc=f"answers {snap.label}")
             finally:
@@ -148,6 +150,7 @@ class Judge:
     key = ""
     identity = ""  # what the judge is, in words, for elo.json and the plot
     is_reward = False  # True when the judge is the PM that this run's PPO optimised
+    ran_on: dict | None = None  # where its model ran, once loaded (None when every verdict was cached)
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -216,6 +219,7 @@ class FeedbackJudge(Judge):
         if self._labeller is None:
             model, tok = self.spec.load_model(), self.spec.load_tokenizer()
             self._labeller = Labeller(model, tok, kind="soft", debias=True, batch_size=self.cfg.label.batch_size)
+            self.ran_on = placement(model)
         items = [Item(conversation(ra), ra["response"], rb["response"], (QUESTIONS[ra["kind"]],)) for ra, rb in pairs]
         return [r["p_a"] for r in self._labeller.label(items, desc="judging")]
 
@@ -239,6 +243,7 @@ class PMJudge(Judge):
             from cai.reward import PreferenceModel
 
             self._pm = PreferenceModel.load(self.pm_dir)
+            self.ran_on = placement(self._pm[0])
         return self._pm
 
     def compare(self, pairs: list[tuple[dict, dict]]) -> list[float]:

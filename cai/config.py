@@ -214,6 +214,7 @@ class PPOConfig:
     kl_horizon: int = ranged(10000, ge=1)
     whiten_rewards: bool = True
     reward_clip: float = ranged(5.0, gt=0)
+    max_grad_norm: float = ranged(1.0, gt=0)  # gradient clipping (DeepSpeed applies it in its engine)
     value_model: str = "head"  # head | critic
     checkpoint_every: int = ranged(4, ge=0)
     table_every: int = ranged(4, ge=0)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,39 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise CaiError(f"model.dtype: unknown dtype '{name}'; choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+# --- placement: which device this process runs its models on -------------------------------------
+
+_ACCELERATOR = "auto"  # trainer.accelerator, set once per run by use_accelerator and read by every load
+_DEVICES = None  # trainer.devices: a list of GPU ids picks which ones, as in Lightning
+
+
+def use_accelerator(accelerator: str, devices=None) -> torch.device:
+    """Record the run's accelerator (`trainer.accelerator`), so every model load puts weights on it.
+
+    One rule for every model a stage runs (policy, feedback model, PM, ref, critic, judge): the
+    accelerator the run selects; under DDP/DeepSpeed, this rank's local device.
+    """
+    global _ACCELERATOR, _DEVICES
+    _ACCELERATOR, _DEVICES = accelerator, devices
+    return run_device()
+
+
+def run_device() -> torch.device:
+    """cuda:<this rank's GPU> when the run's accelerator is a GPU (or auto, and one is visible), else the CPU."""
+    if _ACCELERATOR not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if isinstance(_DEVICES, Sequence) and not isinstance(_DEVICES, str):  # trainer.devices=[2,3]: rank 1 runs on GPU 3
+        return torch.device("cuda", int(list(_DEVICES)[local_rank]))
+    return torch.device("cuda", local_rank)
+
+
+def placement(model: torch.nn.Module) -> dict:
+    """Where a model's weights are, for manifests: {"device": "cuda:0", "dtype": "bfloat16"}."""
+    param = next(model.parameters())
+    return {"device": str(param.device), "dtype": str(param.dtype).removeprefix("torch.")}
 
 
 def gguf_path() -> Path:
@@ -168,14 +202,22 @@ class ModelSpec(ModelConfig):
         tok.padding_side = "left"
         return tok
 
-    def load_model(self):
-        """The causal LM in eval mode, on the CPU, in this spec's dtype."""
+    def load_model(self, train: bool = False):
+        """The causal LM in eval mode, on the run's device (`run_device`).
+
+        For inference it is in this spec's dtype. For training (`train=True`) it is float32 whatever
+        the spec says: the optimizer is plain AdamW, so bf16 weights would be bf16 master weights,
+        and at PPO's learning rates most updates would round away. bf16 compute comes from the
+        trainer's autocast (`trainer.precision=bf16-mixed`), and DeepSpeed keeps its own fp32 copy.
+        """
         from transformers import AutoModelForCausalLM
 
+        dtype = torch.float32 if train else self.torch_dtype
         if self.source == "tiny":
-            return self._build_tiny()
-        model = self._from_pretrained(AutoModelForCausalLM, self.local_dir(), dtype=self.torch_dtype)
-        return model.eval()
+            model = self._build_tiny().to(dtype)
+        else:
+            model = self._from_pretrained(AutoModelForCausalLM, self.local_dir(), dtype=dtype)
+        return model.to(run_device()).eval()
 
     def _from_pretrained(self, cls, where: str, **kwargs):
         extra = {} if self.source in ("tiny", "embedded") else {"revision": self.revision, "trust_remote_code": self.trust_remote_code}

@@ -31,6 +31,7 @@ from cai.artifacts import StageDir, Upstream, fingerprint
 from cai.config import check_ranges, instantiate
 from cai.data import load_prompts, read_hh_rlhf
 from cai.errors import CaiError
+from cai.models import use_accelerator
 from cai.reward import check_pm_dir
 from cai.stages import Context, Stage, eval, frontier, label, pairs, pm, pm_eval, ppo, sft, sl_data
 from cai.tracking import Tracker
@@ -166,9 +167,22 @@ def _run_locked(stage: Stage, out: StageDir, ctx: Context) -> dict:
             name, kind, inside = stage.artifact
             tracker.artifact(out.path / inside, name=name, type=kind)
         summary["metric"] = stage.metric(counts)
+    summary["ran_on"] = ran_on(ctx.extra.get("models"))
     if stage.announce:
         stage.announce(ctx)
     return summary
+
+
+def ran_on(models: dict | None) -> str:
+    """Where a stage's models ran: 'cuda:0 bfloat16', or per group ('cuda:0 float32: actor, critic; ...'), then the precision."""
+    if not models:
+        return ""
+    groups: dict[str, list[str]] = {}
+    for name, m in models.items():
+        groups.setdefault(f"{m['device']} {m['dtype']}", []).append(name)
+    text = next(iter(groups)) if len(groups) == 1 else "; ".join(f"{w}: {', '.join(names)}" for w, names in groups.items())
+    precision = sorted({m["precision"] for m in models.values() if m.get("precision")})
+    return text + (f" ({', '.join(precision)})" if precision else "")
 
 
 LABEL_KINDS = ("hard", "soft", "cot", "human")
@@ -236,6 +250,7 @@ def run(cfg: DictConfig) -> list[dict]:
     """Run the stages that cfg.stage.name selects, in order, and return one summary per stage."""
     names = stages_for(cfg.stage.name)
     validate(cfg, names)
+    use_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)  # every model a stage loads goes there
     seed_everything(cfg.seed)
     tracker: Tracker = instantiate(cfg.logger).start(cfg)
     summaries = []
@@ -254,10 +269,11 @@ def print_summary(summaries: list[dict]) -> None:
     """A table of stage, key metric and artifact path, printed when the run ends."""
     if not summaries:
         return
-    rows = [(s["stage"], str(s.get("metric", "")), str(s.get("path", ""))) for s in summaries]
-    widths = [max(len(r[i]) for r in rows + [("stage", "key metric", "artifacts")]) for i in range(3)]
+    header = ("stage", "key metric", "ran on", "artifacts")
+    rows = [(s["stage"], str(s.get("metric", "")), s.get("ran_on", ""), str(s.get("path", ""))) for s in summaries]
+    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
-    print(line.format("stage", "key metric", "artifacts"))
+    print(line.format(*header))
     for r in rows:
         print(line.format(*r))
     for s in summaries:

@@ -20,6 +20,7 @@ from cai.artifacts import file_hash, fingerprint
 from cai.data import Message, read_hh_rlhf
 from cai.errors import CaiError
 from cai.metrics import pairwise_accuracy, wilson_interval
+from cai.models import resolve_dtype, run_device
 from cai.training import pad
 
 
@@ -56,15 +57,20 @@ class PreferenceModel(nn.Module):
         (path / "pm.json").write_text(json.dumps({"format": "cai-pm-1", "backbone": "backbone", "head": "head.safetensors"}))
 
     @classmethod
-    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreferenceModel, object]:
-        """(model, tokenizer) from a directory written by `save`."""
+    def load(cls, path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreferenceModel, object]:
+        """(model, tokenizer) from a directory written by `save`, on the run's device.
+
+        dtype None is the inference default (bf16 on a GPU that has it, else float32); a PM that
+        will be trained further (PPO's critic starts from it) is loaded in float32.
+        """
         from transformers import AutoModel, AutoTokenizer
 
         path = Path(path).expanduser()
         check_pm_dir(path)
-        backbone = AutoModel.from_pretrained(path / "backbone", dtype=dtype)
+        backbone = AutoModel.from_pretrained(path / "backbone", dtype=dtype or resolve_dtype("auto"))
         pm = cls(backbone)
         pm.head.load_state_dict(load_file(str(path / "head.safetensors")))
+        pm.to(run_device())
         tok = AutoTokenizer.from_pretrained(path / "backbone")
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token

@@ -3,7 +3,7 @@
 - `fit` builds the one Lightning Trainer that SFT, the PM and PPO train with, and resumes it;
 - `pad` turns token-id lists into a padded (B, T) batch and its attention mask;
 - `LengthBucketSampler` batches sequences of similar length, sharded across ranks;
-- `adamw_with_cosine`, `resolve_precision`, `build_strategy`, `gathered_state_dict`.
+- `adamw_with_cosine`, `resolve_precision`, `build_strategy`, `gathered_state_dict`, `trained_placement`.
 """
 
 from __future__ import annotations
@@ -184,14 +184,19 @@ def fit(
     strategy: Any,
     logger: Any,
     callbacks: Sequence[L.Callback] = (),
+    max_grad_norm: float | None = None,
 ) -> tuple[L.Trainer, float]:
     """Train with Lightning, checkpointing every N optimizer steps (or epochs) and resuming from the last one.
 
     `checkpoint_unit="epochs"` suits PPO, where one epoch is one iteration of several optimizer
     steps. `checkpoint_every=0` writes no checkpoint. Extra callbacks run after the checkpoint is
     saved. The checkpoints (weights + optimizer) live in out_dir/checkpoints only until the stage
-    has written its real output: call `drop_checkpoints(out_dir)` then.
+    has written its real output: call `drop_checkpoints(out_dir)` then. `max_grad_norm` is for
+    manual optimization (PPO), which clips itself: DeepSpeed ignores that call and clips inside its
+    engine, so the norm goes into DeepSpeed's config too.
     """
+    if max_grad_norm and isinstance(getattr(strategy, "config", None), dict):
+        strategy.config["gradient_clipping"] = max_grad_norm
     ckpt_dir = Path(out_dir) / "checkpoints"
     every = {"every_n_train_steps" if checkpoint_unit == "steps" else "every_n_epochs": checkpoint_every}
     sampler = getattr(train_loader, "batch_sampler", None)
@@ -229,14 +234,33 @@ def drop_checkpoints(out_dir: Path) -> None:
     shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
 
 
-def gathered_state_dict(model: torch.nn.Module, strategy: Any) -> dict[str, torch.Tensor]:
-    """A module's full weights on the CPU, gathering DeepSpeed ZeRO-3 shards first where needed."""
+def gathered_state_dict(model: torch.nn.Module, strategy: Any, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A module's full weights on the CPU, gathering DeepSpeed ZeRO-3 shards first where needed.
+
+    A collective under ZeRO-3: every rank must call it. `dtype` casts the floating-point weights
+    (training keeps float32 masters; checkpoints are written in the model's configured dtype).
+    """
+
+    def cast(v: torch.Tensor) -> torch.Tensor:
+        v = v.detach().cpu()
+        return v.to(dtype) if dtype is not None and v.is_floating_point() else v
+
     if getattr(strategy, "zero_stage_3", False):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            return {k: cast(v).clone() for k, v in model.state_dict().items()}
+    return {k: cast(v) for k, v in model.state_dict().items()}
+
+
+def trained_placement(trainer: L.Trainer, model: torch.nn.Module) -> dict:
+    """Where a Lightning-trained model ran, for manifests: this rank's device, the weights' dtype, the precision."""
+    param = next(model.parameters())
+    return {
+        "device": str(trainer.strategy.root_device),
+        "dtype": str(param.dtype).removeprefix("torch."),
+        "precision": str(trainer.precision),
+    }
 
 
 def pad(seqs: Sequence[Sequence[int]], value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:

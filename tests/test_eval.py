@@ -16,6 +16,7 @@ from conftest import FIXTURES, HH_SMALL, TINY_RUN
 import cai
 from cai.artifacts import read_jsonl
 from cai.errors import CaiError
+from cai.models import run_device
 from cai.pipeline import PIPELINE, STAGES, run, stage_path
 
 TINY = (
@@ -74,6 +75,21 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
     assert len(read_jsonl(tmp_path / "log" / "tables" / "eval_answers.jsonl")) == 4 * 10
     assert "eval/ppo@4/harmless_elo" in (tmp_path / "log" / "metrics.csv").read_text()
     assert summaries[-1]["path"] == str(out / "frontier.png")
+    # Every stage's manifest says where each of its models ran: the run's device (here the CPU), float32.
+    expected = {
+        "sl_data": {"policy"},
+        "sft": {"policy"},
+        "pairs": {"sft_policy"},
+        "label": {"feedback_model"},
+        "pm": {"pm"},
+        "ppo": {"actor", "ref", "critic", "reward"},
+        "eval": {"answers", "judge", "pm_scores"},
+    }
+    for stage, roles in expected.items():
+        models = json.loads((stage_path(cfg, stage) / "manifest.json").read_text())["models"]
+        assert set(models) == roles, stage
+        assert all(m["device"] == str(run_device()) == "cpu" and m["dtype"] == "float32" for m in models.values()), models
+    assert all(s["ran_on"].startswith("cpu float32") for s in summaries)
 
     # A second run is all cached: no stage recomputes, no question is put to the judge again.
     again = run(cfg)

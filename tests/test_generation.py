@@ -61,3 +61,33 @@ def test_embedded_model_answers_a_chat_prompt(embedded_spec):
     first, second = gen.generate(convs, sampled), gen.generate(convs, sampled)
     assert [c.text for c in first] == [c.text for c in second]
     assert all(c.text for c in first)
+
+
+def test_rollout_log_probs_are_the_actors_whatever_the_model_generation_config(tiny_spec):
+    """Sampling parity: PPO recomputes log-probs at temperature 1 with no processors, so sampling must use none.
+
+    The model's generation_config asks for the processors an Instruct model ships with; none of them
+    may apply. The sampled tokens' log-probs must equal the ones the actor computes from its logits.
+    """
+    import torch
+
+    from cai.rl import batch_rollouts, token_logprobs
+
+    model, tok = tiny_spec.load_model(), tiny_spec.load_tokenizer()
+    with torch.no_grad():  # a confident model, as a trained one is: the random one's near-uniform logits hide the processors
+        model.lm_head.weight.mul_(30)
+    gc = model.generation_config
+    gc.repetition_penalty, gc.top_k, gc.no_repeat_ngram_size, gc.min_new_tokens = 1.8, 5, 2, 8
+    gen = HFGenerator(model, tok, batch_size=4)
+    convs = [[{"role": "user", "content": t}] for t in ("Hi there", "Tell me a story about a fox", "Why?")]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=3, logprobs=True)
+    outs = gen.generate(convs, params)
+    assert model.generation_config.repetition_penalty == 1.8  # the model's own config is left as it was
+    batch = batch_rollouts([o.prompt_token_ids for o in outs], [o.token_ids for o in outs], tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    recomputed = token_logprobs(logits, batch["input_ids"])  # (B, L-1)
+    for row, o in enumerate(outs):
+        assert len(o.logprobs) == len(o.token_ids) > 0
+        actor = recomputed[row][batch["action_mask"][row].bool()]
+        assert torch.allclose(torch.tensor(o.logprobs), actor, atol=1e-4), (o.logprobs, actor.tolist())

@@ -64,3 +64,31 @@ def test_unknown_hub_id_fails_clearly_offline(monkeypatch, tmp_path):
     spec = ModelSpec(name="nope", source="hub", path="no-such-org/no-such-model")
     with pytest.raises(CaiError, match="model.path: could not load model 'nope' from 'no-such-org/no-such-model'"):
         spec.load_tokenizer()
+
+
+def test_training_loads_float32_masters_so_a_tiny_update_lands(tiny_spec):
+    """A bf16 model trained with plain AdamW at PPO's learning rate: in bf16 most updates round away.
+
+    `load_model(train=True)` loads float32 whatever the spec's dtype, so one step at lr 1e-6 changes
+    every parameter that has a gradient; the inference load keeps the spec's dtype.
+    """
+    import dataclasses
+
+    import torch
+
+    spec = dataclasses.replace(tiny_spec, dtype="bfloat16")
+    assert next(spec.load_model().parameters()).dtype == torch.bfloat16
+
+    def changed_after_one_step(model) -> float:
+        before = [p.detach().clone() for p in model.parameters()]
+        ids = torch.randint(0, 1000, (2, 16))
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0).step()
+        with_grad = [(b, p) for b, p in zip(before, model.parameters()) if p.grad is not None]
+        return sum(int((b != p.detach()).sum()) for b, p in with_grad) / sum(p.numel() for _, p in with_grad)
+
+    trained = spec.load_model(train=True)
+    assert next(trained.parameters()).dtype == torch.float32
+    assert changed_after_one_step(trained) > 0.99  # every weight with a gradient moved (a few grads are exactly 0)
+    assert changed_after_one_step(spec.load_model()) < 0.5  # the bf16-master failure this guards against

@@ -28,7 +28,13 @@ class LoadableModel(Protocol):
 
 @dataclass
 class SamplingParams(SamplingConfig):
-    """How to sample (the fields are SamplingConfig's). temperature=0 is greedy; seed makes sampling repeatable."""
+    """How to sample (the fields are SamplingConfig's). temperature=0 is greedy; seed makes sampling repeatable.
+
+    Exactly this: the model's own generation_config (repetition penalty, top-k, min length, ...)
+    never applies, so PPO's recomputed log-probs are those of the distribution that was sampled.
+    """
+
+    logprobs: bool = False  # also return each sampled token's log-prob under the sampling distribution
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -47,6 +53,7 @@ class Completion:
     token_ids: list[int]  # new tokens, eos included when the model stopped by itself
     prompt_token_ids: list[int]
     finished: bool  # True when the model emitted eos before max_new_tokens
+    logprobs: list[float] | None = None  # per new token, when SamplingParams.logprobs asked for them
 
 
 def render_prompts(tokenizer, conversations: Sequence[list[Message]], prefixes: Sequence[str] | None = None) -> list[list[int]]:
@@ -109,3 +116,7 @@ class Generator(ABC):
 
     def close(self) -> None:  # noqa: B027  (optional hook: most backends hold nothing to free)
         """Free the model (and, for vLLM, the engine's workers)."""
+
+    @abstractmethod
+    def placement(self) -> dict:
+        """Where the model generates, for manifests: {"device": ..., "dtype": ...}."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from cai.generation import Completion, Generator, LoadableModel, SamplingParams
+from cai.models import placement
 from cai.training import pad
 
 
@@ -50,25 +53,20 @@ class HFGenerator(Generator):
             ids, mask = pad([prompts[i] for i in idx], pad_id, side="left")  # every prompt ends at the same column
             width = ids.shape[1]
             torch.manual_seed(params.seed + b)  # same seed and same prompts -> same text
-            sample = params.temperature > 0
-            out = self.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=params.max_new_tokens,
-                do_sample=sample,
-                temperature=params.temperature if sample else None,
-                top_p=params.top_p if sample else None,
-                top_k=None,
-                pad_token_id=pad_id,
-                eos_token_id=eos,
-            )
+            with only(self.model, exact_sampling(params, pad_id, eos)) as config:
+                out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+            sequences = out.sequences if params.logprobs else out
             for row, i in enumerate(idx):
-                new = out[row, width:].tolist()
+                new = sequences[row, width:].tolist()
                 finished = eos in new
                 if finished:
                     new = new[: new.index(eos) + 1]  # keep eos, drop the padding after it
                 text = tok.decode(new, skip_special_tokens=True).strip()
                 results[i] = Completion(text=text, token_ids=new, prompt_token_ids=list(prompts[i]), finished=finished)
+                if params.logprobs:  # the scores are the logits after temperature and top-p: what was sampled from
+                    steps = torch.stack([s[row].float() for s in out.scores[: len(new)]])  # (T, V)
+                    chosen = torch.log_softmax(steps, -1).gather(1, torch.tensor(new, device=steps.device)[:, None])
+                    results[i].logprobs = chosen.squeeze(1).tolist()
             bar.update(len(idx))
         bar.close()
         self.model.train(was_training)
@@ -76,3 +74,56 @@ class HFGenerator(Generator):
 
     def close(self) -> None:
         self.model = None
+
+    def placement(self) -> dict:
+        return placement(self.model)
+
+
+def exact_sampling(params: SamplingParams, pad_id: int, eos: int) -> GenerationConfig:
+    """A generation config that samples from exactly softmax(logits / temperature), top-p cut if configured.
+
+    Every processor that transformers would otherwise take from the model's generation_config or
+    from its global defaults (top_k=50, repetition_penalty, min_length, no_repeat_ngram_size, ...)
+    is set to its neutral value.
+    """
+    sample = params.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=params.max_new_tokens,
+        do_sample=sample,
+        temperature=params.temperature if sample else 1.0,
+        top_p=params.top_p if sample else 1.0,
+        top_k=0,
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_length=0,
+        min_new_tokens=0,
+        bad_words_ids=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=eos,
+        output_scores=params.logprobs,
+        return_dict_in_generate=params.logprobs,
+    )
+
+
+@contextlib.contextmanager
+def only(model, config: GenerationConfig):
+    """Hide the model's own generation_config while it generates with `config`.
+
+    transformers fills every field of `config` left at None from the model's generation_config, so
+    an Instruct model's repetition_penalty or top_k would creep in; a blank one has nothing to add.
+    """
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
+    try:
+        yield config
+    finally:
+        model.generation_config = saved

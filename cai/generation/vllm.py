@@ -54,6 +54,7 @@ class VLLMGenerator(Generator):
         if enforce_eager is None:  # on a CPU, graph compilation costs ~90 s at start for no gain here
             enforce_eager = not torch.cuda.is_available()
         self._tokenizer = tokenizer
+        self.dtype = dtype
         self.llm = vllm.LLM(
             model=path,
             dtype=dtype,
@@ -115,6 +116,9 @@ class VLLMGenerator(Generator):
 
     def close(self) -> None:
         self.llm = None
+
+    def placement(self) -> dict:
+        return {"device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": self.dtype, "engine": "vllm"}
 
 
 def _reload_in_worker(weights: list[tuple[str, torch.Tensor]], worker) -> None:

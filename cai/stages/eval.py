@@ -49,6 +49,7 @@ from cai.artifacts import Upstream, file_hash, fingerprint, write_json, write_js
 from cai.config import instantiate
 from cai.data import load_prompts
 from cai.metrics import boilerplate_rate, refusal_rate
+from cai.models import placement
 from cai.reward import PreferenceModel, score
 from cai.stages import Context, Stage
 
@@ -132,6 +133,10 @@ def build(ctx: Context) -> dict:
     tracker.summary({"eval/judge/identity": judge.identity, **quality_metrics(judge_info["quality"])})
     summary = f"{last['label']}: harmless Elo {last['harmless_elo']:+.0f}, helpful Elo {last['helpful_elo']:+.0f}"
     ctx.extra["run"] = run_name
+    generated = [s.ran_on for s in snaps if s.ran_on]
+    ctx.extra["models"] = {"pm_scores": placement(pm[0])}
+    ctx.extra["models"].update({"answers": generated[0]} if generated else {})
+    ctx.extra["models"].update({"judge": judge.ran_on} if judge.ran_on else {})
     return {"snapshots": len(snaps), "external": len(externals), "prompts": len(prompts), **ratings["games"], "summary": summary}
 
 

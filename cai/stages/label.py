@@ -27,6 +27,7 @@ from cai.constitution import Constitution
 from cai.data import human_pairs, read_hh_rlhf
 from cai.labels import Item, Labeller
 from cai.metrics import human_agreement
+from cai.models import placement
 from cai.stages import Context, Stage
 from cai.templates import HELPFULNESS
 
@@ -147,6 +148,7 @@ def build(ctx: Context) -> dict:
         def make(chunk: list[dict], index: int) -> list[dict]:
             nonlocal labeller
             labeller = labeller or make_labeller(cfg, constitution)
+            ctx.extra["models"] = {"feedback_model": placement(labeller.model)}
             return ai_rows(cfg, constitution, chunk, labeller, index)
 
         out.write_shards(chunked(ctx.upstream["pairs"].rows(), cfg.pairs.shard_size), make, "label shards")

@@ -37,6 +37,7 @@ def build(ctx: Context) -> dict:
         nonlocal gen
         if gen is None:
             gen = instantiate(cfg.generation, model=sft)
+            ctx.extra["models"] = {"sft_policy": gen.placement()}
         params = gen.params(max_new_tokens=cfg.pairs.max_new_tokens, temperature=cfg.pairs.temperature, seed=cfg.seed * 7_919 + index)
         convs = [[{"role": "user", "content": p.text}] for _, p in chunk]
         answers = gen.generate(convs + convs, params, desc=f"pairs shard {index}")  # both samples in one batched call

@@ -26,7 +26,7 @@ from cai.metrics import expected_calibration_error, pairwise_accuracy
 from cai.plots import calibration_plot
 from cai.reward import PreferenceModel, encode_transcript, hh_accuracy
 from cai.stages import Context, Stage
-from cai.training import LengthBucketSampler, adamw_with_cosine, fit, gathered_state_dict, pad
+from cai.training import LengthBucketSampler, adamw_with_cosine, fit, gathered_state_dict, pad, trained_placement
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class PMModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.pm is None:
-            self.pm = PreferenceModel.from_causal_lm(self.model_spec.load_model())
+            self.pm = PreferenceModel.from_causal_lm(self.model_spec.load_model(train=True))  # float32 masters
             self.pm.train()
             freeze(self.pm, self.trainable)
 
@@ -194,9 +194,10 @@ def build(ctx: Context) -> dict | None:
         strategy=instantiate(cfg.strategy),
         logger=ctx.tracker.lightning_logger(),
     )
-    state = gathered_state_dict(module.pm, trainer.strategy)  # a collective under ZeRO-3: every rank calls it
+    state = gathered_state_dict(module.pm, trainer.strategy, spec.torch_dtype)  # a collective: every rank calls it
     if not trainer.is_global_zero:
         return None
+    ctx.extra["models"] = {"pm": trained_placement(trainer, module.pm)}
     module.pm.save(out.path / "model", tokenizer, state)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("pm/")}
     report(ctx, module, tokenizer, metrics)

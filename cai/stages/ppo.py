@@ -51,10 +51,11 @@ from cai.losses import (
     whiten,
 )
 from cai.metrics import boilerplate_rate, refusal_rate
+from cai.models import placement, resolve_dtype
 from cai.reward import PreferenceModel, pm_reward
 from cai.rl import Critic, CriticModel, Experience, RewardFn, Rollout, ValueHead, batch_rollouts, token_logprobs
 from cai.stages import Context, Stage
-from cai.training import check_finite, fit, gathered_state_dict
+from cai.training import check_finite, fit, gathered_state_dict, trained_placement
 
 log = logging.getLogger(__name__)
 VALUE_MODELS = ("head", "critic")
@@ -76,11 +77,13 @@ class PPOModule(L.LightningModule):
         tracker=None,
         snapshot_dir: Path | None = None,
         engine: Generator | None = None,
+        ref_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.actor = actor
-        self.ref = copy.deepcopy(actor).eval().requires_grad_(False)  # frozen SFT for the KL penalty
+        self.actor = actor  # float32 master weights (AdamW); bf16 compute comes from the trainer's autocast
+        # The frozen SFT for the KL penalty: never trained, so it may sit in the inference dtype (bf16 on a GPU).
+        self.ref = copy.deepcopy(actor).to(ref_dtype or next(actor.parameters()).dtype).eval().requires_grad_(False)
         self.critic = critic if critic is not None else ValueHead(actor.config.hidden_size)
         self.tok = tokenizer
         self.reward_fn = reward_fn
@@ -166,7 +169,8 @@ class PPOModule(L.LightningModule):
                 check_finite("ppo", iteration, "PPO loss", float(loss.detach()))
                 opt.zero_grad()
                 self.manual_backward(loss)
-                self.clip_gradients(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+                # A no-op under DeepSpeed, whose engine clips by the same norm (fit puts it in its config).
+                self.clip_gradients(opt, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 step = {"policy_loss": policy_loss, "value_loss": critic_loss, "entropy": mean_entropy, **info}
                 for key in stats:
@@ -239,6 +243,7 @@ def train_ppo(
         strategy=strategy,
         logger=logger,
         callbacks=callbacks,
+        max_grad_norm=module.cfg.max_grad_norm,
     )
     return trainer
 
@@ -260,21 +265,31 @@ def check(cfg: DictConfig) -> None:
 def build(ctx: Context) -> dict | None:
     cfg, out = ctx.cfg, ctx.out
     spec = ctx.upstream["sft"].model_spec(f"sft({cfg.model.name})", cfg.model.dtype, cfg.paths.cache)
-    actor, tok = spec.load_model(), spec.load_tokenizer()
+    actor, tok = spec.load_model(train=True), spec.load_tokenizer()
     actor.train()
-    pm, pm_tok = PreferenceModel.load(ctx.upstream["pm"].model_dir)  # loaded once: the reward, and the critic's start
-    critic = CriticModel(copy.deepcopy(pm.backbone), copy.deepcopy(pm.head)) if cfg.ppo.value_model == "critic" else None
+    # The PM is loaded once: the reward, and the critic's start. A critic is trained, so it is copied
+    # in float32; the reward is frozen and runs in the inference dtype.
+    critic_start = cfg.ppo.value_model == "critic"
+    pm, pm_tok = PreferenceModel.load(ctx.upstream["pm"].model_dir, dtype=torch.float32 if critic_start else None)
+    critic = CriticModel(copy.deepcopy(pm.backbone), copy.deepcopy(pm.head)) if critic_start else None
+    pm.to(resolve_dtype("auto"))
     reward_fn = pm_reward(pm.requires_grad_(False), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
     L.seed_everything(cfg.seed, verbose=False)
     args = (actor, tok, reward_fn, train_prompts(cfg), cfg.ppo, cfg.seed, critic, cfg.generation.batch_size, ctx.tracker)
-    module = PPOModule(*args, snapshot_dir=out.path / "snapshots")
+    module = PPOModule(*args, snapshot_dir=out.path / "snapshots", ref_dtype=spec.torch_dtype)
     t0 = time.perf_counter()
     strategy, logger = instantiate(cfg.strategy), ctx.tracker.lightning_logger()
     trainer = train_ppo(module, cfg.ppo.iterations, out.path, cfg.ppo.checkpoint_every, cfg, strategy, logger)
     seconds = time.perf_counter() - t0
-    state = gathered_state_dict(actor, trainer.strategy)  # a collective under ZeRO-3: every rank calls it
+    state = gathered_state_dict(actor, trainer.strategy, spec.torch_dtype)  # a collective under ZeRO-3: every rank calls it
     if not trainer.is_global_zero:
         return None
+    ctx.extra["models"] = {
+        "actor": trained_placement(trainer, actor),
+        "ref": trained_placement(trainer, module.ref),  # frozen, but moved and autocast by the trainer like the actor
+        "critic": trained_placement(trainer, module.critic),
+        "reward": placement(pm),
+    }
     actor.save_pretrained(out.path / "model", state_dict=state)
     tok.save_pretrained(out.path / "model")
     history = module.history

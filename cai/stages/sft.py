@@ -22,7 +22,7 @@ from cai.config import instantiate
 from cai.errors import CaiError
 from cai.generation import LoadableModel
 from cai.stages import Context, Stage
-from cai.training import LengthBucketSampler, adamw_with_cosine, fit, gathered_state_dict, pad, resolve_precision
+from cai.training import LengthBucketSampler, adamw_with_cosine, fit, gathered_state_dict, pad, resolve_precision, trained_placement
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that carry no loss
@@ -101,7 +101,7 @@ class SFTModule(L.LightningModule):
         # Built here, not in __init__, so DeepSpeed ZeRO-3 can shard the weights as they load.
         if self.model is None:
             spec = self.model_spec
-            self.model = spec.load_model() if isinstance(spec, LoadableModel) else spec
+            self.model = spec.load_model(train=True) if isinstance(spec, LoadableModel) else spec  # float32 masters
             self.model.train()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -167,9 +167,10 @@ def build(ctx: Context) -> dict | None:
         logger=ctx.tracker.lightning_logger(),
     )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    state = gathered_state_dict(module.model, trainer.strategy)  # a collective under ZeRO-3: every rank calls it
+    state = gathered_state_dict(module.model, trainer.strategy, spec.torch_dtype)  # a collective: every rank calls it
     if not trainer.is_global_zero:
         return None
+    ctx.extra["models"] = {"policy": trained_placement(trainer, module.model)}
     model_dir = out.path / "model"
     module.model.save_pretrained(model_dir, state_dict=state)
     tokenizer.save_pretrained(model_dir)

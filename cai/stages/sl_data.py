@@ -136,6 +136,7 @@ def build(ctx: Context) -> dict:
         nonlocal gen
         if gen is None:
             gen = instantiate(cfg.generation, model=instantiate(cfg.model))
+            ctx.extra["models"] = {"policy": gen.placement()}
         return make_rows(chunk, index, cfg, constitution, gen, timer)
 
     try:
