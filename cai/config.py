@@ -133,7 +133,7 @@ class PathsConfig:
 
 @dataclass
 class DataConfig:
-    red_team: str = "builtin"  # 'builtin' or a prompt file (.jsonl with 'prompt', or .txt)
+    red_team: str = "builtin"  # 'builtin', a prompt file (.jsonl with 'prompt', or .txt), or 'yours' (a file is required)
     helpful: str = "builtin"
     n_red_team: int = ranged(32, ge=0)  # train prompts used; 0 = all
     n_helpful: int = ranged(16, ge=0)

@@ -66,6 +66,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
 CASES = [
     # (overrides, what the one line must name)
     (("sft.lr=-1",), "sft.lr: must be > 0"),
+    (("experiment=paper",), "data.red_team: experiment=paper needs your own red-team prompts: set data.red_team=FILE"),
+    (("experiment=paper", "data.red_team=builtin"), "data.helpful: experiment=paper needs your own helpful prompts"),
+    (("ppo.max_grad_norm=0",), "ppo.max_grad_norm: must be > 0"),
     (("sft.lr=0",), "sft.lr"),
     (("sft.batch_size=0",), "sft.batch_size: must be >= 1"),
     (("sft.epochs=0",), "sft.epochs"),

@@ -49,3 +49,32 @@ def test_ppo_under_deepspeed(make_cfg, tmp_path, tiny_spec, strategy):
     assert policy.state_dict()[w].shape == sft.state_dict()[w].shape
     assert not torch.equal(policy.state_dict()[w], sft.state_dict()[w])
     assert (out / "snapshots" / "iter-00001" / "model.safetensors").exists()
+
+
+def test_stage_all_puts_every_model_on_the_gpu(make_cfg):
+    """The placement rule: every model of every stage (policy, feedback model, PM, ref, critic, judge) ran on cuda."""
+    import json
+
+    from cai.pipeline import STAGES, stage_path
+
+    small = (*SMALL, "data.n_helpful=4", "pairs.max_new_tokens=12", "model.dtype=auto", "ppo.iterations=2", "ppo.rollouts=4")
+    cfg = make_cfg("stage=all", *small, "eval.n_red_team=2", "eval.n_helpful=2", "eval.max_new_tokens=8")
+    run(cfg)
+    for stage in STAGES:
+        models = json.loads((stage_path(cfg, stage) / "manifest.json").read_text())["models"]
+        assert models and all(m["device"].startswith("cuda") for m in models.values()), (stage, models)
+    sft = json.loads((stage_path(cfg, "sft") / "manifest.json").read_text())["models"]["policy"]
+    assert sft["dtype"] == "float32" and sft["precision"] == "bf16-mixed"  # float32 masters, bf16 compute
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_pm_under_deepspeed(make_cfg, tmp_path, strategy):
+    """The PM trains under ZeRO-2/3 and saves whole, gathered tensors."""
+    from safetensors.torch import load_file
+
+    small = (*SMALL, "data.n_helpful=4", "pairs.max_new_tokens=12")
+    for stage in ("sl_data", "sft", "pairs", "label"):
+        run(make_cfg(f"stage={stage}", *small))
+    run(make_cfg("stage=pm", *small, f"strategy={strategy}", "trainer.devices=1", "pm.lr=1e-3"))
+    head = load_file(str(tmp_path / "artifacts" / "pm" / "latest" / "model" / "head.safetensors"))
+    assert head["weight"].shape[-1] == 64 and torch.isfinite(head["weight"]).all()

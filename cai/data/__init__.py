@@ -100,6 +100,12 @@ def load_prompts(kind: str, source: str = "builtin", split: str = "train", n: in
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     field = f"data.{kind}"
+    if source == "yours":  # experiment=paper: the built-in sets are far too small for the paper's scale
+        raise CaiError(
+            f"{field}: experiment=paper needs your own {kind.replace('_', '-')} prompts: set {field}=FILE (.jsonl with a "
+            f"'prompt' field, or .txt); the built-in set holds a few hundred. README 'Paper scale' lists public sets that fit, "
+            f"or set {field}=builtin to run with the built-in set anyway"
+        )
     if source == "builtin":
         rows = read_prompt_file(PROMPTS_DIR / f"{kind}.jsonl")
         rows = [r for r in rows if r.split == split]

@@ -100,7 +100,6 @@ def exact_sampling(params: SamplingParams, pad_id: int, eos: int) -> GenerationC
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
         min_length=0,
-        min_new_tokens=0,
         bad_words_ids=None,
         suppress_tokens=None,
         begin_suppress_tokens=None,
