@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from cai.artifacts import chunked, file_hash, fingerprint, read_jsonl, write_json, write_jsonl
 from cai.config import instantiate
 from cai.data import read_answer_set, read_hh_rlhf
+from cai.distributed import all_gather, barrier, is_rank_zero, mine, rank
 from cai.elo import bootstrap_elo
 from cai.errors import CaiError
 from cai.metrics import human_agreement
@@ -75,8 +76,11 @@ def answer(cfg: DictConfig, snaps: Sequence[Snapshot], prompts: list[dict]) -> d
         "seed": cfg.seed,
     }
     out = {}
-    for snap in tqdm(snaps, desc="eval answers", unit="snapshot"):
-        path = cache_dir(cfg) / "answers" / f"{fingerprint({'snapshot': snap.key, 'prompts': prompts, 'sampling': sampling})}.jsonl"
+    paths = [
+        cache_dir(cfg) / "answers" / f"{fingerprint({'snapshot': s.key, 'prompts': prompts, 'sampling': sampling})}.jsonl" for s in snaps
+    ]
+    for n in tqdm(mine(len(snaps)), desc="eval answers", unit="snapshot", disable=not is_rank_zero()):  # rank r: snapshots r, r + N, ...
+        snap, path = snaps[n], paths[n]
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             gen = instantiate(cfg.generation, model=snap.spec())
@@ -87,6 +91,9 @@ def answer(cfg: DictConfig, snaps: Sequence[Snapshot], prompts: list[dict]) -> d
             finally:
                 gen.close()
             write_jsonl(path, [{**p, "response": c.text, "tokens": len(c.token_ids)} for p, c in zip(prompts, done)])
+    for snap, ran_on in zip(snaps, map(lambda *on: next((o for o in on if o), None), *all_gather([s.ran_on for s in snaps]))):
+        snap.ran_on = ran_on  # all_gather is also the barrier: every snapshot's answers are on disk past it
+    for snap, path in zip(snaps, paths):
         snap.answers = str(path)
         out[snap.key] = read_jsonl(path)
     return out
@@ -166,11 +173,17 @@ class Judge:
         """P(a better) for each (a's answer row, b's answer row) on the same prompt."""
         raise NotImplementedError
 
+    def rank_path(self) -> Path:
+        """The file this rank appends its verdicts to: the cache file itself on rank 0, one of its own elsewhere."""
+        return self.path if is_rank_zero() else self.path.with_name(f"{self.path.stem}.rank{rank()}.jsonl")
+
     def cached(self) -> dict[str, float]:
         """Verdict key -> P(a better), for every verdict this judge has given. A torn last line is skipped."""
         out = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
+        for path in [self.path, *sorted(self.path.parent.glob(f"{self.path.stem}.rank*.jsonl"))]:
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
@@ -180,24 +193,31 @@ class Judge:
         return out
 
     def judge(self, todo: list[tuple[str, str, dict, dict]]) -> dict[str, float]:
-        """Judge (a key, b key, a's row, b's row) comparisons in chunks, appending each to the cache; verdict key -> P(a)."""
-        out = {}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self.path.stat().st_size:
-            with self.path.open("rb+") as f:  # a torn last line: end it, so the next row starts on its own line
+        """Judge (a key, b key, a's row, b's row) comparisons in chunks, appending each to the cache; verdict key -> P(a).
+
+        With several ranks, rank r judges chunks r, r + N, ... into a file of its own; the chunks are
+        the same whatever the world size, so the verdicts are a 1-process run's.
+        """
+        barrier()  # every rank has read the cache and chosen the same todo before anyone appends to it
+        path = self.rank_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and path.stat().st_size:
+            with path.open("rb+") as f:  # a torn last line: end it, so the next row starts on its own line
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")
-        for chunk in tqdm(chunked(todo, 32), desc=f"eval judge ({self.kind})", unit="chunk"):
-            ps = self.compare([(ra, rb) for _, _, ra, rb in chunk])
-            with self.path.open("a") as f:
-                for (a, b, ra, rb), p in zip(chunk, ps):
+        chunks = chunked(todo, 32)
+        for i in tqdm(mine(len(chunks)), desc=f"eval judge ({self.kind})", unit="chunk", disable=not is_rank_zero()):
+            ps = self.compare([(ra, rb) for _, _, ra, rb in chunks[i]])
+            with path.open("a") as f:
+                for (a, b, ra, rb), p in zip(chunks[i], ps):
                     row = {"verdict": verdict_key(ra, rb), "a": a, "b": b, "id": ra["id"], "kind": ra["kind"], "p_a": p}
                     f.write(json.dumps(row) + "\n")
-                    out[row["verdict"]] = p
                 f.flush()
                 os.fsync(f.fileno())
-        return out
+        barrier()
+        given = self.cached()
+        return {verdict_key(ra, rb): given[verdict_key(ra, rb)] for _, _, ra, rb in todo}
 
 
 class FeedbackJudge(Judge):

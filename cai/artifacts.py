@@ -32,6 +32,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 import cai
+from cai.distributed import all_gather, is_rank_zero, mine
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +172,17 @@ class StageDir:
 
         A shard is written whole or not at all, so an interrupted stage resumes at the first missing
         shard with nothing lost or duplicated. Returns how many shards were already there.
+        With several ranks, rank r writes shards r, r + N, ...; a shard's content depends on its index
+        alone, so the rows are a 1-process run's. Every rank returns once all shards are written.
         """
         resumed = 0
-        for i, chunk in enumerate(tqdm(chunks, desc=desc, unit="shard")):
+        for i in tqdm(mine(len(chunks)), desc=desc, unit="shard", disable=not is_rank_zero()):
             path = self.path / f"shard-{i:05d}.jsonl"
             if path.exists():
                 resumed += 1
                 continue
-            write_jsonl(path, make(chunk, i))
+            write_jsonl(path, make(chunks[i], i))
+        resumed = sum(all_gather(resumed))  # also the barrier: every shard is on disk past this line
         if resumed:
             log.info("%s: resumed; %d of %d shards were already written", self.stage, resumed, len(chunks))
         return resumed

@@ -30,6 +30,7 @@ import cai
 from cai.artifacts import StageDir, Upstream, fingerprint
 from cai.config import check_ranges, instantiate
 from cai.data import load_prompts, read_hh_rlhf
+from cai.distributed import all_gather, barrier, is_rank_zero, launch
 from cai.errors import CaiError
 from cai.models import use_accelerator
 from cai.reward import check_pm_dir
@@ -115,8 +116,10 @@ def require(cfg: DictConfig, name: str, needed_by: str) -> Upstream:
 def run_stage(stage: Stage, cfg: DictConfig, tracker: Tracker) -> dict:
     """Require, fingerprint, skip or open, build, complete, log: the one skeleton every stage runs in."""
     upstream = {n: require(cfg, n, stage.name) for n in stage.upstream_of(cfg)}
-    if not stage.keyed:
-        return stage.build(Context(cfg, tracker, None, upstream))
+    if not stage.keyed:  # a command over finished artifacts: rank 0 does it, the others wait
+        result = stage.build(Context(cfg, tracker, None, upstream)) if is_rank_zero() else {}
+        barrier()
+        return result
     # The fingerprint reads exactly the fields the lineage key reads, plus the content of the inputs.
     config = json.loads(_blob(lineage_config(cfg, stage.name)))
     inputs = {**{n: u.fingerprint for n, u in upstream.items()}, **stage.inputs(cfg)}
@@ -149,26 +152,35 @@ def stage_lock(path: Path):
 
 
 def _run_locked(stage: Stage, out: StageDir, ctx: Context) -> dict:
-    """Skip, or open, build and complete, under the stage lock."""
+    """Skip, or open, build and complete, under the stage lock.
+
+    With several ranks every rank builds (each does its share), and rank 0 alone opens, completes
+    and announces; rank 0's view of the directory decides for all, and barriers keep them in step.
+    """
     tracker = ctx.tracker
     summary = {"path": str(out.path / stage.output)}
-    if out.is_complete():
+    if all_gather(out.is_complete())[0]:
         log.info("%s: up to date at %s, skipping", stage.name, out.path)
         ctx.extra = out.manifest()
         summary["metric"] = f"{stage.metric(ctx.extra['counts'])} (cached)"
     else:
-        out.open()
+        if is_rank_zero():
+            out.open()
+        barrier()
         counts = stage.build(ctx)
-        if counts is None:  # a rank other than 0 under DDP/DeepSpeed: rank 0 publishes
+        publish = is_rank_zero() and counts is not None
+        if publish:
+            out.complete(counts, ctx.extra)
+            drop_checkpoints(out.path)  # Lightning's checkpoints only served to resume the stage
+            if stage.artifact:
+                name, kind, inside = stage.artifact
+                tracker.artifact(out.path / inside, name=name, type=kind)
+        barrier()
+        if not publish:  # a rank other than 0: rank 0 publishes and reports
             return {**summary, "metric": ""}
-        out.complete(counts, ctx.extra)
-        drop_checkpoints(out.path)  # Lightning's checkpoints only served to resume the stage
-        if stage.artifact:
-            name, kind, inside = stage.artifact
-            tracker.artifact(out.path / inside, name=name, type=kind)
         summary["metric"] = stage.metric(counts)
     summary["ran_on"] = ran_on(ctx.extra.get("models"))
-    if stage.announce:
+    if stage.announce and is_rank_zero():
         stage.announce(ctx)
     return summary
 
@@ -250,9 +262,10 @@ def run(cfg: DictConfig) -> list[dict]:
     """Run the stages that cfg.stage.name selects, in order, and return one summary per stage."""
     names = stages_for(cfg.stage.name)
     validate(cfg, names)
+    launch(cfg)  # with strategy=ddp|deepspeed_* and several devices: start the other ranks, join them
     use_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)  # every model a stage loads goes there
     seed_everything(cfg.seed)
-    tracker: Tracker = instantiate(cfg.logger).start(cfg)
+    tracker: Tracker = (instantiate(cfg.logger) if is_rank_zero() else Tracker("none")).start(cfg)  # one W&B run per job
     summaries = []
     try:
         for name in names:
@@ -261,7 +274,8 @@ def run(cfg: DictConfig) -> list[dict]:
         tracker.summary({f"{s['stage']}/{k}": v for s in summaries for k, v in s.items() if k != "stage"})
     finally:
         tracker.finish()
-    print_summary(summaries)
+    if is_rank_zero():
+        print_summary(summaries)
     return summaries
 
 

@@ -25,6 +25,7 @@ from cai.artifacts import chunked, file_hash, write_json
 from cai.config import instantiate
 from cai.constitution import Constitution
 from cai.data import human_pairs, read_hh_rlhf
+from cai.distributed import is_rank_zero
 from cai.labels import Item, Labeller
 from cai.metrics import human_agreement
 from cai.models import placement
@@ -154,7 +155,7 @@ def build(ctx: Context) -> dict:
         out.write_shards(chunked(ctx.upstream["pairs"].rows(), cfg.pairs.shard_size), make, "label shards")
     rows = out.rows()
     stats = log_rows(ctx.tracker, rows)
-    if cfg.label.report_data and cfg.label.kind != "human":
+    if cfg.label.report_data and cfg.label.kind != "human" and is_rank_zero():
         write_report(ctx, labeller or make_labeller(cfg, constitution), constitution)
     harmless = sum(r["kind"] == "red_team" for r in rows)
     return {

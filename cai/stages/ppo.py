@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from cai.artifacts import fingerprint, write_json
 from cai.config import instantiate
 from cai.data import Message, load_prompts
+from cai.distributed import all_gather, mean, rank, world
 from cai.errors import CaiError
 from cai.generation import Completion, Generator, SamplingParams
 from cai.losses import (
@@ -95,6 +96,7 @@ class PPOModule(L.LightningModule):
         self.tracker = tracker
         self.snapshot_dir = snapshot_dir
         self.history: list[dict[str, float]] = []
+        self.rollout_digest = ""  # this rank's last rollouts, to show that the ranks sampled different ones
 
     def actor_forward(
         self, batch: dict[str, torch.Tensor], with_entropy: bool = True
@@ -121,13 +123,21 @@ class PPOModule(L.LightningModule):
         self.log_iteration(iteration, conversations, completions, experience, stats, times)
 
     def rollout(self, iteration: int) -> tuple[list[list[Message]], list[Completion]]:
-        """`ppo.rollouts` prompts drawn with a seed per iteration, answered by the actor."""
-        rng = random.Random(f"{self.seed}/ppo/{iteration}")
+        """`ppo.rollouts` prompts per rank, drawn with a seed per (iteration, rank), answered by the actor.
+
+        Each rank rolls out its own prompts (data parallelism); rank 0's draws are those of a
+        1-process run, and a resumed run repeats an uninterrupted one.
+        """
+        r = rank()
+        rng = random.Random(f"{self.seed}/ppo/{iteration}" + (f"/rank{r}" if r else ""))
         conversations = [self.prompts[rng.randrange(len(self.prompts))] for _ in range(self.cfg.rollouts)]
         # PPO needs samples from the policy itself: temperature 1, no nucleus truncation.
-        params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=1.0, top_p=1.0, seed=self.seed * 100_003 + iteration)
+        seed = self.seed * 100_003 + iteration + r * 1_000_003
+        params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=1.0, top_p=1.0, seed=seed)
         strategy = self.trainer.strategy if self._trainer is not None else None
-        return conversations, self.rollout_role(conversations, params, strategy, desc=f"ppo rollouts {iteration}")
+        completions = self.rollout_role(conversations, params, strategy, desc=f"ppo rollouts {iteration}")
+        self.rollout_digest = fingerprint([[c[-1]["content"], o.text] for c, o in zip(conversations, completions)])
+        return conversations, completions
 
     @torch.no_grad()
     def make_experience(self, conversations: list[list[Message]], completions: list[Completion]) -> Experience:
@@ -181,11 +191,12 @@ class PPOModule(L.LightningModule):
         """Metrics, the KL controller's step, the rollout table and the policy snapshot of one iteration."""
         n = len(completions)
         texts = [c.text for c in completions]
-        mean_kl = float(experience.kl.sum(1).mean())  # nats per answer
-        self.kl_ctl.update(mean_kl, n)
+        # Means over every rank's rollouts, so the KL controller (and what is logged) agree across ranks.
+        mean_kl = mean(float(experience.kl.sum(1).mean()))  # nats per answer
+        self.kl_ctl.update(mean_kl, n * world())
         new_tokens = int(experience.mask.sum())
         metrics = {
-            "ppo/train/reward": float(experience.scores.mean()),
+            "ppo/train/reward": mean(float(experience.scores.mean())),
             "ppo/train/kl": mean_kl,
             "ppo/train/kl_coef": self.kl_ctl.beta,
             "ppo/train/response_len": new_tokens / n,
@@ -193,11 +204,12 @@ class PPOModule(L.LightningModule):
             "ppo/train/boilerplate_rate": boilerplate_rate(texts),
             "ppo/train/tokens_per_s": new_tokens / sum(times.values()),
             **{f"ppo/time/{k}": v for k, v in times.items()},
-            **{f"ppo/train/{k}": v for k, v in stats.items()},
+            **{f"ppo/train/{k}": mean(v) for k, v in stats.items()},
         }
         self.history.append({"iteration": iteration, **metrics})
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=False, batch_size=n)
-        self.log("reward", metrics["ppo/train/reward"], prog_bar=True, on_step=False, on_epoch=True, batch_size=n)
+        # Already means over the ranks; sync_dist only tells Lightning so (the same values average to themselves).
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=False, batch_size=n, sync_dist=True)
+        self.log("reward", metrics["ppo/train/reward"], prog_bar=True, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         done = iteration + 1
         if self.tracker is not None and self.cfg.table_every and done % self.cfg.table_every == 0:
             rows = [[iteration, c[-1]["content"], t, float(s)] for c, t, s in zip(conversations, texts, experience.scores)]
@@ -251,6 +263,19 @@ def train_ppo(
 # --- the stage -------------------------------------------------------------------------------------
 
 
+def check_ranks_agree(state: dict[str, torch.Tensor], rollout_digest: str) -> list[dict]:
+    """Every rank's weights digest and last-rollout digest; an error if the ranks' weights differ.
+
+    Data-parallel PPO is only right if the gradient all-reduce kept every rank's actor identical
+    while each rank sampled its own rollouts. One line per rank goes into the manifest.
+    """
+    weights = fingerprint([[k, float(v.double().sum()), float(v.double().abs().sum())] for k, v in sorted(state.items())])
+    ranks = all_gather({"rank": rank(), "weights": weights, "rollouts": rollout_digest})
+    if len({r["weights"] for r in ranks}) > 1:
+        raise CaiError(f"ppo: the ranks' policies differ after training ({ranks}); the gradient all-reduce did not keep them in step")
+    return ranks
+
+
 def train_prompts(cfg: DictConfig) -> list[list[Message]]:
     red = load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team)
     helpful = load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful)
@@ -282,8 +307,10 @@ def build(ctx: Context) -> dict | None:
     trainer = train_ppo(module, cfg.ppo.iterations, out.path, cfg.ppo.checkpoint_every, cfg, strategy, logger)
     seconds = time.perf_counter() - t0
     state = gathered_state_dict(actor, trainer.strategy, spec.torch_dtype)  # a collective under ZeRO-3: every rank calls it
+    ranks = check_ranks_agree(state, module.rollout_digest)
     if not trainer.is_global_zero:
         return None
+    ctx.extra["ranks"] = ranks
     ctx.extra["models"] = {
         "actor": trained_placement(trainer, actor),
         "ref": trained_placement(trainer, module.ref),  # frozen, but moved and autocast by the trainer like the actor

@@ -27,6 +27,7 @@ from cai.artifacts import chunked, fingerprint
 from cai.config import instantiate
 from cai.constitution import Constitution
 from cai.data import Prompt, load_prompts
+from cai.distributed import all_gather
 from cai.generation import Generator
 from cai.stages import Context, Stage
 from cai.templates import clean, critique_conversation, few_shot_turns, revision_conversation
@@ -146,8 +147,10 @@ def build(ctx: Context) -> dict:
         if gen is not None:
             gen.close()
     rows = out.rows()
-    tokens_per_s = timer.tokens / timer.seconds if timer.seconds else 0.0
-    ctx.tracker.log({"sl_data/gen/tokens_per_s": tokens_per_s, "sl_data/gen/tokens": timer.tokens, "sl_data/data/rows": len(rows)})
+    # With several ranks: every rank's tokens, over the slowest rank's time.
+    tokens, seconds = sum(all_gather(timer.tokens)), max(all_gather(timer.seconds))
+    tokens_per_s = tokens / seconds if seconds else 0.0
+    ctx.tracker.log({"sl_data/gen/tokens_per_s": tokens_per_s, "sl_data/gen/tokens": tokens, "sl_data/data/rows": len(rows)})
     columns = ["id", "kind", "round", "principle_id", "prompt", "response", "critique", "revision"]
     ctx.tracker.table("sl_data/samples", columns, [[r[c] for c in columns] for r in rows[:32]])
     ctx.extra["tokens_per_s"] = round(tokens_per_s, 1)
@@ -158,8 +161,8 @@ def build(ctx: Context) -> dict:
         "revision_rows": sum(r["kind"] == "red_team" for r in rows),
         "shards": len(shards),
         "shards_resumed": resumed,
-        "generated_tokens": timer.tokens,
-        "generation_seconds": round(timer.seconds, 1),
+        "generated_tokens": tokens,
+        "generation_seconds": round(seconds, 1),
     }
 
 
