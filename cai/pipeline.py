@@ -248,6 +248,11 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
         check_pm_dir(cfg.pm.checkpoint)
     check_writable(Path(cfg.paths.artifacts).expanduser())
     instantiate(cfg.strategy)
+    if cfg.strategy.name == "deepspeed" and (cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()):
+        raise CaiError(
+            "strategy: DeepSpeed runs only on CUDA GPUs (Lightning's DeepSpeedStrategy), and this run has none; "
+            "use strategy=ddp (several CPU processes) or strategy=auto"
+        )
     for name in names:
         if BY_NAME[name].check:
             BY_NAME[name].check(cfg)

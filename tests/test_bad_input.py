@@ -69,6 +69,7 @@ CASES = [
     (("experiment=paper",), "data.red_team: experiment=paper needs your own red-team prompts: set data.red_team=FILE"),
     (("experiment=paper", "data.red_team=builtin"), "data.helpful: experiment=paper needs your own helpful prompts"),
     (("ppo.max_grad_norm=0",), "ppo.max_grad_norm: must be > 0"),
+    (("strategy=deepspeed_zero3", "trainer.accelerator=cpu"), "strategy: DeepSpeed runs only on CUDA GPUs"),
     (("sft.lr=0",), "sft.lr"),
     (("sft.batch_size=0",), "sft.batch_size: must be >= 1"),
     (("sft.epochs=0",), "sft.epochs"),

@@ -106,3 +106,104 @@ def test_ppo_rollouts_through_vllm_follow_the_trained_actor(cache_dir):
     w = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(pushed[0][w], pushed[1][w])  # the second rollout used the updated actor
     engine.close()
+
+
+# vLLM's CPU attention needs head_dim >= 32: the tiny builder with head_dim 64.
+WIDE = {"tiny_hidden": 128, "tiny_heads": 2, "tiny_kv_heads": 1, "tiny_intermediate": 256}
+
+
+def test_vllm_ignores_the_model_generation_config(cache_dir, tmp_path):
+    """Sampling parity: an Instruct model's generation_config (repetition penalty, top-k) must not reach vLLM's sampler.
+
+    A confident model (scaled LM head) saved with a strong repetition penalty in its generation_config:
+    vLLM's greedy answers must be HF's, which samples from the bare logits; the penalty would change them.
+    """
+    from cai.generation.hf import HFGenerator
+    from cai.models import ModelSpec
+
+    tiny = ModelSpec(name="tiny", source="tiny", seed=0, cache=cache_dir, **WIDE)
+    model, tok = tiny.load_model(), tiny.load_tokenizer()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    gc = model.generation_config
+    gc.repetition_penalty, gc.top_k, gc.do_sample = 1.8, 3, True  # as Instruct models ship it
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    local = ModelSpec(name="confident", source="local", path=str(tmp_path / "m"), dtype="float32", cache=cache_dir)
+    convs = [[{"role": "user", "content": "Hello there."}], [{"role": "user", "content": "Tell me a long story."}]]
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    engine = VLLMGenerator(local, gpu_memory_utilization=0.1, max_model_len=512)
+    try:
+        vllm_ids = [c.token_ids for c in engine.generate(convs, greedy)]
+        sampled = engine.generate(convs, SamplingParams(max_new_tokens=6, temperature=1.0, top_p=1.0, seed=1, logprobs=True))
+    finally:
+        engine.close()
+    hf = HFGenerator(local)
+    assert vllm_ids == [c.token_ids for c in hf.generate(convs, greedy)]
+    assert any(len(set(ids)) < len(ids) for ids in vllm_ids)  # it repeats tokens: a penalty would have changed it
+    # The engine's per-token log-probs of what it sampled are the actor's (float32 on both sides).
+    from cai.rl import batch_rollouts, token_logprobs
+
+    batch = batch_rollouts([c.prompt_token_ids for c in sampled], [c.token_ids for c in sampled], tok.pad_token_id)
+    with torch.no_grad():
+        actor = token_logprobs(hf.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
+    for row, c in enumerate(sampled):
+        assert torch.allclose(torch.tensor(c.logprobs), actor[row][batch["action_mask"][row].bool()], atol=1e-3)
+
+
+def test_ppo_with_generation_vllm_through_the_cli(cache_dir, tmp_path):
+    """`python train.py ... generation=vllm`, stage by stage through PPO: rollouts come from one vLLM engine
+    that gets the actor's weights before every rollout. Then the trained policy, pushed into an engine
+    started from the SFT model, answers greedily exactly as HF does on the policy itself.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    import cai
+    from cai.generation.hf import HFGenerator
+    from cai.models import ModelSpec
+
+    shape = [f"{group}.{k}={v}" for group in ("model", "feedback_model", "pm_model") for k, v in WIDE.items()]
+    common = [
+        "model=tiny",
+        *shape,
+        "generation=vllm",
+        "generation.gpu_memory_utilization=0.1",
+        "generation.max_model_len=512",
+        "data.n_red_team=4",
+        "data.n_helpful=2",
+        "sl.max_new_tokens=8",
+        "pairs.max_new_tokens=8",
+        "ppo.iterations=2",
+        "ppo.rollouts=4",
+        "ppo.max_new_tokens=6",
+        "ppo.minibatch_size=2",
+        "logger=none",
+    ]
+    env = {**os.environ, "CAI_ROOT": str(tmp_path), "CAI_CACHE": cache_dir, "WANDB_MODE": "disabled"}
+    for stage in ("sl_data", "sft", "pairs", "label", "pm", "ppo"):
+        done = subprocess.run(
+            [sys.executable, "train.py", *common, f"stage={stage}"], cwd=cai.ROOT, env=env, capture_output=True, text=True, timeout=900
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    ppo = (tmp_path / "artifacts" / "ppo" / "latest").resolve()
+    manifest = json.loads((ppo / "manifest.json").read_text())
+    assert manifest["models"]["rollout"]["engine"] == "vllm"
+    assert manifest["counts"]["iterations"] == 2
+    sft_dir = (tmp_path / "artifacts" / "sft" / "latest" / "model").resolve()
+    engine = VLLMGenerator(
+        ModelSpec(name="sft", source="local", path=str(sft_dir), dtype="float32"), gpu_memory_utilization=0.1, max_model_len=512
+    )
+    convs = [[{"role": "user", "content": "Hello there."}], [{"role": "user", "content": "What is two plus two?"}]]
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    try:
+        engine.load_weights(load_file(str(ppo / "model" / "model.safetensors")).items())
+        pushed = [c.token_ids for c in engine.generate(convs, greedy)]
+    finally:
+        engine.close()
+    policy = ModelSpec(name="ppo", source="local", path=str(ppo / "model"), dtype="float32")
+    assert pushed == [c.token_ids for c in HFGenerator(policy).generate(convs, greedy)]

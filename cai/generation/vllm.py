@@ -64,6 +64,11 @@ class VLLMGenerator(Generator):
             max_model_len=max_model_len,
             enforce_eager=enforce_eager,
             trust_remote_code=trust,
+            # Sample exactly what SamplingParams says, never the model's generation_config (an Instruct
+            # model's repetition penalty, top-k): PPO's recomputed log-probs must be those of the
+            # distribution it sampled from. vLLM 0.32 already ignores it when SamplingParams are given
+            # (tests/test_vllm.py passes either way); this pins it.
+            generation_config="vllm",
         )
         if self._tokenizer is None:
             self._tokenizer = self.llm.get_tokenizer()
@@ -87,6 +92,7 @@ class VLLMGenerator(Generator):
                     top_p=params.top_p if params.temperature > 0 else 1.0,
                     seed=params.seed + start + k,
                     stop_token_ids=[eos],
+                    logprobs=0 if params.logprobs else None,  # 0: the sampled token's own log-prob
                 )
                 for k in range(len(chunk))
             ]
@@ -99,6 +105,8 @@ class VLLMGenerator(Generator):
                     ids.append(eos)  # same convention as the HF backend: eos kept when it stopped
                 text = self._tokenizer.decode(ids, skip_special_tokens=True).strip()
                 results.append(Completion(text=text, token_ids=ids, prompt_token_ids=list(p), finished=finished))
+                if params.logprobs and c.logprobs is not None:
+                    results[-1].logprobs = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)]
         return results
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -60,6 +60,7 @@ from cai.training import check_finite, fit, gathered_state_dict, trained_placeme
 
 log = logging.getLogger(__name__)
 VALUE_MODELS = ("head", "critic")
+VLLM = "cai.generation.vllm.VLLMGenerator"
 
 
 class PPOModule(L.LightningModule):
@@ -301,10 +302,17 @@ def build(ctx: Context) -> dict | None:
     reward_fn = pm_reward(pm.requires_grad_(False), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
     L.seed_everything(cfg.seed, verbose=False)
     args = (actor, tok, reward_fn, train_prompts(cfg), cfg.ppo, cfg.seed, critic, cfg.generation.batch_size, ctx.tracker)
-    module = PPOModule(*args, snapshot_dir=out.path / "snapshots", ref_dtype=spec.torch_dtype)
+    # generation=vllm: one engine for the run (on a GPU it shares the device with the trainer, within
+    # generation.gpu_memory_utilization); the actor's weights are pushed into it before every rollout.
+    engine = instantiate(cfg.generation, model=spec) if cfg.generation._target_ == VLLM else None
+    module = PPOModule(*args, snapshot_dir=out.path / "snapshots", engine=engine, ref_dtype=spec.torch_dtype)
     t0 = time.perf_counter()
     strategy, logger = instantiate(cfg.strategy), ctx.tracker.lightning_logger()
-    trainer = train_ppo(module, cfg.ppo.iterations, out.path, cfg.ppo.checkpoint_every, cfg, strategy, logger)
+    try:
+        trainer = train_ppo(module, cfg.ppo.iterations, out.path, cfg.ppo.checkpoint_every, cfg, strategy, logger)
+    finally:
+        if engine is not None:
+            engine.close()
     seconds = time.perf_counter() - t0
     state = gathered_state_dict(actor, trainer.strategy, spec.torch_dtype)  # a collective under ZeRO-3: every rank calls it
     ranks = check_ranks_agree(state, module.rollout_digest)
@@ -316,6 +324,7 @@ def build(ctx: Context) -> dict | None:
         "ref": trained_placement(trainer, module.ref),  # frozen, but moved and autocast by the trainer like the actor
         "critic": trained_placement(trainer, module.critic),
         "reward": placement(pm),
+        **({"rollout": engine.placement()} if engine is not None else {}),
     }
     actor.save_pretrained(out.path / "model", state_dict=state)
     tok.save_pretrained(out.path / "model")
