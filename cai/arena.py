@@ -91,8 +91,9 @@ def answer(cfg: DictConfig, snaps: Sequence[Snapshot], prompts: list[dict]) -> d
             finally:
                 gen.close()
             write_jsonl(path, [{**p, "response": c.text, "tokens": len(c.token_ids)} for p, c in zip(prompts, done)])
-    for snap, ran_on in zip(snaps, map(lambda *on: next((o for o in on if o), None), *all_gather([s.ran_on for s in snaps]))):
-        snap.ran_on = ran_on  # all_gather is also the barrier: every snapshot's answers are on disk past it
+    gathered = all_gather([s.ran_on for s in snaps])  # also the barrier: every snapshot's answers are on disk past it
+    for n, snap in enumerate(snaps):
+        snap.ran_on = next((on[n] for on in gathered if on[n]), None)  # where the rank that answered ran
     for snap, path in zip(snaps, paths):
         snap.answers = str(path)
         out[snap.key] = read_jsonl(path)

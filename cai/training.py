@@ -184,19 +184,14 @@ def fit(
     strategy: Any,
     logger: Any,
     callbacks: Sequence[L.Callback] = (),
-    max_grad_norm: float | None = None,
 ) -> tuple[L.Trainer, float]:
     """Train with Lightning, checkpointing every N optimizer steps (or epochs) and resuming from the last one.
 
     `checkpoint_unit="epochs"` suits PPO, where one epoch is one iteration of several optimizer
     steps. `checkpoint_every=0` writes no checkpoint. Extra callbacks run after the checkpoint is
     saved. The checkpoints (weights + optimizer) live in out_dir/checkpoints only until the stage
-    has written its real output: call `drop_checkpoints(out_dir)` then. `max_grad_norm` is for
-    manual optimization (PPO), which clips itself: DeepSpeed ignores that call and clips inside its
-    engine, so the norm goes into DeepSpeed's config too.
+    has written its real output: call `drop_checkpoints(out_dir)` then.
     """
-    if max_grad_norm and isinstance(getattr(strategy, "config", None), dict):
-        strategy.config["gradient_clipping"] = max_grad_norm
     ckpt_dir = Path(out_dir) / "checkpoints"
     every = {"every_n_train_steps" if checkpoint_unit == "steps" else "every_n_epochs": checkpoint_every}
     sampler = getattr(train_loader, "batch_sampler", None)
@@ -228,6 +223,13 @@ def fit(
     if trainer.global_step == 0:  # completion means work was done
         raise CaiError(f"{stage}: training took no optimizer step (no training batches); give it more data or a smaller {stage}.batch_size")
     return trainer, time.perf_counter() - t0
+
+
+def clip_in_deepspeed(strategy: Any, max_grad_norm: float | None) -> None:
+    """Manual optimization (PPO) clips with `clip_gradients`, which DeepSpeed ignores: it clips inside
+    its engine, by its config's `gradient_clipping` (Lightning fills that key only when it is absent)."""
+    if max_grad_norm and isinstance(getattr(strategy, "config", None), dict):
+        strategy.config["gradient_clipping"] = max_grad_norm
 
 
 def drop_checkpoints(out_dir: Path) -> None:

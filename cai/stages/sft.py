@@ -171,9 +171,8 @@ def build(ctx: Context) -> dict | None:
     if not trainer.is_global_zero:
         return None
     ctx.extra["models"] = {"policy": trained_placement(trainer, module.model)}
-    model_dir = out.path / "model"
-    module.model.save_pretrained(model_dir, state_dict=state)
-    tokenizer.save_pretrained(model_dir)
+    module.model.save_pretrained(out.path / "model", state_dict=state)
+    tokenizer.save_pretrained(out.path / "model")
     train_tokens = sum(len(e["input_ids"]) for e in train) * cfg.sft.epochs
     return {
         "train_examples": len(train),
