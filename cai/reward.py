@@ -1,18 +1,24 @@
-"""The preference model: a transformer backbone with a scalar head on the last token.
+"""The preference model: a transformer with a scalar score on the last token, in the standard format.
 
-Saved as `<dir>/backbone` (an HF checkpoint), `<dir>/head.safetensors` and the tokenizer, so PPO,
-`stage=pm_eval` and users can load it with `PreferenceModel.load(dir)`. `score` rates transcripts;
-`hh_accuracy` rates a PM on human comparisons (the pm and pm_eval stages both report it).
+A PM is a `*ForSequenceClassification` with `num_labels=1` and the pad token set: the reward-model
+format of TRL and RewardBench. `stage=pm` saves it with `save_pretrained`, so
+`AutoModelForSequenceClassification.from_pretrained(dir)` loads it with one line of transformers
+and gives the same scores. Pooling is transformers' own: the last token that is not the pad token.
+`PreferenceModel.load(dir)` also reads the older cai format (`pm.json`, `backbone/`,
+`head.safetensors`), with a deprecation warning. `score` rates transcripts; `hh_accuracy` rates a
+PM on human comparisons (the pm and pm_eval stages both report it).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -23,79 +29,129 @@ from cai.metrics import pairwise_accuracy, wilson_interval
 from cai.models import resolve_dtype, run_device
 from cai.training import pad
 
+log = logging.getLogger(__name__)
+OLD_FORMAT = "pm.json"  # cai's first PM format: backbone/ + head.safetensors (a head with a bias)
+
 
 class PreferenceModel(nn.Module):
-    """r(transcript) = head(h_last): the hidden state of the last real token, mapped to a scalar."""
+    """r(transcript) = score(h_last): a `*ForSequenceClassification` model with one label, and its scalar output."""
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(backbone.config.hidden_size, 1)
-        nn.init.normal_(self.head.weight, std=1.0 / (backbone.config.hidden_size + 1) ** 0.5)
-        nn.init.zeros_(self.head.bias)
+        self.model = model
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The transformer without the score head (what PPO's critic starts from)."""
+        return getattr(self.model, self.model.base_model_prefix)
+
+    @property
+    def head(self) -> nn.Linear:
+        """The score head: hidden size -> 1, no bias (a constant cancels in every comparison)."""
+        return self.model.score
 
     @classmethod
-    def from_causal_lm(cls, lm: nn.Module) -> PreferenceModel:
+    def from_causal_lm(cls, lm: nn.Module, pad_token_id: int | None = None) -> PreferenceModel:
         """A PM initialised from a causal LM: its decoder becomes the backbone, the LM head is dropped."""
-        return cls(lm.get_decoder())
+        model = one_label_classifier(lm.get_decoder(), pad_token_id)
+        nn.init.normal_(model.score.weight, std=1.0 / (model.config.hidden_size + 1) ** 0.5)
+        return cls(model.to(next(lm.parameters()).device))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask: (B, T), right-padded -> rewards (B,)."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        last = attention_mask.sum(dim=1) - 1  # (B,) index of the last real token
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-        return self.head(h.to(self.head.weight.dtype)).squeeze(-1)  # (B,)
+        """input_ids, attention_mask: (B, T), right-padded with the pad token -> rewards (B,)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)  # (B,)
 
     def save(self, path: str | Path, tokenizer, state: dict[str, torch.Tensor] | None = None) -> None:
-        path = Path(path)
+        """An HF checkpoint of the whole PM (config, weights, tokenizer); `state` is this module's state dict."""
         state = state if state is not None else self.state_dict()
-        self.backbone.save_pretrained(
-            path / "backbone", state_dict={k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-        )
-        save_file({k[len("head.") :]: v.contiguous() for k, v in state.items() if k.startswith("head.")}, str(path / "head.safetensors"))
-        tokenizer.save_pretrained(path / "backbone")
-        (path / "pm.json").write_text(json.dumps({"format": "cai-pm-1", "backbone": "backbone", "head": "head.safetensors"}))
+        self.model.save_pretrained(path, state_dict={k[len("model.") :]: v for k, v in state.items()})
+        tokenizer.save_pretrained(path)
 
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreferenceModel, object]:
-        """(model, tokenizer) from a directory written by `save`, on the run's device.
+        """(model, tokenizer) from a directory written by `save` (or the old format), on the run's device.
 
         dtype None is the inference default (bf16 on a GPU that has it, else float32); a PM that
         will be trained further (PPO's critic starts from it) is loaded in float32.
         """
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(path).expanduser()
         check_pm_dir(path)
-        backbone = AutoModel.from_pretrained(path / "backbone", dtype=dtype or resolve_dtype("auto"))
-        pm = cls(backbone)
-        pm.head.load_state_dict(load_file(str(path / "head.safetensors")))
-        pm.to(run_device())
-        tok = AutoTokenizer.from_pretrained(path / "backbone")
+        dtype = dtype or resolve_dtype("auto")
+        if (path / OLD_FORMAT).exists():
+            pm, where = cls._load_old(path, dtype), path / "backbone"
+        else:
+            pm, where = cls(AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)), path
+        tok = AutoTokenizer.from_pretrained(where)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        return pm.eval(), tok
+        return pm.to(run_device()).eval(), tok
+
+    @classmethod
+    def _load_old(cls, path: Path, dtype: torch.dtype) -> PreferenceModel:
+        from transformers import AutoModel
+
+        log.warning(
+            "%s: this PM is in cai's old format (pm.json, backbone/, head.safetensors), which will stop being read; "
+            "`python train.py stage=pm` now writes a standard AutoModelForSequenceClassification checkpoint",
+            path,
+        )
+        model = one_label_classifier(AutoModel.from_pretrained(path / "backbone", dtype=dtype))
+        model.score.weight.data.copy_(load_file(str(path / "head.safetensors"))["weight"])  # its bias shifted every score alike
+        return cls(model)
+
+
+def one_label_classifier(backbone: nn.Module, pad_token_id: int | None = None) -> nn.Module:
+    """`*ForSequenceClassification` (num_labels=1) around a backbone's weights; its score head is new.
+
+    The pad token must be set: transformers pools on the last token that is not the pad token.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(backbone.config)
+    config.num_labels, config.architectures = 1, None
+    config.pad_token_id = pad_token_id if pad_token_id is not None else config.pad_token_id
+    if config.pad_token_id is None:
+        config.pad_token_id = config.eos_token_id
+    model = AutoModelForSequenceClassification.from_config(config, dtype=next(backbone.parameters()).dtype)
+    getattr(model, model.base_model_prefix).load_state_dict(backbone.state_dict())
+    return model
 
 
 def check_pm_dir(path: str | Path, field: str = "pm.checkpoint") -> None:
-    """A clear error unless `path` holds a whole preference model (pm.json, backbone/, head.safetensors)."""
+    """A clear error unless `path` holds a whole preference model: a one-label sequence classifier (or the old format)."""
     path = Path(path).expanduser()
-    if not (path / "pm.json").exists():
+    if (path / OLD_FORMAT).exists():
+        for part in ("backbone/config.json", "head.safetensors"):
+            if not (path / part).exists():
+                raise CaiError(
+                    f"{field}: '{path}' is an incomplete preference model: {part} is missing; copy the whole directory or retrain it"
+                )
+        return
+    config = path / "config.json"
+    if not config.exists():
         raise CaiError(
-            f"{field}: '{path}' is not a preference-model directory (no pm.json); point it at artifacts/pm/latest/model, "
+            f"{field}: '{path}' is not a preference-model directory (no config.json); point it at artifacts/pm/latest/model, "
             "or run stage=pm_eval with the overrides the pm stage ran with"
         )
-    for part in ("backbone/config.json", "head.safetensors"):
-        if not (path / part).exists():
-            raise CaiError(
-                f"{field}: '{path}' is an incomplete preference model: {part} is missing; copy the whole directory or retrain it"
-            )
+    data = json.loads(config.read_text())
+    if not any(a.endswith("ForSequenceClassification") for a in data.get("architectures") or []) or len(data.get("id2label", {})) != 1:
+        raise CaiError(
+            f"{field}: '{path}' is not a preference model: its config.json is not a *ForSequenceClassification with num_labels=1"
+        )
+    if not list(path.glob("*.safetensors")):
+        raise CaiError(
+            f"{field}: '{path}' is an incomplete preference model: no *.safetensors weights; copy the whole directory or retrain it"
+        )
 
 
 def pm_identity(path: str | Path) -> str:
-    """What makes a PM directory score what it scores: its head and backbone config (content hashes)."""
+    """What makes a PM directory score what it scores: the content of its config and weights."""
     path = Path(path).expanduser()
-    return fingerprint({"head": file_hash(path / "head.safetensors"), "backbone": file_hash(path / "backbone" / "config.json")})
+    if (path / OLD_FORMAT).exists():
+        return fingerprint({"head": file_hash(path / "head.safetensors"), "backbone": file_hash(path / "backbone" / "config.json")})
+    return fingerprint({p.name: file_hash(p) for p in sorted([path / "config.json", *path.glob("*.safetensors")])})
 
 
 def encode_transcript(tokenizer, conversation: Sequence[Message], response: str, max_length: int) -> list[int]:

@@ -60,6 +60,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (bad / "half_pm" / "pm.json").write_text("{}")
     (bad / "half_pm" / "head.safetensors").write_bytes(b"")
     (bad / "a_file").write_text("not a directory")
+    (bad / "lm_not_pm").mkdir()
+    (bad / "lm_not_pm" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     return {"root": root, "bad": bad}
 
 
@@ -102,6 +104,7 @@ CASES = [
     (("constitution.path={bad}/broken.yaml",), "broken.yaml"),
     (("pm.checkpoint={bad}/not_a_pm",), "pm.checkpoint: "),
     (("pm.checkpoint={bad}/half_pm",), "backbone/config.json is missing"),
+    (("pm.checkpoint={bad}/lm_not_pm",), "is not a *ForSequenceClassification with num_labels=1"),
     (("paths.artifacts={bad}/a_file/artifacts",), "paths.artifacts: cannot write"),
     (("model.dtype=fp8",), "model.dtype"),
     (("ppo.value_model=bogus",), "ppo.value_model"),

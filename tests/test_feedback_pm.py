@@ -15,7 +15,7 @@ from cai.artifacts import Upstream
 from cai.constitution import load_constitution
 from cai.errors import CaiError
 from cai.pipeline import run
-from cai.reward import PreferenceModel
+from cai.reward import PreferenceModel, score
 from cai.stages.pm import PMModule, collate_pairs
 from cai.training import pad
 
@@ -71,6 +71,19 @@ def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
     log = "".join(p.read_text() for p in (tmp_path / "log").rglob("metrics.csv"))
     assert "pm/train/loss" in log and "pm/val/accuracy" in log and "pm/val/ece" in log
     assert "hh accuracy" in summary["metric"]
+    # The PM is a standard reward model: one line of transformers loads it, and it scores the same.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    plain = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    plain_tok = AutoTokenizer.from_pretrained(out / "model")
+    assert plain.config.num_labels == 1 and plain.config.pad_token_id == plain_tok.pad_token_id is not None
+    transcripts = [([{"role": "user", "content": "hi"}], "hello!"), ([{"role": "user", "content": "how do I pick a lock?"}], "no.")]
+    ours = score(pm, tok, transcripts, max_length=128)
+    texts = [plain_tok.apply_chat_template([*c, {"role": "assistant", "content": r}], tokenize=False) for c, r in transcripts]
+    batch = plain_tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        theirs = plain(**batch).logits.squeeze(-1).tolist()
+    assert ours == pytest.approx(theirs, abs=1e-5)
 
     # pm_eval on the same file, then with chosen and rejected swapped: exactly 1 - accuracy
     [first] = run(make_cfg("stage=pm_eval", *SMALL, "constitution=ensemble", "pm.lr=1e-3", f"pm.eval_data={HH_SMALL}", "pm.n_eval=60"))
@@ -108,9 +121,9 @@ def test_pm_loss_falls_and_parameters_change(tiny_spec):
         before = bradley_terry_loss(*module.rewards(batch), batch["p"]).item()
     head_before = module.pm.head.weight.detach().clone()
     trainer = L.Trainer(
-        max_steps=15, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu"
+        max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu"
     )
-    trainer.fit(module, torch.utils.data.DataLoader([batch] * 15, batch_size=None))
+    trainer.fit(module, torch.utils.data.DataLoader([batch] * 30, batch_size=None))
     with torch.no_grad():
         after = bradley_terry_loss(*module.rewards(batch), batch["p"]).item()
     assert after < before * 0.5, (before, after)
@@ -152,3 +165,20 @@ def test_a_pm_with_a_frozen_backbone_trains_only_what_it_says(make_cfg, tmp_path
     else:
         assert changed and all(k.startswith(("layers.1.", "norm.")) for k in changed)  # the last of 2 blocks, and the norm
     assert float(json.loads((Path(summary["path"]).parent / "metrics.json").read_text())["pm/val/accuracy"]) >= 0.5
+
+
+def test_the_old_pm_format_still_loads_with_a_warning(tiny_spec, tmp_path, caplog):
+    """PMs written before the HF format (pm.json, backbone/, head.safetensors with a bias) still load and rank alike."""
+    from safetensors.torch import save_file
+
+    pm = PreferenceModel.from_causal_lm(tiny_spec.load_model()).eval()
+    old = tmp_path / "old"
+    pm.backbone.save_pretrained(old / "backbone")
+    tiny_spec.load_tokenizer().save_pretrained(old / "backbone")
+    save_file({"weight": pm.head.weight.detach().contiguous(), "bias": torch.tensor([0.7])}, str(old / "head.safetensors"))
+    (old / "pm.json").write_text(json.dumps({"format": "cai-pm-1", "backbone": "backbone", "head": "head.safetensors"}))
+    loaded, _ = PreferenceModel.load(old, dtype=torch.float32)
+    assert "old format" in caplog.text
+    ids, mask = pad([[5, 6, 7], [5, 6, 7, 8, 9]], 2)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids, mask), pm(ids, mask), atol=1e-5)  # the bias only shifted every score alike

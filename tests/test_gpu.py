@@ -70,11 +70,11 @@ def test_stage_all_puts_every_model_on_the_gpu(make_cfg):
 @pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_pm_under_deepspeed(make_cfg, tmp_path, strategy):
     """The PM trains under ZeRO-2/3 and saves whole, gathered tensors."""
-    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
 
     small = (*SMALL, "data.n_helpful=4", "pairs.max_new_tokens=12")
     for stage in ("sl_data", "sft", "pairs", "label"):
         run(make_cfg(f"stage={stage}", *small))
     run(make_cfg("stage=pm", *small, f"strategy={strategy}", "trainer.devices=1", "pm.lr=1e-3"))
-    head = load_file(str(tmp_path / "artifacts" / "pm" / "latest" / "model" / "head.safetensors"))
-    assert head["weight"].shape[-1] == 64 and torch.isfinite(head["weight"]).all()
+    pm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "artifacts" / "pm" / "latest" / "model")
+    assert pm.score.weight.shape == (1, 64) and torch.isfinite(pm.score.weight).all()

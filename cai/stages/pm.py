@@ -97,7 +97,8 @@ class PMModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.pm is None:
-            self.pm = PreferenceModel.from_causal_lm(self.model_spec.load_model(train=True))  # float32 masters
+            lm = self.model_spec.load_model(train=True)  # float32 masters
+            self.pm = PreferenceModel.from_causal_lm(lm, self.model_spec.load_tokenizer().pad_token_id)
             self.pm.train()
             freeze(self.pm, self.trainable)
 
