@@ -114,7 +114,7 @@ class LoggerConfig:
     project: str = "cai"
     entity: str | None = None
     mode: str = "offline"  # wandb mode: offline | online | disabled
-    dir: str = "${paths.output}"
+    dir: str | None = "${paths.output}"  # None only under --cfg job --resolve
     tags: list[str] = field(default_factory=list)
 
 
@@ -127,7 +127,7 @@ class StageConfig:
 class PathsConfig:
     root: str = "${oc.env:CAI_ROOT,.}"
     artifacts: str = "${paths.root}/artifacts"
-    output: str = "${paths.root}/outputs"
+    output: str | None = "${paths.root}/outputs"  # None under --cfg job --resolve (no Hydra run dir yet)
     cache: str = "${oc.env:CAI_CACHE,'~/.cache/cai'}"
 
 
@@ -262,20 +262,24 @@ class TrainConfig:
 
 
 def register() -> None:
-    """Store the schemas that conf/*.yaml build on (`defaults: [schema_name, _self_]`)."""
+    """Store the schemas that conf/*.yaml build on (`defaults: [/schema/<name>@_here_, _self_]`).
+
+    They live in one `schema` group, apart from the axes, so `--help` and tab completion offer only
+    real options (`label=soft`, never `label=label_schema`).
+    """
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    for group, name, node in [
-        ("model", "model_schema", ModelConfig),
-        ("constitution", "constitution_schema", ConstitutionConfig),
-        ("label", "label_schema", LabelConfig),
-        ("generation", "hf_schema", HFGenerationConfig),
-        ("generation", "vllm_schema", VLLMGenerationConfig),
-        ("strategy", "strategy_schema", StrategyConfig),
-        ("logger", "logger_schema", LoggerConfig),
-        ("stage", "stage_schema", StageConfig),
+    for name, node in [
+        ("model", ModelConfig),
+        ("constitution", ConstitutionConfig),
+        ("label", LabelConfig),
+        ("hf", HFGenerationConfig),
+        ("vllm", VLLMGenerationConfig),
+        ("strategy", StrategyConfig),
+        ("logger", LoggerConfig),
+        ("stage", StageConfig),
     ]:
-        cs.store(group=group, name=name, node=node)
+        cs.store(group="schema", name=name, node=node)
     if not OmegaConf.has_resolver("cai_root"):
         # ${cai_root:} is the repository root, so a config can name constitutions/ wherever it runs.
         OmegaConf.register_new_resolver("cai_root", lambda: str(cai.ROOT))

@@ -57,3 +57,14 @@ def test_unknown_config_option_or_field(tmp_path, override, needle):
 
 def test_label_human_without_data(tmp_path):
     assert_one_clear_line(train("label=human", tmp_path=tmp_path), "error: label.data: label=human needs an hh-rlhf-format file")
+
+
+def test_help_offers_only_real_options_and_cfg_resolve_works(tmp_path):
+    """Schemas live in one `schema` group, not among an axis's options; `--cfg job --resolve` prints the config."""
+    help_text = train("--help", tmp_path=tmp_path).stdout
+    axes = {line.split(":")[0]: line.split(":")[1] for line in help_text.splitlines() if line.startswith(("label:", "model:", "strategy:"))}
+    assert set(axes) == {"label", "model", "strategy"} and not any("schema" in options for options in axes.values())
+    resolved = train("--cfg", "job", "--resolve", tmp_path=tmp_path)
+    assert resolved.returncode == 0, resolved.stderr
+    config = yaml.safe_load(resolved.stdout)
+    assert config["label"]["kind"] == "soft" and config["paths"]["output"] is None
