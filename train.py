@@ -1,22 +1,6 @@
-"""Entry point: `python train.py [overrides]`. Everything happens in cai.pipeline.run(cfg)."""
+"""Entry point: `python train.py [overrides]` (the same as the `cai-train` console script)."""
 
-import sys
+from cai.cli import main
 
-import hydra
-from omegaconf import DictConfig
-
-import cai.config  # noqa: F401  (registers the typed schemas the YAML files build on)
-from cai.errors import CaiError
-from cai.pipeline import run
-
-
-@hydra.main(version_base=None, config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except CaiError as err:  # bad input: one clear line, no traceback
-        sys.exit(f"error: {err}")
-
-
-if __name__ == "__main__":  # the guard matters: vLLM spawns worker processes
+if __name__ == "__main__":  # the guard matters: vLLM spawns worker processes, and DDP re-runs this file per rank
     main()

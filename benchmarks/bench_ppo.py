@@ -27,7 +27,7 @@ from cai.pipeline import run, stage_path
 def main() -> None:
     root = Path(sys.argv[1]).resolve()
     overrides = [f"paths.root={root}", f"paths.output={root}/out", "logger=none", "stage=ppo", *sys.argv[2:]]
-    with initialize_config_dir(config_dir=str(cai.ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(cai.CONF), version_base=None):
         cfg = compose(config_name="train", overrides=overrides)
     shutil.rmtree(stage_path(cfg, "ppo"), ignore_errors=True)
     t = time.perf_counter()

@@ -34,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="cai-bench-"))
     overrides = [f"paths.root={root}", f"paths.output={root}/out", "logger=none", f"data.n_red_team={args.red_team}", *args.overrides]
-    with initialize_config_dir(config_dir=str(cai.ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(cai.CONF), version_base=None):
         cfg = compose(config_name="train", overrides=overrides)
 
     spec = instantiate(cfg.model)

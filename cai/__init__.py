@@ -4,5 +4,7 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-# The repository root: conf/, constitutions/ and sweeps/ live here (the package is installed editable).
+# The folder holding the package: the repository root in a checkout (train.py, sweeps/, benchmarks/),
+# site-packages in a plain install. The configs and constitutions ship inside the package (CONF, cai/constitutions).
 ROOT = Path(__file__).resolve().parent.parent
+CONF = Path(__file__).resolve().parent / "conf"  # the Hydra configs: one group per ablation axis

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 import cai
 import cai.config  # noqa: F401  (registers the schemas)
 
-CONF = cai.ROOT / "conf"
+CONF = cai.CONF
 # The shared development data (hh-rlhf dev split, MT-bench, the paper's prompt files) lives beside our
 # checkouts, not in the repository; CAI_TEST_DATA may point elsewhere. Tests that need it skip without it.
 SHARED = Path(os.environ.get("CAI_TEST_DATA") or cai.ROOT.parent / "shared" / "data")

@@ -16,7 +16,7 @@ from cai.constitution import Constitution
 from cai.models import ModelSpec
 from cai.tracking import Tracker
 
-CONF = cai.ROOT / "conf"
+CONF = cai.CONF
 GROUPS = ["constitution", "label", "model", "strategy", "generation", "logger", "stage", "experiment"]
 
 

@@ -75,6 +75,22 @@ def test_prompt_files_txt_and_errors(tmp_path):
     with pytest.raises(CaiError, match=r"data.red_team: .*empty.jsonl: the prompt file is empty"):
         load_prompts("red_team", str(empty))
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "x"}\n')
-    with pytest.raises(CaiError, match=r"bad.jsonl: line 1: missing field 'prompt'"):
+    bad.write_text('{"question": "x"}\n')
+    with pytest.raises(CaiError, match=r"bad.jsonl: line 1: no prompt text; each row needs one of 'prompt', 'text', 'messages'"):
         read_prompt_file(bad)
+
+
+def test_prompt_files_in_the_formats_people_have(tmp_path):
+    """`prompt`, `text`, a `messages` chat list (its first user turn) and MT-bench `turns` all read as prompts."""
+    rows = [
+        {"prompt": "from prompt"},
+        {"text": "from text"},
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "from messages"}]},
+        {"turns": ["from turns", "a follow-up"]},
+    ]
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p.text for p in read_prompt_file(f)] == ["from prompt", "from text", "from messages", "from turns"]
+    f.write_text(json.dumps({"messages": [{"role": "assistant", "content": "no user turn"}]}) + "\n")
+    with pytest.raises(CaiError, match="no prompt text"):
+        read_prompt_file(f)

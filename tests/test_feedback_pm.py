@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import FIXTURES, HH_SMALL, TINY_RUN
 
+import cai
 from cai.artifacts import Upstream
 from cai.constitution import load_constitution
 from cai.errors import CaiError
@@ -36,7 +37,7 @@ def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
 
     run(make_cfg("stage=label", *SMALL, "constitution=ensemble", "label.report_data=" + str(HH_SMALL), "label.report_n=4"))
     labels = Upstream("", tmp_path / "artifacts" / "label" / "latest", {}).rows()
-    ids = {p.id for p in load_constitution("constitutions/default.yaml").rl_principles}
+    ids = {p.id for p in load_constitution(cai.ROOT / "cai" / "constitutions" / "default.yaml").rl_principles}
     for r in labels:
         assert 0 < r["p_a"] < 1 and r["label_type"] == "soft"
         if r["kind"] == "red_team":

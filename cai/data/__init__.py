@@ -73,8 +73,21 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         yield n, row
 
 
+def prompt_text(row: dict) -> str | None:
+    """A row's prompt: `prompt`, `text`, the first user turn of a `messages` chat list, or MT-bench's first of `turns`."""
+    for key in ("prompt", "text"):
+        if isinstance(row.get(key), str):
+            return row[key]
+    if isinstance(row.get("messages"), list):
+        users = [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+        return users[0] if users else None
+    if isinstance(row.get("turns"), list) and row["turns"]:
+        return row["turns"][0]  # MT-bench: the first turn stands alone as a prompt
+    return None
+
+
 def read_prompt_file(path: str | Path) -> list[Prompt]:
-    """Prompts from .jsonl (`prompt`, or MT-bench `turns`) or .txt (one a line). All count as train."""
+    """Prompts from .jsonl (`prompt`, `text`, `messages` or MT-bench `turns`) or .txt (one a line). All count as train."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise CaiError(f"{path}: prompt file not found")
@@ -83,11 +96,12 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
         out = [Prompt(id=f"{p.stem}-{i:05d}", text=line.strip()) for i, line in enumerate(_lines(p)) if line.strip()]
     else:
         for n, row in _jsonl(p):
-            text = row.get("prompt")
-            if text is None and isinstance(row.get("turns"), list) and row["turns"]:
-                text = row["turns"][0]  # MT-bench: the first turn stands alone as a prompt
+            text = prompt_text(row)
             if not isinstance(text, str) or not text.strip():
-                raise CaiError(f"{p}: line {n}: missing field 'prompt' (or MT-bench 'turns'); each row needs prompt text")
+                raise CaiError(
+                    f"{p}: line {n}: no prompt text; each row needs one of 'prompt', 'text', 'messages' "
+                    "(a chat list with a user turn) or MT-bench 'turns'"
+                )
             pid = str(row.get("id", row.get("question_id", f"{p.stem}-{n:05d}")))
             out.append(Prompt(id=pid, text=text.strip(), category=str(row.get("category", "")), split=row.get("split", "train")))
     if not out:

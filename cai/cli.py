@@ -1,0 +1,18 @@
+"""The command line: `python train.py [overrides]` or `cai-train [overrides]`; everything happens in cai.pipeline.run(cfg)."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import cai.config  # noqa: F401  (registers the typed schemas the YAML files build on)
+from cai.errors import CaiError
+from cai.pipeline import run
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except CaiError as err:  # bad input: one clear line, no traceback
+        sys.exit(f"error: {err}")
