@@ -28,7 +28,7 @@ def assert_one_clear_line(out: subprocess.CompletedProcess, *needles: str) -> No
 
 
 def test_constitution_with_a_missing_field(tmp_path):
-    data = yaml.safe_load((cai.ROOT / "constitutions" / "default.yaml").read_text())
+    data = yaml.safe_load((cai.ROOT / "cai" / "constitutions" / "default.yaml").read_text())
     del data["rl"]["principles"][5]["question"]
     bad = tmp_path / "mine.yaml"
     bad.write_text(yaml.safe_dump(data))
