@@ -180,7 +180,7 @@ class PPOModule(L.LightningModule):
                 check_finite("ppo", iteration, "PPO loss", float(loss.detach()))
                 opt.zero_grad()
                 self.manual_backward(loss)
-                # A no-op under DeepSpeed, whose engine clips by the same norm (fit puts it in its config).
+                # A no-op under DeepSpeed, whose engine clips by the same norm (train_ppo puts it in its config).
                 self.clip_gradients(opt, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 step = {"policy_loss": policy_loss, "value_loss": critic_loss, "entropy": mean_entropy, **info}
