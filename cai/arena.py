@@ -250,10 +250,11 @@ class PMJudge(Judge):
 
     kind = "pm"
 
-    def __init__(self, cfg: DictConfig, pm_dir: Path, is_reward: bool) -> None:
+    def __init__(self, cfg: DictConfig, pm_dir: Path, is_reward: bool, identity: str | None = None) -> None:
         super().__init__(cfg)
         self.pm_dir = Path(pm_dir).expanduser()
-        self.key = fingerprint({"judge": self.kind, "pm": pm_identity(self.pm_dir)})  # the same weights, the same cache
+        # The same weights, the same cache. `identity`: pm_identity(pm_dir), when the caller hashed the weights already.
+        self.key = fingerprint({"judge": self.kind, "pm": identity or pm_identity(self.pm_dir)})
         self.is_reward = is_reward
         self.identity = f"PM {pm_dir}" + (" (this run's own reward model)" if is_reward else "")
         self._pm = None
@@ -303,12 +304,13 @@ def make_judge(cfg: DictConfig, pm=None) -> Judge:
         return FeedbackJudge(cfg)
     if cfg.eval.judge_pm:
         # The same weights as this run's reward model, under another path, are not independent either.
-        is_reward = pm is not None and pm_identity(cfg.eval.judge_pm) == pm_identity(pm.model_dir)
+        identity = pm_identity(cfg.eval.judge_pm)  # hashes every weight file: once
+        is_reward = pm is not None and identity == pm_identity(pm.model_dir)
         if is_reward and not cfg.eval.judge_own_pm:
             raise CaiError(
                 f"eval.judge_pm: '{cfg.eval.judge_pm}' is this run's own PM, the reward PPO optimised; give another PM, or set eval.judge_own_pm=true"
             )
-        return PMJudge(cfg, cfg.eval.judge_pm, is_reward=is_reward)
+        return PMJudge(cfg, cfg.eval.judge_pm, is_reward=is_reward, identity=identity)
     return PMJudge(cfg, pm.model_dir, is_reward=True)
 
 

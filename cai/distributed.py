@@ -74,8 +74,7 @@ def launch(cfg: DictConfig) -> int:
         return world()
     from lightning.fabric import Fabric
 
-    devices = cfg.trainer.devices
-    fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=devices, num_nodes=cfg.trainer.num_nodes, strategy="ddp")
+    fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes, strategy="ddp")
     if fabric.world_size == 1:
         return 1
     if os.environ.get("LOCAL_RANK") is None:

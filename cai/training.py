@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Sampler
 
 from cai.errors import CaiError
+from cai.models import placement
 
 log = logging.getLogger(__name__)
 
@@ -257,12 +258,8 @@ def gathered_state_dict(model: torch.nn.Module, strategy: Any, dtype: torch.dtyp
 
 def trained_placement(trainer: L.Trainer, model: torch.nn.Module) -> dict:
     """Where a Lightning-trained model ran, for manifests: this rank's device, the weights' dtype, the precision."""
-    param = next(model.parameters())
-    return {
-        "device": str(trainer.strategy.root_device),
-        "dtype": str(param.dtype).removeprefix("torch."),
-        "precision": str(trainer.precision),
-    }
+    # Lightning moves the module back to the CPU when fit ends: the device is the strategy's.
+    return {**placement(model), "device": str(trainer.strategy.root_device), "precision": str(trainer.precision)}
 
 
 def pad(seqs: Sequence[Sequence[int]], value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:

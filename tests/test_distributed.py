@@ -18,18 +18,13 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import HH_SMALL
+from conftest import HH_SMALL, TINY_RUN
 from safetensors.torch import load_file
 
 import cai
 
 SMALL = (
-    "model=tiny",
-    "data.n_red_team=8",
-    "data.n_helpful=4",
-    "sl.max_new_tokens=12",
-    "pairs.max_new_tokens=12",
-    "generation.batch_size=8",
+    *TINY_RUN,
     "sl.shard_size=4",
     "pairs.shard_size=4",
     "ppo.iterations=3",

@@ -47,13 +47,14 @@ class HFGenerator(Generator):
         results: list[Completion | None] = [None] * len(prompts)
         was_training = self.model.training
         self.model.eval()
+        config = exact_sampling(params, pad_id, eos)
         bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
         for b, start in enumerate(range(0, len(order), self.batch_size)):
             idx = order[start : start + self.batch_size]
             ids, mask = pad([prompts[i] for i in idx], pad_id, side="left")  # every prompt ends at the same column
             width = ids.shape[1]
             torch.manual_seed(params.seed + b)  # same seed and same prompts -> same text
-            with only(self.model, exact_sampling(params, pad_id, eos)) as config:
+            with own_config_hidden(self.model):
                 out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
             sequences = out.sequences if params.logprobs else out
             for row, i in enumerate(idx):
@@ -114,15 +115,16 @@ def exact_sampling(params: SamplingParams, pad_id: int, eos: int) -> GenerationC
 
 
 @contextlib.contextmanager
-def only(model, config: GenerationConfig):
-    """Hide the model's own generation_config while it generates with `config`.
+def own_config_hidden(model):
+    """Hide the model's own generation_config while it generates with an explicit one.
 
-    transformers fills every field of `config` left at None from the model's generation_config, so
-    an Instruct model's repetition_penalty or top_k would creep in; a blank one has nothing to add.
+    transformers fills every field of the given config left at None from the model's
+    generation_config, so an Instruct model's repetition_penalty or top_k would creep in; a blank
+    one has nothing to add.
     """
     saved = model.generation_config
-    model.generation_config = GenerationConfig(pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
+    model.generation_config = GenerationConfig()
     try:
-        yield config
+        yield
     finally:
         model.generation_config = saved

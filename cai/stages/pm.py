@@ -85,9 +85,10 @@ def freeze(pm: PreferenceModel, trainable: str) -> None:
 class PMModule(L.LightningModule):
     """Bradley-Terry training of a PreferenceModel; validation collects calibration statistics."""
 
-    def __init__(self, model_spec, lr: float, warmup_ratio: float, trainable: str = "all") -> None:
+    def __init__(self, model_spec, lr: float, warmup_ratio: float, trainable: str = "all", pad_token_id: int | None = None) -> None:
         super().__init__()
         self.model_spec = model_spec
+        self.pad_token_id = pad_token_id  # the tokenizer's: transformers pools on the last token that is not it
         self.lr = lr
         self.warmup_ratio = warmup_ratio
         self.trainable = trainable
@@ -98,7 +99,7 @@ class PMModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.pm is None:
             lm = self.model_spec.load_model(train=True)  # float32 masters
-            self.pm = PreferenceModel.from_causal_lm(lm, self.model_spec.load_tokenizer().pad_token_id)
+            self.pm = PreferenceModel.from_causal_lm(lm, self.pad_token_id)
             self.pm.train()
             freeze(self.pm, self.trainable)
 
@@ -181,7 +182,7 @@ def build(ctx: Context) -> dict | None:
     rows = comparisons(cfg, ctx.upstream["label"].rows())
     train_loader, val_loader, n_train, n_val = loaders(cfg, tokenizer, rows)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = PMModule(spec, cfg.pm.lr, cfg.pm.warmup_ratio, cfg.pm.trainable)
+    module = PMModule(spec, cfg.pm.lr, cfg.pm.warmup_ratio, cfg.pm.trainable, tokenizer.pad_token_id)
     trainer, seconds = fit(
         module,
         train_loader,
