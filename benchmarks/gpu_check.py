@@ -50,7 +50,8 @@ def prepare() -> None:
     shutil.copytree(source, CACHE / TOKENIZER)
     script = ROOT.parent / "shared" / "tools" / "gpu-wheels.sh"
     if not WHEELS.exists() or not any(WHEELS.glob("*.whl")):
-        subprocess.run(["bash", str(script), str(WHEELS)], cwd=ROOT, check=True)
+        # Relative: the script writes the deepspeed wheel to "$OLDPWD/<dest>".
+        subprocess.run(["bash", str(script), WHEELS.name], cwd=ROOT, check=True)
     size = sum(p.stat().st_size for p in [*WHEELS.rglob("*"), *CACHE.rglob("*")] if p.is_file())
     print(f"ready: {WHEELS.name}/ and {CACHE.relative_to(ROOT)}/ ({size / 2**20:.1f} MiB); carry both to the GPU machine")
 

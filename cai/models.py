@@ -248,8 +248,10 @@ class ModelSpec(ModelConfig):
             pad_token_id=tok.pad_token_id,
         )
         gen = torch.Generator().manual_seed(self.seed)
-        with torch.random.fork_rng():  # seeded weights without touching the global RNG
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        # Built on the CPU whatever device context the caller is in (Lightning's, say), so the same
+        # seed gives the same weights everywhere; load_model moves it.
+        with torch.random.fork_rng(), torch.device("cpu"):  # seeded weights without touching the global RNG
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device="cpu")))
             model = LlamaForCausalLM(config)
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id

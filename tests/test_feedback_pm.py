@@ -115,7 +115,6 @@ def test_pm_loss_falls_and_parameters_change(tiny_spec):
     ]
     batch = collate_pairs(data, tok.pad_token_id)
     module = PMModule(tiny_spec, lr=3e-3, warmup_ratio=0.0)
-    module.configure_model()
     from cai.losses import bradley_terry_loss
 
     with torch.no_grad():

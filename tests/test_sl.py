@@ -200,7 +200,6 @@ def test_sft_loss_falls_on_a_repeated_batch(tiny_spec):
     examples = [build_example(tok, f"Question {i}?", f"A short answer number {i}.", 128) for i in range(4)]
     batch = collate(examples, tok.pad_token_id)
     module = SFTModule(tiny_spec, lr=3e-3, warmup_ratio=0.0)
-    module.configure_model()
     with torch.no_grad():
         before = module(batch).item()
     loader = torch.utils.data.DataLoader([batch] * 20, batch_size=None)

@@ -87,21 +87,16 @@ class PMModule(L.LightningModule):
 
     def __init__(self, model_spec, lr: float, warmup_ratio: float, trainable: str = "all", pad_token_id: int | None = None) -> None:
         super().__init__()
-        self.model_spec = model_spec
         self.pad_token_id = pad_token_id  # the tokenizer's: transformers pools on the last token that is not it
         self.lr = lr
         self.warmup_ratio = warmup_ratio
         self.trainable = trainable
-        self.pm: PreferenceModel | None = None
+        # Loaded whole in __init__, not in configure_model: see SFTModule.
+        self.pm = PreferenceModel.from_causal_lm(model_spec.load_model(train=True), pad_token_id)  # float32 masters
+        self.pm.train()
+        freeze(self.pm, trainable)
         self.val_probs: list[float] = []
         self.val_targets: list[float] = []
-
-    def configure_model(self) -> None:
-        if self.pm is None:
-            lm = self.model_spec.load_model(train=True)  # float32 masters
-            self.pm = PreferenceModel.from_causal_lm(lm, self.pad_token_id)
-            self.pm.train()
-            freeze(self.pm, self.trainable)
 
     def rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.pm(batch["input_ids"], batch["attention_mask"]).float()  # (2B,)

@@ -90,19 +90,16 @@ class SFTModule(L.LightningModule):
 
     def __init__(self, model_spec, lr: float, warmup_ratio: float) -> None:
         super().__init__()
-        self.model_spec = model_spec
+        # Loaded here, whole, not in configure_model: there Lightning's device context and ZeRO-3's
+        # zero.Init are active, and from_pretrained (which transformers does not tell about
+        # Lightning's DeepSpeed config) fills partitioned, empty parameters. DeepSpeed shards the
+        # loaded model at setup instead (seen on an H200: zero.Init broke the load).
+        self.model = model_spec.load_model(train=True) if isinstance(model_spec, LoadableModel) else model_spec  # float32 masters
+        self.model.train()
         self.lr = lr
         self.warmup_ratio = warmup_ratio
-        self.model = None
         self._tokens = 0
         self._t0 = None
-
-    def configure_model(self) -> None:
-        # Built here, not in __init__, so DeepSpeed ZeRO-3 can shard the weights as they load.
-        if self.model is None:
-            spec = self.model_spec
-            self.model = spec.load_model(train=True) if isinstance(spec, LoadableModel) else spec  # float32 masters
-            self.model.train()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # HF shifts labels by one and averages cross-entropy over tokens whose label is not -100.
