@@ -226,11 +226,19 @@ def fit(
     return trainer, time.perf_counter() - t0
 
 
-def clip_in_deepspeed(strategy: Any, max_grad_norm: float | None) -> None:
-    """Manual optimization (PPO) clips with `clip_gradients`, which DeepSpeed ignores: it clips inside
-    its engine, by its config's `gradient_clipping` (Lightning fills that key only when it is absent)."""
-    if max_grad_norm and isinstance(getattr(strategy, "config", None), dict):
+def deepspeed_for_manual_loop(strategy: Any, max_grad_norm: float | None) -> None:
+    """Fit DeepSpeed's config to PPO's manual loop, before the Trainer reads it.
+
+    Manual optimization clips with `clip_gradients`, which DeepSpeed ignores: it clips inside its
+    engine, by its config's `gradient_clipping` (Lightning fills that key only when it is absent).
+    PPO's one-step loader has no batch sampler, from which Lightning would read the micro-batch size
+    (seen on an H200: AttributeError in `_auto_select_batch_size`); one loader item is one step.
+    """
+    if not isinstance(getattr(strategy, "config", None), dict):
+        return
+    if max_grad_norm:
         strategy.config["gradient_clipping"] = max_grad_norm
+    strategy.config.setdefault("train_micro_batch_size_per_gpu", 1)
 
 
 def drop_checkpoints(out_dir: Path) -> None:

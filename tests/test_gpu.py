@@ -24,8 +24,9 @@ def test_sft_under_deepspeed(make_cfg, tmp_path, tiny_spec, strategy):
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "sft" / "latest" / "model")
     w = "model.layers.0.mlp.up_proj.weight"
     # ZeRO-3 shards parameters: the saved checkpoint must hold full, gathered, trained tensors
-    assert trained.state_dict()[w].shape == tiny_spec.load_model().state_dict()[w].shape
-    assert not torch.equal(trained.state_dict()[w], tiny_spec.load_model().state_dict()[w])
+    start = tiny_spec.load_model().state_dict()[w].cpu()  # load_model puts it on the GPU
+    assert trained.state_dict()[w].shape == start.shape
+    assert not torch.equal(trained.state_dict()[w], start)
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])

@@ -56,7 +56,7 @@ from cai.models import placement, resolve_dtype
 from cai.reward import PreferenceModel, pm_reward
 from cai.rl import Critic, CriticModel, Experience, RewardFn, Rollout, ValueHead, batch_rollouts, token_logprobs
 from cai.stages import Context, Stage
-from cai.training import check_finite, clip_in_deepspeed, fit, gathered_state_dict, trained_placement
+from cai.training import check_finite, deepspeed_for_manual_loop, fit, gathered_state_dict, trained_placement
 
 log = logging.getLogger(__name__)
 VALUE_MODELS = ("head", "critic")
@@ -243,7 +243,7 @@ def train_ppo(
 ) -> L.Trainer:
     """Run (or resume from out_dir/checkpoints/last.ckpt) PPO for `iterations` iterations: one Lightning epoch of one step each."""
     one_step = torch.utils.data.DataLoader([0], batch_size=None)
-    clip_in_deepspeed(strategy, module.cfg.max_grad_norm)  # PPO's own clip_gradients call is a no-op there
+    deepspeed_for_manual_loop(strategy, module.cfg.max_grad_norm)  # PPO's own clip_gradients call is a no-op there
     trainer, _ = fit(
         module,
         one_step,
