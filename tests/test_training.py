@@ -41,3 +41,16 @@ def test_the_finite_guard_stops_at_nan_and_warns_on_exploding_weights(caplog):
         module.weight[0, 0] = float("inf")
     with pytest.raises(CaiError, match="pm: the parameter norm became inf"):
         guard.on_train_end(Trainer, module)
+
+
+def test_ppo_fits_deepspeeds_config_before_the_trainer_reads_it():
+    """Under DeepSpeed, PPO's clipping must live in the engine's config, and its one-step loader gives
+    Lightning no batch sampler to read a micro-batch size from (the H200 run failed there)."""
+    pytest.importorskip("deepspeed")
+    from cai.training import build_strategy, deepspeed_for_manual_loop
+
+    strategy = build_strategy("deepspeed", zero_stage=3)
+    deepspeed_for_manual_loop(strategy, 0.5)
+    assert strategy.config["gradient_clipping"] == 0.5
+    assert strategy.config["train_micro_batch_size_per_gpu"] == 1
+    deepspeed_for_manual_loop("auto", 0.5)  # other strategies: nothing to do
