@@ -141,10 +141,68 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
+    """`lightning.Trainer`'s arguments, passed to every Trainer cai builds (SFT, the PM, PPO).
+
+    The first four are typed: cai reads them (placement, precision, ranks). Every other argument is
+    open (`Any`) and None by default, meaning cai's choice or Lightning's default; set one and it
+    goes to the Trainer as it is (`trainer.max_steps=100`, `trainer.gradient_clip_val=1.0`). Three
+    are missing on purpose: `strategy`, `logger` and `callbacks` are config groups of their own.
+    tests/test_config.py checks this list against the installed Lightning.
+    """
+
     accelerator: str = "auto"
     devices: Any = "auto"
     precision: str = "auto"  # auto: bf16-mixed where the hardware has it, else 32-true
     num_nodes: int = ranged(1, ge=1)
+    fast_dev_run: Any = None
+    max_epochs: Any = None  # cai's: sft.epochs / pm.epochs (PPO: one epoch per iteration, always)
+    min_epochs: Any = None
+    max_steps: Any = None
+    min_steps: Any = None
+    max_time: Any = None
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    limit_predict_batches: Any = None
+    overfit_batches: Any = None
+    val_check_interval: Any = None
+    check_val_every_n_epoch: Any = None
+    num_sanity_val_steps: Any = None
+    log_every_n_steps: Any = None
+    enable_checkpointing: Any = None
+    enable_progress_bar: Any = None
+    enable_model_summary: Any = None
+    accumulate_grad_batches: Any = None  # cai's: sft.grad_accum / pm.grad_accum (PPO: none, it steps by hand)
+    gradient_clip_val: Any = None
+    gradient_clip_algorithm: Any = None
+    deterministic: Any = None
+    benchmark: Any = None
+    inference_mode: Any = None
+    use_distributed_sampler: Any = None
+    profiler: Any = None
+    detect_anomaly: Any = None
+    barebones: Any = None
+    plugins: Any = None
+    sync_batchnorm: Any = None
+    reload_dataloaders_every_n_epochs: Any = None
+    default_root_dir: Any = None
+    enable_autolog_hparams: Any = None
+    model_registry: Any = None
+
+
+# Trainer arguments that change no weight or metric, left out of the lineage key.
+TRAINER_LOGGING_ONLY = (
+    "accelerator",
+    "enable_progress_bar",
+    "enable_model_summary",
+    "log_every_n_steps",
+    "profiler",
+    "default_root_dir",
+    "enable_autolog_hparams",
+    "model_registry",
+)
+# What the PPO loop cannot take from trainer.*: it steps by hand, one epoch per iteration.
+TRAINER_NOT_FOR_PPO = ("max_epochs", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
 
 
 @dataclass
@@ -251,6 +309,7 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    callbacks: dict[str, Any] = field(default_factory=dict)  # name -> a lightning Callback's _target_ entry (null: off)
     sl: SLConfig = field(default_factory=SLConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)

@@ -71,7 +71,8 @@ def lineage_config(cfg: DictConfig, name: str) -> dict:
         node = OmegaConf.select(cfg, field)
         value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
         if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if f"{field}.{k}" not in skip}
+            # An unset Trainer argument (None) is Lightning's default: left out, so adding one moves no key.
+            value = {k: v for k, v in value.items() if f"{field}.{k}" not in skip and not (field == "trainer" and v is None)}
         picked[field] = value
     return picked
 

@@ -20,15 +20,20 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Sampler
 
+from cai.config import TRAINER_LOGGING_ONLY, TRAINER_NOT_FOR_PPO, instantiate
 from cai.errors import CaiError
 from cai.models import placement
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "ddp", "deepspeed")
+# What a training stage's output also depends on: the Trainer arguments that are set, and the
+# callbacks (early stopping changes what trains). Those that only log are left out.
+TRAINING_LINEAGE = ("trainer", "callbacks")
+TRAINING_LOGGING_ONLY = (*(f"trainer.{k}" for k in TRAINER_LOGGING_ONLY), "callbacks.lr_monitor")
 
 
 def build_strategy(name: str, zero_stage: int = 0, offload_optimizer: bool = False, offload_parameters: bool = False) -> Any:
@@ -64,13 +69,16 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def adamw_with_cosine(params, lr: float, warmup_ratio: float, total_steps: int) -> dict:
-    """AdamW with linear warmup then cosine decay, stepped every optimizer step (Lightning's format)."""
+def adamw_with_cosine(params, lr: float, warmup_ratio: float, total_steps: int, stage: str) -> dict:
+    """AdamW with linear warmup then cosine decay, stepped every optimizer step (Lightning's format).
+
+    The scheduler's name is the metric LearningRateMonitor logs: `<stage>/train/lr`.
+    """
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = max(1, total_steps)
     warmup = int(warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warmup, total))
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": f"{stage}/train/lr"}}
 
 
 def check_finite(stage: str, step: int, what: str, value: float) -> None:
@@ -198,17 +206,11 @@ def fit(
     sampler = getattr(train_loader, "batch_sampler", None)
     resume_sampler = [SamplerResume(sampler)] if isinstance(sampler, LengthBucketSampler) else []
     saver = [L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, **every)] if checkpoint_every else []
-    trainer = L.Trainer(
+    own = [FiniteGuard(stage), *resume_sampler, *saver, *callbacks, *configured_callbacks(cfg, has_logger=bool(logger))]
+    ours = dict(
         max_epochs=epochs,
         accumulate_grad_batches=grad_accum,
-        precision=resolve_precision(cfg.trainer.precision),
-        strategy=strategy,
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes,
-        logger=logger,
-        callbacks=[FiniteGuard(stage), *resume_sampler, *saver, *callbacks],
-        enable_checkpointing=bool(saver),
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in own),  # ours, or a user's
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if val_loader is not None else 0,
@@ -216,6 +218,8 @@ def fit(
         enable_model_summary=False,
         use_distributed_sampler=False,  # our batch samplers shard across ranks themselves
     )
+    args = trainer_args(cfg, ours, manual=not module.automatic_optimization)
+    trainer = L.Trainer(strategy=strategy, logger=logger, callbacks=own, **args)
     resume = ckpt_dir / "last.ckpt"
     # SamplerResume makes our mid-epoch resume exact; Lightning cannot see that and would warn otherwise.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -239,6 +243,41 @@ def deepspeed_for_manual_loop(strategy: Any, max_grad_norm: float | None) -> Non
     if max_grad_norm:
         strategy.config["gradient_clipping"] = max_grad_norm
     strategy.config.setdefault("train_micro_batch_size_per_gpu", 1)
+
+
+def trainer_args(cfg: DictConfig, ours: dict[str, Any], manual: bool = False) -> dict[str, Any]:
+    """A Trainer's arguments: cai's for this stage, then every `trainer.*` the user set, which win.
+
+    `manual` (PPO's hand-stepped loop) keeps its own epochs, accumulation and clipping: Lightning
+    refuses those with manual optimisation, so a user's value is dropped there with a warning.
+    """
+    user = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
+    user["precision"] = resolve_precision(user.get("precision", "auto"))
+    if manual:
+        for key in [k for k in TRAINER_NOT_FOR_PPO if k in user]:
+            log.warning("trainer.%s does not apply to PPO (it steps by hand; see ppo.* instead): PPO ignores it", key)
+            user.pop(key)
+    return {**ours, **user}
+
+
+def configured_callbacks(cfg: DictConfig, has_logger: bool) -> list[L.Callback]:
+    """The `callbacks` group's entries, built from their `_target_` (a null entry is switched off).
+
+    LearningRateMonitor needs a logger; with `logger=none` it is left out, not an error.
+    """
+    built = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        try:
+            callback = instantiate(node)
+        except Exception as err:  # an import or argument error in the user's entry: name the entry
+            raise CaiError(f"callbacks.{name}: could not build {node.get('_target_')}: {err}".splitlines()[0]) from None
+        if not isinstance(callback, L.Callback):
+            raise CaiError(f"callbacks.{name}: {node.get('_target_')} is not a lightning Callback")
+        if has_logger or not isinstance(callback, L.pytorch.callbacks.LearningRateMonitor):
+            built.append(callback)
+    return built
 
 
 def drop_checkpoints(out_dir: Path) -> None:

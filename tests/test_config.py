@@ -17,7 +17,7 @@ from cai.models import ModelSpec
 from cai.tracking import Tracker
 
 CONF = cai.CONF
-GROUPS = ["constitution", "label", "model", "strategy", "generation", "logger", "stage", "experiment"]
+GROUPS = ["constitution", "label", "model", "strategy", "generation", "logger", "stage", "experiment", "callbacks"]
 
 
 def options(group: str) -> list[str]:

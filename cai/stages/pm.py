@@ -26,7 +26,16 @@ from cai.metrics import expected_calibration_error, pairwise_accuracy
 from cai.plots import calibration_plot
 from cai.reward import PreferenceModel, encode_transcript, hh_accuracy
 from cai.stages import Context, Stage
-from cai.training import LengthBucketSampler, adamw_with_cosine, fit, gathered_state_dict, pad, trained_placement
+from cai.training import (
+    TRAINING_LINEAGE,
+    TRAINING_LOGGING_ONLY,
+    LengthBucketSampler,
+    adamw_with_cosine,
+    fit,
+    gathered_state_dict,
+    pad,
+    trained_placement,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +140,11 @@ class PMModule(L.LightningModule):
 
     def configure_optimizers(self):
         return adamw_with_cosine(
-            [p for p in self.pm.parameters() if p.requires_grad], self.lr, self.warmup_ratio, int(self.trainer.estimated_stepping_batches)
+            [p for p in self.pm.parameters() if p.requires_grad],
+            self.lr,
+            self.warmup_ratio,
+            int(self.trainer.estimated_stepping_batches),
+            "pm",
         )
 
 
@@ -226,8 +239,8 @@ STAGE = Stage(
     description="the preference model",
     build=build,
     after="label",
-    lineage=("pm_model", "pm"),
-    logging_only=("pm.checkpoint_every", "pm.eval_data", "pm.n_eval", "pm.checkpoint"),
+    lineage=("pm_model", "pm", *TRAINING_LINEAGE),
+    logging_only=("pm.checkpoint_every", "pm.eval_data", "pm.n_eval", "pm.checkpoint", *TRAINING_LOGGING_ONLY),
     reads=("label",),
     inputs=lambda cfg: {"helpful_data": file_hash(cfg.pm.helpful_data)} if cfg.pm.helpful_data else {},
     check=check,

@@ -56,7 +56,15 @@ from cai.models import placement, resolve_dtype
 from cai.reward import PreferenceModel, pm_reward
 from cai.rl import Critic, CriticModel, Experience, RewardFn, Rollout, ValueHead, batch_rollouts, token_logprobs
 from cai.stages import Context, Stage
-from cai.training import check_finite, deepspeed_for_manual_loop, fit, gathered_state_dict, trained_placement
+from cai.training import (
+    TRAINING_LINEAGE,
+    TRAINING_LOGGING_ONLY,
+    check_finite,
+    deepspeed_for_manual_loop,
+    fit,
+    gathered_state_dict,
+    trained_placement,
+)
 
 log = logging.getLogger(__name__)
 VALUE_MODELS = ("head", "critic")
@@ -223,7 +231,10 @@ class PPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("ref.")]
-        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
+        # A constant schedule, only so LearningRateMonitor logs the rate as ppo/train/lr.
+        constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": constant, "name": "ppo/train/lr"}}
 
     # The KL controller is not a parameter: keep it in the checkpoint so a resumed run continues it.
     # The frozen ref is left out (it is the SFT model, rebuilt on resume): a third less to write.
@@ -344,8 +355,8 @@ STAGE = Stage(
     description="PPO against the preference model",
     build=build,
     after="pm",
-    lineage=("ppo",),
-    logging_only=("ppo.checkpoint_every", "ppo.table_every"),
+    lineage=("ppo", *TRAINING_LINEAGE),
+    logging_only=("ppo.checkpoint_every", "ppo.table_every", *TRAINING_LOGGING_ONLY),
     reads=("sft", "pm"),
     inputs=lambda cfg: {"prompts": fingerprint(train_prompts(cfg))},
     check=check,

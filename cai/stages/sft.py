@@ -22,7 +22,17 @@ from cai.config import instantiate
 from cai.errors import CaiError
 from cai.generation import LoadableModel
 from cai.stages import Context, Stage
-from cai.training import LengthBucketSampler, adamw_with_cosine, fit, gathered_state_dict, pad, resolve_precision, trained_placement
+from cai.training import (
+    TRAINING_LINEAGE,
+    TRAINING_LOGGING_ONLY,
+    LengthBucketSampler,
+    adamw_with_cosine,
+    fit,
+    gathered_state_dict,
+    pad,
+    resolve_precision,
+    trained_placement,
+)
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that carry no loss
@@ -120,7 +130,7 @@ class SFTModule(L.LightningModule):
         self.log("sft/val/loss", self(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
-        return adamw_with_cosine(self.model.parameters(), self.lr, self.warmup_ratio, int(self.trainer.estimated_stepping_batches))
+        return adamw_with_cosine(self.model.parameters(), self.lr, self.warmup_ratio, int(self.trainer.estimated_stepping_batches), "sft")
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -188,8 +198,8 @@ STAGE = Stage(
     description="SL-CAI supervised fine-tuning",
     build=build,
     after="sl_data",
-    lineage=("sft", "trainer.precision"),
-    logging_only=("sft.checkpoint_every",),
+    lineage=("sft", *TRAINING_LINEAGE),
+    logging_only=("sft.checkpoint_every", *TRAINING_LOGGING_ONLY),
     reads=("sl_data",),
     # 'auto' precision resolves by hardware: the same config trains differently on a GPU.
     inputs=lambda cfg: {"precision": resolve_precision(cfg.trainer.precision)},
