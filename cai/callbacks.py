@@ -10,6 +10,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cai.errors import CaiError
+from cai.tracking import multirun_group
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class FrontierAfterMultirun(Callback):
             cfg.eval.runs = [str(sweep_dir)]
             cfg.paths.output = str(sweep_dir / "frontier")
             cfg.run_name = "frontier"
+            cfg.logger.group = cfg.logger.group or multirun_group(sweep_dir)  # beside its jobs in W&B
         try:
             run(cfg)
         except CaiError as err:  # a failed job leaves nothing to merge; say so, the jobs' own results stand

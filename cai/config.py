@@ -116,6 +116,8 @@ class LoggerConfig:
     mode: str = "offline"  # wandb mode: offline | online | disabled
     dir: str | None = "${paths.output}"  # None only under --cfg job --resolve
     tags: list[str] = field(default_factory=list)
+    group: str | None = None  # None: the multirun or sweep, if any
+    reference_mb: float = 100.0  # outputs larger than this are logged as references, not uploaded
 
 
 @dataclass

@@ -164,6 +164,8 @@ def _run_locked(stage: Stage, out: StageDir, ctx: Context) -> dict:
         log.info("%s: up to date at %s, skipping", stage.name, out.path)
         ctx.extra = out.manifest()
         summary["metric"] = f"{stage.metric(ctx.extra['counts'])} (cached)"
+        summary["cached"] = True
+        declare_use(tracker, stage.name, out.path)
     else:
         if is_rank_zero():
             out.open()
@@ -173,9 +175,11 @@ def _run_locked(stage: Stage, out: StageDir, ctx: Context) -> dict:
         if publish:
             out.complete(counts, ctx.extra)
             drop_checkpoints(out.path)  # Lightning's checkpoints only served to resume the stage
+            for up in ctx.upstream.values():
+                declare_use(tracker, up.stage, up.path)
             if stage.artifact:
                 name, kind, inside = stage.artifact
-                tracker.artifact(out.path / inside, name=name, type=kind)
+                tracker.artifact(out.path / inside, name=f"{name}-{out.path.name}", type=kind)  # one name per lineage
         barrier()
         if not publish:  # a rank other than 0: rank 0 publishes and reports
             return {**summary, "metric": ""}
@@ -184,6 +188,13 @@ def _run_locked(stage: Stage, out: StageDir, ctx: Context) -> dict:
     if stage.announce and is_rank_zero():
         stage.announce(ctx)
     return summary
+
+
+def declare_use(tracker: Tracker, name: str, path: Path) -> None:
+    """Declare a finished stage's artifact (named with its lineage key) as an input of this run."""
+    if BY_NAME[name].artifact and is_rank_zero():
+        art, kind, inside = BY_NAME[name].artifact
+        tracker.use(path / inside, name=f"{art}-{path.name}", type=kind)
 
 
 def ran_on(models: dict | None) -> str:
@@ -277,7 +288,8 @@ def run(cfg: DictConfig) -> list[dict]:
         for name in names:
             log.info("stage %s: %s", name, BY_NAME[name].description)
             summaries.append({"stage": name, **run_stage(BY_NAME[name], cfg, tracker)})
-        tracker.summary({f"{s['stage']}/{k}": v for s in summaries for k, v in s.items() if k != "stage"})
+        if not all(s.get("cached") for s in summaries):  # no W&B run for a job that only found its stages cached
+            tracker.summary({f"{s['stage']}/{k}": v for s in summaries for k, v in s.items() if k not in ("stage", "cached")})
     finally:
         tracker.finish()
     if is_rank_zero():

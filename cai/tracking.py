@@ -3,9 +3,11 @@
 Stages log through one small interface, so `logger=csv` and `logger=none` run the same code:
 - `log({"stage/split/name": value}, step)` for scalars,
 - `table(key, columns, rows)` for samples (prompts, critiques, pairs, answers),
-- `artifact(path, name, type)` to version a stage's output directory,
+- `artifact(path, name, type)` to version a stage's output, `use(...)` to declare one it read,
 - `image(key, path)` for plots.
 W&B runs with WANDB_MODE=offline unless told otherwise: no account needed; `wandb sync` uploads later.
+A run's group is its multirun or sweep, its job type the `stage` it ran, its name the overrides
+that vary; its config is flat (`label.debias`), so a sweep agent cannot overwrite a section.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,15 +45,24 @@ def git_commit() -> str | None:
         return None
 
 
-def run_name_from_overrides(overrides: Sequence[str]) -> str:
+# Overrides that say where files go or how a run is logged, not what it computes: never in names or tags.
+PLUMBING = ("hydra", "paths", "logger", "run_name", "stage", "trainer.accelerator", "trainer.devices", "trainer.enable_progress_bar")
+
+
+def is_plumbing(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in PLUMBING)
+
+
+def run_name_from_overrides(overrides: Sequence[str], varying: Sequence[str] | None = None) -> str:
     """'constitution=ensemble label=soft' -> 'constitution=ensemble,label=soft'; no overrides -> 'default'.
 
-    Paths are shortened to their last part so names stay readable.
+    Plumbing (paths, logger, hydra, stage) is left out, paths are shortened to their last part, and
+    with `varying` (the keys a multirun or sweep varies) only those keys name the run.
     """
     parts = []
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")
-        if key.startswith("hydra") or key in ("logger", "run_name"):
+        if is_plumbing(key) or (varying is not None and key not in varying):
             continue
         if "/" in value:
             value = value.rstrip("/").rsplit("/", 1)[-1]
@@ -68,8 +80,77 @@ def cli_overrides() -> list[str]:
         return []
 
 
+def sweep_context() -> tuple[str | None, list[str] | None]:
+    """(W&B group, the keys that vary) for a W&B sweep agent or a Hydra multirun; (None, None) for one run.
+
+    A sweep's keys are its parameters (WANDB_SWEEP_PARAM_PATH); a multirun's are the command-line
+    overrides with several values (`label=hard,soft`). Jobs of one multirun share its folder's name.
+    """
+    if os.environ.get("WANDB_SWEEP_ID") or os.environ.get("WANDB_SWEEP_PARAM_PATH"):
+        params = {}
+        if os.environ.get("WANDB_SWEEP_PARAM_PATH") and Path(os.environ["WANDB_SWEEP_PARAM_PATH"]).exists():
+            import yaml
+
+            params = yaml.safe_load(Path(os.environ["WANDB_SWEEP_PARAM_PATH"]).read_text()) or {}
+        return f"sweep-{os.environ.get('WANDB_SWEEP_ID', 'local')}", [k for k in params if not k.startswith("_")]
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return None, None
+        parsed = OverridesParser.create().parse_overrides([o for o in sys.argv[1:] if "=" in o and not o.startswith("-")])
+        return multirun_group(hc.sweep.dir), [o.key_or_group for o in parsed if o.is_sweep_override()]
+    except (ImportError, ValueError, Exception):  # outside Hydra, or an argv Hydra did not write
+        return None, None
+
+
+def multirun_group(sweep_dir: str | Path) -> str:
+    """'multirun/2026-11-27/14-30-00' -> 'multirun-2026-11-27-14-30-00': the W&B group of its jobs and its frontier."""
+    parts = Path(sweep_dir).parts
+    return "multirun-" + "-".join(parts[-2:])
+
+
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as dotted keys ('label.debias': True), plus each group's chosen option ('label': 'soft').
+
+    Flat, so that a sweep agent, which sets its parameters as top-level keys ('label': 'soft'),
+    cannot replace a whole section: a key it sets holds the value it passed to this very run.
+    """
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            flat[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        flat.update(
+            {group: option for group, option in HydraConfig.get().runtime.choices.items() if not group.startswith(("hydra", "schema"))}
+        )
+    except (ImportError, ValueError):
+        pass
+    return flat
+
+
+def directory_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
 class Tracker:
-    """One run's tracker. Use `start(cfg)` first and `finish()` in a `finally` block."""
+    """One run's tracker. Use `start(cfg)` first and `finish()` in a `finally` block.
+
+    The W&B run (or CSV folder) opens at the first thing logged, so a job whose stages are all
+    cached opens none. Artifacts used before then are declared when it opens.
+    """
 
     def __init__(
         self,
@@ -79,6 +160,8 @@ class Tracker:
         mode: str = "offline",
         dir: str = "outputs",
         tags: Sequence[str] = (),
+        group: str | None = None,
+        reference_mb: float = 100.0,
     ) -> None:
         if backend not in BACKENDS:
             raise CaiError(f"logger.backend: unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
@@ -90,39 +173,59 @@ class Tracker:
         self.mode = mode
         self.dir = Path(dir)
         self.tags = list(tags)
-        self.run: Any = None  # the wandb run
+        self.group = group
+        self.reference_mb = reference_mb
+        self.run: Any = None  # the wandb run, once open
         self.name: str | None = None
+        self.uses: list[str] = []  # artifacts this run read (declared as inputs when W&B is online)
+        self._pending: list[tuple[Path, str, str]] = []
+        self._init: dict[str, Any] | None = None
         self._csv: Path | None = None
 
     def start(self, cfg: DictConfig, name: str | None = None) -> Tracker:
-        """Open the run: name it from the overrides, log the composed config and the git commit."""
+        """Name the run (from the overrides that vary), and get its group, job type, tags and config ready."""
         overrides = cli_overrides()
-        self.name = name or cfg.get("run_name") or run_name_from_overrides(overrides)
-        config = OmegaConf.to_container(cfg, resolve=True)
+        group, varying = sweep_context()
+        self.name = name or cfg.get("run_name") or run_name_from_overrides(overrides, varying)
         meta = {"git_commit": git_commit(), "overrides": overrides, "cai_version": cai.__version__}
+        self._init = {
+            "name": self.name,
+            "group": self.group or group,
+            "job_type": cfg.stage.name if "stage" in cfg else None,
+            "tags": (self.tags + [o[:64] for o in overrides if not is_plumbing(o.lstrip("+~").partition("=")[0])])[:20],
+            "config": {**flat_config(cfg), "_meta": meta},
+        }
+        return self
+
+    @property
+    def opened(self) -> bool:
+        return self.run is not None or self._csv is not None
+
+    def _open(self) -> None:
+        """Open the run at the first thing logged."""
+        if self.opened or self._init is None or self.backend == "none":
+            return
+        init = self._init
+        self.dir.mkdir(parents=True, exist_ok=True)
         if self.backend == "wandb":
             import wandb
 
-            self.dir.mkdir(parents=True, exist_ok=True)
             os.environ.setdefault("WANDB_SILENT", "true")
             self.run = wandb.init(
-                project=self.project,
-                entity=self.entity,
-                name=self.name,
-                mode=self.mode,
-                dir=str(self.dir),
-                config={**config, "_meta": meta},
-                tags=(self.tags + [o[:64] for o in overrides if not o.startswith("hydra")])[:20],  # W&B caps tags at 64 chars
-                reinit="finish_previous",
+                project=self.project, entity=self.entity, mode=self.mode, dir=str(self.dir), reinit="finish_previous", **init
             )
-        elif self.backend == "csv":
-            self.dir.mkdir(parents=True, exist_ok=True)
+        else:
             self._csv = self.dir / "metrics.csv"
-            (self.dir / "config.json").write_text(json.dumps({**config, "_meta": meta}, indent=2, default=str))
-        return self
+            (self.dir / "config.json").write_text(
+                json.dumps({**init["config"], "_run": {k: init[k] for k in ("name", "group", "job_type")}}, indent=2, default=str)
+            )
+        pending, self._pending = self._pending, []
+        for path, name, type in pending:
+            self.use(path, name, type)
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Scalars named `stage/split/name` (e.g. `pm/val/accuracy`)."""
+        self._open()
         if self.backend == "wandb" and self.run is not None:
             self.run.log(metrics, step=step)
         elif self.backend == "csv" and self._csv is not None:
@@ -135,7 +238,8 @@ class Tracker:
                     w.writerow([step if step is not None else "", k, v])
 
     def table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """A table of samples (W&B Table; JSONL under tables/ with logger=csv)."""
+        """A table of samples (W&B Table; JSONL under tables/ with logger=csv). Log a series under one key."""
+        self._open()
         if self.backend == "wandb" and self.run is not None:
             import wandb
 
@@ -143,29 +247,57 @@ class Tracker:
         elif self.backend == "csv":
             out = self.dir / "tables" / (key.replace("/", "_") + ".jsonl")
             out.parent.mkdir(parents=True, exist_ok=True)
-            with out.open("w") as f:
+            with out.open("a") as f:
                 for r in rows:
                     f.write(json.dumps(dict(zip(columns, r)), ensure_ascii=False, default=str) + "\n")
 
     def image(self, key: str, path: str | Path) -> None:
         """A plot saved as an image file (the frontier, a calibration curve)."""
+        self._open()
         if self.backend == "wandb" and self.run is not None:
             import wandb
 
             self.run.log({key: wandb.Image(str(path))})
 
-    def artifact(self, path: str | Path, name: str, type: str) -> None:
-        """Version a stage's output directory or file as a W&B artifact."""
-        if self.backend == "wandb" and self.run is not None:
-            import wandb
+    def _wandb_artifact(self, path: Path, name: str, type: str):
+        """A W&B artifact of a stage's output: its files, or a reference (checksums only) above reference_mb."""
+        import wandb
 
-            art = wandb.Artifact(name=name, type=type)
-            p = Path(path)
-            art.add_dir(str(p)) if p.is_dir() else art.add_file(str(p))
-            self.run.log_artifact(art)
+        art = wandb.Artifact(name=name, type=type)
+        if directory_mb(path) > self.reference_mb:
+            art.add_reference(path.resolve().as_uri())  # a model folder: gigabytes at paper scale, never uploaded
+        elif path.is_dir():
+            art.add_dir(str(path))
+        else:
+            art.add_file(str(path))
+        return art
+
+    def artifact(self, path: str | Path, name: str, type: str) -> None:
+        """Version a stage's output as a W&B artifact (`name` carries the lineage key)."""
+        self._open()
+        if self.backend == "wandb" and self.run is not None:
+            self.run.log_artifact(self._wandb_artifact(Path(path), name, type))
+
+    def use(self, path: str | Path, name: str, type: str) -> None:
+        """Declare a stage output this run read (an upstream stage, or a cached one) as its input.
+
+        W&B refuses `use_artifact` offline, so there the names go in the run's config (`_meta.uses`)
+        only; `wandb sync` cannot add the edge later. Online runs get the lineage edge.
+        """
+        if not self.opened:
+            self._pending.append((Path(path), name, type))
+            return
+        if name in self.uses:
+            return
+        self.uses.append(name)
+        if self.backend == "wandb" and self.run is not None:
+            self.run.config.update({"_meta": {**self.run.config.get("_meta", {}), "uses": self.uses}}, allow_val_change=True)
+            if self.mode == "online":
+                self.run.use_artifact(self._wandb_artifact(Path(path), name, type))
 
     def summary(self, values: dict[str, Any]) -> None:
         """Final values shown on the run's overview (W&B summary; summary.json with csv)."""
+        self._open()
         if self.backend == "wandb" and self.run is not None:
             self.run.summary.update(values)
         elif self.backend == "csv":
@@ -173,6 +305,7 @@ class Tracker:
 
     def lightning_logger(self):
         """The matching Lightning logger, so a Trainer logs into this same run."""
+        self._open()
         if self.backend == "wandb" and self.run is not None:
             from lightning.pytorch.loggers import WandbLogger
 

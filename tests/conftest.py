@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -68,3 +69,53 @@ def embedded_spec(cache_dir: str):
     from cai.models import ModelSpec
 
     return ModelSpec(name="smollm2_135m", source="embedded", dtype="float32", cache=cache_dir)
+
+
+def wandb_runs(root: Path) -> list[dict]:
+    """What the offline W&B runs under root recorded: name, group, job type, config, artifacts logged.
+
+    Read from the runs' .wandb files (the records `wandb sync` would upload), not from our own objects.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    runs = []
+    for file in sorted(Path(root).rglob("offline-run-*/*.wandb")):
+        run: dict = {"config": {}, "artifacts": [], "history_keys": set()}
+        for data in wandb_log_records(file.read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run.update(name=record.run.display_name, group=record.run.run_group, job_type=record.run.job_type)
+                run["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+            elif kind == "config":
+                run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
+            elif kind == "artifact" and record.artifact.type != "run_table":  # tables travel as artifacts too
+                refs = [e.ref for e in record.artifact.manifest.contents]
+                run["artifacts"].append({"name": record.artifact.name, "type": record.artifact.type, "refs": refs})
+            elif kind == "history":
+                run["history_keys"] |= {i.key or "/".join(i.nested_key) for i in record.history.item}
+        runs.append(run)
+    return runs
+
+
+def wandb_log_records(blob: bytes) -> list[bytes]:
+    """The records of a .wandb file: LevelDB's log format (32 KiB blocks; each chunk has a 7-byte
+    header: crc32, length, type 1=full 2=first 3=middle 4=last) after W&B's 7-byte ':W&B' header.
+    wandb 0.31 no longer ships a Python reader for it."""
+    import struct
+
+    block, records, parts, pos = 32768, [], b"", 7
+    while pos + 7 <= len(blob):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", blob[pos : pos + 7])
+        if kind == 0 and length == 0:
+            break
+        parts += blob[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(parts)
+            parts = b""
+    return records

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, HH_SMALL, TINY_RUN
+from conftest import FIXTURES, HH_SMALL, TINY_RUN, wandb_runs
 
 import cai
 from cai.artifacts import read_jsonl
@@ -240,10 +240,11 @@ def test_eval_before_ppo_says_what_to_run_and_writes_nothing(make_cfg, tmp_path)
 
 
 def test_multirun_shares_upstream_stages_and_draws_one_frontier(tmp_path):
-    """`python train.py -m label=hard,soft,cot`: one SL data/SFT/pairs artifact, three label/PM/PPO/eval, one frontier."""
-    env = {**os.environ, "CAI_ROOT": str(tmp_path), "WANDB_MODE": "disabled"}
+    """`python train.py -m label=hard,soft,cot`: one SL data/SFT/pairs artifact, three label/PM/PPO/eval, one frontier,
+    and in W&B (offline) one group of four runs named by what varies, linked through lineage-keyed artifacts."""
+    env = {**os.environ, "CAI_ROOT": str(tmp_path), "WANDB_MODE": "offline"}
     env.setdefault("CAI_CACHE", str(tmp_path / "cache"))
-    cmd = [sys.executable, "train.py", "-m", "label=hard,soft,cot", *TINY, "label.cot_max_new_tokens=8", "logger=none"]
+    cmd = [sys.executable, "train.py", "-m", "label=hard,soft,cot", *TINY, "label.cot_max_new_tokens=8", "logger=wandb"]
     done = subprocess.run(cmd, cwd=cai.ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     art = tmp_path / "artifacts"
@@ -264,6 +265,21 @@ def test_multirun_shares_upstream_stages_and_draws_one_frontier(tmp_path):
     assert sum(s["label"] == "sft" for s in elo["snapshots"]) == 1
     assert set(elo["runs"]) == {"label=hard", "label=soft", "label=cot"}
     assert_real_plot(frontier / "frontier.png")
+
+    runs = wandb_runs(tmp_path / "multirun")
+    assert sorted(r["name"] for r in runs) == ["frontier", "label=cot", "label=hard", "label=soft"]
+    assert len({r["group"] for r in runs}) == 1 and runs[0]["group"].startswith("multirun-")
+    assert sorted(r["job_type"] for r in runs) == ["all", "all", "all", "frontier"]
+    logged = [a["name"] for r in runs for a in r["artifacts"]]
+    sft_key = lineages("sft")[0].name
+    assert logged.count(f"sft_model-{sft_key}") == 1  # logged by the job that trained it, under its lineage key
+    users = [r for r in runs if f"sft_model-{sft_key}" in r["config"]["_meta"].get("uses", [])]
+    assert len(users) == 3  # the trainer's PPO read it, and so did the two jobs that found it cached
+
+    # Everything cached: the job runs no stage and opens no W&B run.
+    again = subprocess.run([*cmd[:2], "label=hard", *cmd[4:]], cwd=cai.ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(cached)" in again.stdout and not list((tmp_path / "outputs").rglob("offline-run-*"))
 
 
 def test_run_names_drop_the_overrides_every_run_shares():

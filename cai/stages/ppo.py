@@ -222,7 +222,7 @@ class PPOModule(L.LightningModule):
         done = iteration + 1
         if self.tracker is not None and self.cfg.table_every and done % self.cfg.table_every == 0:
             rows = [[iteration, c[-1]["content"], t, float(s)] for c, t, s in zip(conversations, texts, experience.scores)]
-            self.tracker.table(f"ppo/rollouts/iter_{done}", ["iteration", "prompt", "response", "reward"], rows)
+            self.tracker.table("ppo/rollouts", ["iteration", "prompt", "response", "reward"], rows)
         if self.snapshot_dir is not None and self.cfg.snapshot_every and done % self.cfg.snapshot_every == 0:
             state = gathered_state_dict(self.actor, self.trainer.strategy)  # a collective under ZeRO-3: every rank calls it
             if self.trainer.is_global_zero:
