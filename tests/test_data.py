@@ -45,7 +45,9 @@ def test_hh_rlhf_reader_handles_plain_jsonl_and_bad_rows(tmp_path):
     [c] = read_hh_rlhf(path)
     assert (c.conversation, c.chosen, c.rejected) == ([{"role": "user", "content": "hi"}], "hello", "go away")
     path.write_text(json.dumps({"chosen": "x"}) + "\n")
-    with pytest.raises(CaiError, match=r"x.jsonl: line 1: missing field 'rejected'"):
+    with pytest.raises(
+        CaiError, match=r"x.jsonl: line 1: not a preference row \(fields: chosen\); accepted: hh-rlhf .* TRL conversational"
+    ):
         read_hh_rlhf(path)
     gz = tmp_path / "y.jsonl.gz"
     with gzip.open(gz, "wt") as f:
@@ -94,3 +96,64 @@ def test_prompt_files_in_the_formats_people_have(tmp_path):
     f.write_text(json.dumps({"messages": [{"role": "assistant", "content": "no user turn"}]}) + "\n")
     with pytest.raises(CaiError, match="no prompt text"):
         read_prompt_file(f)
+
+
+USER = {"role": "user", "content": "How do I pick a lock?"}
+GOOD = {"role": "assistant", "content": "I can't help with breaking into places, but a locksmith can."}
+BAD = {"role": "assistant", "content": "Use a tension wrench and rake the pins."}
+PREFERENCE_ROWS = {
+    "trl_conversational_implicit": {"chosen": [USER, GOOD], "rejected": [USER, BAD]},
+    "trl_conversational_explicit": {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]},
+    "trl_standard": {"prompt": USER["content"], "chosen": GOOD["content"], "rejected": BAD["content"]},
+    "hh_rlhf": {
+        "chosen": f"\n\nHuman: {USER['content']}\n\nAssistant: {GOOD['content']}",
+        "rejected": f"\n\nHuman: {USER['content']}\n\nAssistant: {BAD['content']}",
+    },
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PREFERENCE_ROWS))
+def test_preference_files_in_the_formats_people_have(tmp_path, kind):
+    """hh-rlhf transcripts and TRL's preference formats give the same comparison."""
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps(PREFERENCE_ROWS[kind]) + "\n")
+    [c] = read_hh_rlhf(path)
+    assert (c.conversation, c.chosen, c.rejected) == ([USER], GOOD["content"], BAD["content"])
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".json"])
+def test_preference_files_through_datasets(tmp_path, suffix):
+    """.parquet, .csv and .json go through datasets.load_dataset; a CSV cell holds a message list as JSON."""
+    datasets = pytest.importorskip("datasets")
+    rows = [PREFERENCE_ROWS["trl_standard"], PREFERENCE_ROWS["trl_standard"]]
+    if suffix == ".csv":
+        rows = [{k: json.dumps(v) for k, v in PREFERENCE_ROWS["trl_conversational_explicit"].items()}] * 2
+    table = datasets.Dataset.from_list(rows)
+    path = tmp_path / f"prefs{suffix}"
+    {".parquet": table.to_parquet, ".csv": table.to_csv, ".json": table.to_json}[suffix](str(path))
+    comparisons = read_hh_rlhf(path, field="label.data")
+    assert len(comparisons) == 2 and comparisons[0].chosen == GOOD["content"] and comparisons[0].conversation == [USER]
+
+
+def test_a_preference_file_of_another_kind_names_the_accepted_formats(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer_a": "a", "answer_b": "b", "winner": "a"}) + "\n")
+    with pytest.raises(CaiError, match=r"line 1: not a preference row \(fields: answer_a, answer_b, question, winner\); accepted: hh-rlhf"):
+        read_hh_rlhf(path)
+    with pytest.raises(CaiError, match=r"label.data: .*prefs.xlsx' is not .jsonl, .jsonl.gz, .json, .parquet or .csv"):
+        (tmp_path / "prefs.xlsx").write_text("x")
+        read_hh_rlhf(tmp_path / "prefs.xlsx", field="label.data")
+
+
+def test_label_human_runs_on_a_trl_file(make_cfg, tmp_path):
+    """Through the pipeline: label=human reads a TRL conversational file as it reads hh-rlhf."""
+    from conftest import TINY_RUN
+
+    from cai.pipeline import run, stage_path
+
+    path = tmp_path / "trl.jsonl"
+    path.write_text("".join(json.dumps(PREFERENCE_ROWS["trl_conversational_implicit"]) + "\n" for _ in range(6)))
+    cfg = make_cfg("stage=label", *TINY_RUN, "label=human", f"label.data={path}")
+    run(cfg)  # human labels read no upstream stage
+    labels = [json.loads(line) for f in sorted(stage_path(cfg, "label").glob("shard-*.jsonl")) for line in f.read_text().splitlines()]
+    assert labels and {row["conversation"][0]["content"] for row in labels} == {USER["content"]}

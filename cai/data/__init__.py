@@ -5,7 +5,8 @@ each row {id, category, split, prompt}, split 80/20 into train and test within e
 
 Read from a user's path:
 - prompt files: .jsonl with a `prompt` field (or MT-bench's `turns`), or .txt with one prompt a line;
-- hh-rlhf comparisons: .jsonl or .jsonl.gz with `chosen` and `rejected` transcripts;
+- preference comparisons: hh-rlhf transcripts or TRL's conversational/standard rows, from .jsonl(.gz),
+  or .json/.parquet/.csv through `datasets` when it is installed;
 - MT-bench `question.jsonl` (first turn of each question, as a helpfulness prompt).
 """
 
@@ -211,21 +212,85 @@ def human_pairs(comparisons: list[Comparison], seed: int) -> list[dict]:
     return rows
 
 
-def read_hh_rlhf(path: str | Path, field: str = "data") -> list[Comparison]:
-    """hh-rlhf `chosen`/`rejected` rows -> comparisons of two final assistant answers.
+PREFERENCE_FORMATS = (
+    "hh-rlhf ('chosen' and 'rejected' transcripts), TRL conversational ('chosen' and 'rejected' message lists, "
+    "with or without a 'prompt' message list) or TRL standard ('prompt', 'chosen' and 'rejected' texts)"
+)
 
-    Rows whose two transcripts differ before the last assistant turn, or that do not end with an
-    assistant turn, are not comparisons of one answer and are skipped.
+
+def _messages(value: object) -> list[Message] | None:
+    """A chat list of {role, content} dicts, or None if value is not one."""
+    if not isinstance(value, list) or not value:
+        return None
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        return None
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def comparison_turns(row: dict) -> tuple[list[Message], list[Message]] | None:
+    """The two whole conversations of a preference row, in any of PREFERENCE_FORMATS; None if it is none of them."""
+    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if isinstance(prompt, str):  # TRL standard, explicit prompt
+            return [{"role": "user", "content": prompt}, {"role": "assistant", "content": chosen}], [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": rejected},
+            ]
+        return parse_transcript(chosen), parse_transcript(rejected)  # hh-rlhf transcripts
+    chosen_msgs, rejected_msgs = _messages(chosen), _messages(rejected)
+    if chosen_msgs is None or rejected_msgs is None:
+        return None
+    if prompt is None:  # TRL conversational, implicit prompt: each list is the whole conversation
+        return chosen_msgs, rejected_msgs
+    prompt_msgs = _messages(prompt) or ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else None)
+    return (prompt_msgs + chosen_msgs, prompt_msgs + rejected_msgs) if prompt_msgs else None
+
+
+def _table_rows(p: Path, field: str) -> Iterator[tuple[int, dict]]:
+    """Rows of a .jsonl(.gz) file (our reader, with line numbers), or of .json/.parquet/.csv through `datasets`."""
+    if p.suffix in (".jsonl", ".gz") or p.name.endswith(".jsonl.gz"):
+        yield from _jsonl(p)
+        return
+    kinds = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    if p.suffix not in kinds:
+        raise CaiError(f"{field}: '{p}' is not .jsonl, .jsonl.gz, .json, .parquet or .csv")
+    try:
+        import datasets
+    except ImportError:
+        raise CaiError(f"{field}: reading {p.suffix} files needs the `datasets` package (pip install datasets), or give .jsonl") from None
+    try:
+        table = datasets.load_dataset(kinds[p.suffix], data_files=str(p), split="train")
+    except Exception as err:  # datasets raises many kinds; the first line names the problem
+        raise CaiError(f"{p}: datasets could not read it: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    for n, row in enumerate(table, 1):
+        yield (
+            n,
+            {
+                k: json.loads(v) if isinstance(v, str) and v[:1] == "[" and k in ("chosen", "rejected", "prompt") else v
+                for k, v in row.items()
+            },
+        )
+
+
+def read_hh_rlhf(path: str | Path, field: str = "data") -> list[Comparison]:
+    """Preference rows -> comparisons of two final assistant answers to one conversation.
+
+    Any of PREFERENCE_FORMATS, from .jsonl(.gz), or .json/.parquet/.csv when `datasets` is installed
+    (message lists in a CSV cell are read as JSON). Rows whose two conversations differ before the
+    last assistant turn, or that do not end with an assistant turn, are not comparisons of one answer
+    and are skipped.
     """
     p = Path(path).expanduser()
     if not p.is_file():
-        raise CaiError(f"{field}: '{path}' not found; give an hh-rlhf-format .jsonl or .jsonl.gz file")
+        raise CaiError(f"{field}: '{path}' not found; give a file of preference rows: {PREFERENCE_FORMATS}")
     out = []
-    for n, row in _jsonl(p):
-        for key in ("chosen", "rejected"):
-            if not isinstance(row.get(key), str):
-                raise CaiError(f"{p}: line {n}: missing field '{key}' (hh-rlhf rows have 'chosen' and 'rejected' transcripts)")
-        chosen, rejected = parse_transcript(row["chosen"]), parse_transcript(row["rejected"])
+    for n, row in _table_rows(p, field):
+        turns = comparison_turns(row)
+        if turns is None:
+            raise CaiError(
+                f"{p}: line {n}: not a preference row (fields: {', '.join(sorted(row)) or 'none'}); accepted: {PREFERENCE_FORMATS}"
+            )
+        chosen, rejected = turns
         if not chosen or not rejected or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
             continue
         if chosen[:-1] != rejected[:-1] or not chosen[:-1] or chosen[-2]["role"] != "user":
