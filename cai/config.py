@@ -193,9 +193,13 @@ class TrainerConfig:
     model_registry: Any = None
 
 
-# Trainer arguments that change no weight or metric, left out of the lineage key.
+# Trainer arguments left out of the lineage key: those that only log, and where a run runs
+# (accelerator, devices, num_nodes). Data parallelism does change the global batch, but a run on more
+# devices is treated as the same experiment, so its SFT, PM and PPO outputs are reused across them.
 TRAINER_LOGGING_ONLY = (
     "accelerator",
+    "devices",
+    "num_nodes",
     "enable_progress_bar",
     "enable_model_summary",
     "log_every_n_steps",

@@ -110,6 +110,17 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
         "ppo.checkpoint_every": "7",
         "ppo.table_every": "1",
         "eval.runs": f"[{tmp_path}]",
+        "trainer.accelerator": "cpu",
+        "trainer.devices": "1",
+        "trainer.num_nodes": "1",
+        "trainer.enable_progress_bar": "false",
+        "trainer.enable_model_summary": "true",
+        "trainer.log_every_n_steps": "5",
+        "trainer.profiler": "simple",
+        "trainer.default_root_dir": str(tmp_path / "lightning"),
+        "trainer.enable_autolog_hparams": "false",
+        "trainer.model_registry": "mine",
+        "callbacks.lr_monitor": "null",
     }
     assert set(logging_only) == {f for s in PIPELINE for f in s.logging_only}  # every declared one is tried
     for field, value in logging_only.items():
