@@ -98,6 +98,21 @@ def test_prompt_files_in_the_formats_people_have(tmp_path):
         read_prompt_file(f)
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_prompt_files_through_datasets(tmp_path, suffix):
+    """A parquet or CSV prompt set (a `messages` column, JSON in a CSV cell) reads as the JSONL one does."""
+    datasets = pytest.importorskip("datasets")
+    chat = [{"role": "user", "content": "from messages"}]
+    rows = [{"messages": json.dumps(chat) if suffix == ".csv" else chat}, {"messages": json.dumps(chat) if suffix == ".csv" else chat}]
+    path = tmp_path / f"prompts{suffix}"
+    table = datasets.Dataset.from_list(rows)
+    table.to_parquet(str(path)) if suffix == ".parquet" else table.to_csv(str(path))
+    assert [p.text for p in read_prompt_file(path)] == ["from messages", "from messages"]
+    with pytest.raises(CaiError, match=r"data.red_team: prompt file: .*prompts.tsv' is not .jsonl"):
+        (tmp_path / "prompts.tsv").write_text("x")
+        load_prompts("red_team", str(tmp_path / "prompts.tsv"))
+
+
 USER = {"role": "user", "content": "How do I pick a lock?"}
 GOOD = {"role": "assistant", "content": "I can't help with breaking into places, but a locksmith can."}
 BAD = {"role": "assistant", "content": "Use a tension wrench and rake the pins."}

@@ -4,7 +4,8 @@ Shipped (written for this project; `cai/data/prompts/`): red-team prompts and he
 each row {id, category, split, prompt}, split 80/20 into train and test within each category.
 
 Read from a user's path:
-- prompt files: .jsonl with a `prompt` field (or MT-bench's `turns`), or .txt with one prompt a line;
+- prompt files: .jsonl with a `prompt`, `text` or `messages` field (or MT-bench's `turns`), .txt with
+  one prompt a line, or .json/.parquet/.csv through `datasets`;
 - preference comparisons: hh-rlhf transcripts or TRL's conversational/standard rows, from .jsonl(.gz),
   or .json/.parquet/.csv through `datasets` when it is installed;
 - MT-bench `question.jsonl` (first turn of each question, as a helpfulness prompt).
@@ -88,7 +89,8 @@ def prompt_text(row: dict) -> str | None:
 
 
 def read_prompt_file(path: str | Path) -> list[Prompt]:
-    """Prompts from .jsonl (`prompt`, `text`, `messages` or MT-bench `turns`) or .txt (one a line). All count as train."""
+    """Prompts from .jsonl(.gz) (`prompt`, `text`, `messages` or MT-bench `turns`), .txt (one a line), or
+    .json/.parquet/.csv with those fields through `datasets`. All count as train."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise CaiError(f"{path}: prompt file not found")
@@ -96,7 +98,7 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     if p.suffix == ".txt":
         out = [Prompt(id=f"{p.stem}-{i:05d}", text=line.strip()) for i, line in enumerate(_lines(p)) if line.strip()]
     else:
-        for n, row in _jsonl(p):
+        for n, row in _table_rows(p, "prompt file"):
             text = prompt_text(row)
             if not isinstance(text, str) or not text.strip():
                 raise CaiError(
@@ -246,6 +248,9 @@ def comparison_turns(row: dict) -> tuple[list[Message], list[Message]] | None:
     return (prompt_msgs + chosen_msgs, prompt_msgs + rejected_msgs) if prompt_msgs else None
 
 
+LIST_FIELDS = ("chosen", "rejected", "prompt", "messages", "turns")  # a CSV cell may hold one of these as JSON
+
+
 def _table_rows(p: Path, field: str) -> Iterator[tuple[int, dict]]:
     """Rows of a .jsonl(.gz) file (our reader, with line numbers), or of .json/.parquet/.csv through `datasets`."""
     if p.suffix in (".jsonl", ".gz") or p.name.endswith(".jsonl.gz"):
@@ -263,13 +268,7 @@ def _table_rows(p: Path, field: str) -> Iterator[tuple[int, dict]]:
     except Exception as err:  # datasets raises many kinds; the first line names the problem
         raise CaiError(f"{p}: datasets could not read it: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     for n, row in enumerate(table, 1):
-        yield (
-            n,
-            {
-                k: json.loads(v) if isinstance(v, str) and v[:1] == "[" and k in ("chosen", "rejected", "prompt") else v
-                for k, v in row.items()
-            },
-        )
+        yield n, {k: json.loads(v) if isinstance(v, str) and v[:1] == "[" and k in LIST_FIELDS else v for k, v in row.items()}
 
 
 def read_hh_rlhf(path: str | Path, field: str = "data") -> list[Comparison]:
