@@ -53,21 +53,24 @@ def is_plumbing(key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in PLUMBING)
 
 
+def readable(override: str) -> str | None:
+    """'constitution.path=/a/b/mine.yaml' -> 'constitution.path=mine.yaml'; plumbing -> None."""
+    key, _, value = override.lstrip("+~").partition("=")
+    if is_plumbing(key):
+        return None
+    if "/" in value:
+        value = value.rstrip("/").rsplit("/", 1)[-1]
+    return f"{key}={value}" if value else key
+
+
 def run_name_from_overrides(overrides: Sequence[str], varying: Sequence[str] | None = None) -> str:
     """'constitution=ensemble label=soft' -> 'constitution=ensemble,label=soft'; no overrides -> 'default'.
 
     Plumbing (paths, logger, hydra, stage) is left out, paths are shortened to their last part, and
     with `varying` (the keys a multirun or sweep varies) only those keys name the run.
     """
-    parts = []
-    for o in overrides:
-        key, _, value = o.lstrip("+~").partition("=")
-        if is_plumbing(key) or (varying is not None and key not in varying):
-            continue
-        if "/" in value:
-            value = value.rstrip("/").rsplit("/", 1)[-1]
-        parts.append(f"{key}={value}" if value else key)
-    return ",".join(parts) or "default"
+    keep = [o for o in overrides if varying is None or o.lstrip("+~").partition("=")[0] in varying]
+    return ",".join(r for o in keep if (r := readable(o))) or "default"
 
 
 def cli_overrides() -> list[str]:
@@ -192,7 +195,7 @@ class Tracker:
             "name": self.name,
             "group": self.group or group,
             "job_type": cfg.stage.name if "stage" in cfg else None,
-            "tags": (self.tags + [o[:64] for o in overrides if not is_plumbing(o.lstrip("+~").partition("=")[0])])[:20],
+            "tags": (self.tags + [r[:64] for o in overrides if (r := readable(o))])[:20],  # W&B caps tags at 64 characters
             "config": {**flat_config(cfg), "_meta": meta},
         }
         return self

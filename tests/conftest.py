@@ -86,7 +86,9 @@ def wandb_runs(root: Path) -> list[dict]:
             record.ParseFromString(data)
             kind = record.WhichOneof("record_type")
             if kind == "run":
-                run.update(name=record.run.display_name, group=record.run.run_group, job_type=record.run.job_type)
+                run.update(
+                    name=record.run.display_name, group=record.run.run_group, job_type=record.run.job_type, tags=list(record.run.tags)
+                )
                 run["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
             elif kind == "config":
                 run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from conftest import TINY_RUN, wandb_runs
+from conftest import HH_SMALL, TINY_RUN, wandb_runs
 
 import cai
 from cai.config import instantiate
@@ -86,7 +86,8 @@ def test_a_sweep_agent_cannot_replace_a_config_section(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SWEEP_PARAM_PATH": str(params), "CAI_ROOT": str(tmp_path)}
     env.pop("WANDB_SWEEP_ID", None)
     env.setdefault("CAI_CACHE", str(tmp_path / "cache"))
-    cmd = [sys.executable, "train.py", "stage=sl_data", *TINY_RUN, "logger=wandb", "label=soft", "constitution=ensemble"]
+    plumbing = (f"paths.cache={env['CAI_CACHE']}", f"label.report_data={HH_SMALL}")  # a path, and a field whose value is a path
+    cmd = [sys.executable, "train.py", "stage=sl_data", *TINY_RUN, "logger=wandb", "label=soft", "constitution=ensemble", *plumbing]
     done = subprocess.run(cmd, cwd=cai.ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     [run] = wandb_runs(tmp_path / "outputs")
@@ -95,3 +96,4 @@ def test_a_sweep_agent_cannot_replace_a_config_section(tmp_path):
     assert config["label.debias"] is True and config["label.kind"] == "soft" and "label.few_shot" in config
     assert config["constitution.variant"] == "ensemble" and config["model"] == "tiny" and config["model.source"] == "tiny"
     assert run["group"] == "sweep-local" and run["name"] == "label=soft,constitution=ensemble" and run["job_type"] == "sl_data"
+    assert "label.report_data=hh_small.jsonl.gz" in run["tags"] and not any("/" in t or t.startswith("paths.") for t in run["tags"])
