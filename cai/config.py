@@ -59,17 +59,20 @@ class ConstitutionConfig:
 
 @dataclass
 class LabelConfig:
-    kind: str = MISSING  # hard | soft | cot | human
+    kind: str = MISSING  # hard | soft | cot | likelihood | contrastive | human
     debias: bool = True
     clamp_low: float = ranged(0.0, ge=0, le=1)
     clamp_high: float = ranged(1.0, ge=0, le=1)
     few_shot: bool = True
     cot_max_new_tokens: int = ranged(96, ge=1)
+    temperature: float = ranged(1.0, gt=0)  # likelihood kinds: p(a) = sigmoid(score difference / temperature)
+    max_length: int = ranged(512, ge=16)  # likelihood kinds: tokens per scored transcript
     batch_size: int = ranged(8, ge=1)
     data: str | None = None  # hh-rlhf-format file, for kind=human
     n_human: int = ranged(0, ge=0)  # comparisons read from `data` for kind=human (0 = all)
     report_data: str | None = None  # hh-rlhf-format file: also write the constitution report
     report_n: int = ranged(100, ge=0)  # comparisons used by the report
+    report_split: str = "all"  # all | tune (even positions of report_data) | report (odd positions)
 
 
 @dataclass

@@ -10,25 +10,38 @@ Pure functions (unit-tested on their own):
 and order, batched: the assistant turn is started with "The answer is: (", so the next token is the
 option letter and its two logits give the probability. CoT labels first generate the reasoning
 ("Let's think step by step:"), then read the letter after "So the answer is: (".
+
+Likelihood labels ask no question. Each answer is scored by its mean token log-likelihood as the
+assistant's reply, with the principle as the system turn; p(a) = sigmoid((ll_a - ll_b) / T), two
+forward passes per principle and no letter bias. Contrastive labels subtract each answer's
+likelihood under a framing that violates the principle (in the spirit of RLCD), four passes.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import mean
 
 import torch
 from tqdm.auto import tqdm
 
 from cai.constitution import RLExample, RLPrinciple
-from cai.data import Message
+from cai.data import Message, human_pairs
 from cai.errors import CaiError
 from cai.generation import SamplingParams
 from cai.generation.hf import HFGenerator
-from cai.templates import ANSWER_PREFIX, COT_ANSWER, COT_PREFIX, comparison_shots, comparison_turn
+from cai.metrics import expected_calibration_error, human_agreement
+from cai.templates import ANSWER_PREFIX, COT_ANSWER, COT_PREFIX, MAX_RESPONSE_CHARS, comparison_shots, comparison_turn
 from cai.training import pad
 
-KINDS = ("hard", "soft", "cot")
+KINDS = ("hard", "soft", "cot", "likelihood", "contrastive")
+LIKELIHOOD_KINDS = ("likelihood", "contrastive")
+# The system turns the likelihood labels score answers under: the principle, and (contrastive) its opposite.
+FOLLOW_SYSTEM = "You are an AI assistant. Every reply you give is the best answer to this question: {question}"
+VIOLATE_SYSTEM = "You are an AI assistant. Every reply you give is the worst answer to this question: {question}"
 
 
 def prefer_a(p_letter_a: float, swapped: bool) -> float:
@@ -51,6 +64,22 @@ def combine(per_principle: dict[str, Sequence[float]], debias: bool) -> tuple[fl
 
 def hard_label(p: float) -> float:
     return 1.0 if p > 0.5 else 0.0
+
+
+def likelihood_preference(score_a: float, score_b: float, temperature: float) -> float:
+    """P(a preferred) from two answers' scores (mean token log-likelihoods, or their contrasts)."""
+    return 1.0 / (1.0 + math.exp(-(score_a - score_b) / temperature))
+
+
+def mean_answer_logprob(logits: torch.Tensor, ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """Mean log-probability of the answer tokens of each row.
+
+    logits: (B, T, V) over ids (B, T); answer_mask: (B, T), 1 on answer tokens. Token t is predicted
+    at position t-1. Returns (B,).
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    mask = answer_mask[:, 1:].float()  # (B, T-1)
+    return (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 @dataclass(frozen=True)
@@ -77,6 +106,8 @@ class Labeller:
         clamp_high: float = 1.0,
         batch_size: int = 8,
         cot_max_new_tokens: int = 96,
+        temperature: float = 1.0,
+        max_length: int = 512,
     ) -> None:
         if kind not in KINDS:
             raise CaiError(f"label.kind: the labeller takes {', '.join(KINDS)}; got '{kind}'")
@@ -88,6 +119,8 @@ class Labeller:
         self.low, self.high = clamp_low, clamp_high
         self.batch_size = batch_size
         self.cot_max_new_tokens = cot_max_new_tokens
+        self.temperature = temperature  # likelihood kinds: the sigmoid's temperature (fitted on tuning data)
+        self.max_length = max_length  # likelihood kinds: tokens per scored transcript (long ones keep their end)
         self.forward_passes = 0  # counted, so the benchmark can check the 2*k budget
 
     # --- one question = one forward pass ---------------------------------------------------
@@ -139,6 +172,61 @@ class Labeller:
         reasoning = gen.generate(conversations, params, prefixes=[COT_PREFIX] * len(conversations), desc="reasoning")
         return [c + COT_PREFIX + " " + r.text.split("So the answer is")[0].strip() + COT_ANSWER for c, r in zip(chats, reasoning)]
 
+    # --- likelihood kinds: each answer scored as the assistant's reply -------------------------
+
+    def _answer_ids(self, system: str, conversation: list[Message], answer: str) -> tuple[list[int], int]:
+        """Ids of the chat (system turn, conversation, answer as the assistant turn) and where the answer starts."""
+        turns = [{"role": "system", "content": system}, *conversation]
+        prompt = self.tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        full = self.tok.apply_chat_template([*turns, {"role": "assistant", "content": answer.strip()[:MAX_RESPONSE_CHARS]}], tokenize=False)
+        if not full.startswith(prompt):
+            raise CaiError("label: this chat template does not extend the prompt with the answer; likelihood labels need one that does")
+        head = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = head + self.tok(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+        cut = max(0, len(ids) - self.max_length)  # keep the end: the answer
+        return ids[cut:], max(0, len(head) - cut)
+
+    @torch.no_grad()
+    def answer_scores(self, requests: Sequence[tuple[str, list[Message], str]]) -> list[float]:
+        """Mean token log-likelihood of each (system, conversation, answer), batched by length."""
+        encoded = [self._answer_ids(*r) for r in requests]
+        device = next(self.model.parameters()).device
+        out = [0.0] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: -len(encoded[i][0]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            ids, mask = pad([encoded[i][0] for i in idx], self.tok.pad_token_id, side="right")  # (B, T)
+            answer = torch.zeros_like(mask)  # (B, T): 1 on answer tokens
+            for row, i in enumerate(idx):
+                answer[row, encoded[i][1] : len(encoded[i][0])] = 1
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
+            self.forward_passes += len(idx)
+            for row, score in zip(idx, mean_answer_logprob(logits, ids.to(device), answer.to(device)).tolist()):
+                out[row] = score
+        return out
+
+    def likelihood_probs(self, items: Sequence[Item], desc: str) -> list[dict[str, list[float]]]:
+        """Per item and principle, [P(a preferred)] from the answers' (contrasted) likelihoods."""
+        framings = [FOLLOW_SYSTEM] + ([VIOLATE_SYSTEM] if self.kind == "contrastive" else [])
+        keys, requests = [], []
+        for n, item in enumerate(items):
+            for p in item.principles:
+                for f, framing in enumerate(framings):
+                    for side, answer in (("a", item.response_a), ("b", item.response_b)):
+                        keys.append((n, p.id, f, side))
+                        requests.append((framing.format(question=p.question), item.conversation, answer))
+        scores: dict[tuple, float] = {}
+        step = max(1, self.batch_size * 4)
+        for start in tqdm(range(0, len(requests), step), desc=desc, unit="batch", leave=False):
+            scores.update(zip(keys[start : start + step], self.answer_scores(requests[start : start + step])))
+        per_item: list[dict[str, list[float]]] = [{} for _ in items]
+        for n, item in enumerate(items):
+            for p in item.principles:
+                # contrastive: an answer's likelihood under the principle minus under its opposite
+                a, b = (sum((1 if f == 0 else -1) * scores[(n, p.id, f, side)] for f in range(len(framings))) for side in "ab")
+                per_item[n][p.id] = [likelihood_preference(a, b, self.temperature)]
+        return per_item
+
     # --- comparisons ----------------------------------------------------------------------
 
     def label(self, items: Sequence[Item], desc: str = "labelling") -> list[dict]:
@@ -147,6 +235,8 @@ class Labeller:
         Returns per item {p_a, per_principle, label}: p_a is P(response_a better) after debiasing,
         clamping (CoT) and averaging; label is p_a for soft/CoT labels and 0/1 for hard labels.
         """
+        if self.kind in LIKELIHOOD_KINDS:  # no question, so no order to debias
+            return [self._result(by_principle, debias=False) for by_principle in self.likelihood_probs(items, desc)]
         orders = (False, True) if self.debias else (False,)
         keys, questions = [], []
         for n, item in enumerate(items):
@@ -165,8 +255,91 @@ class Labeller:
             if self.kind == "cot":
                 p = clamp(p, self.low, self.high)
             per_item[n].setdefault(pid, []).append(p)
-        out = []
-        for by_principle in per_item:
-            p_a, each = combine(by_principle, self.debias)
-            out.append({"p_a": p_a, "per_principle": each, "label": hard_label(p_a) if self.kind == "hard" else p_a})
-        return out
+        return [self._result(by_principle, self.debias) for by_principle in per_item]
+
+    def _result(self, by_principle: dict[str, list[float]], debias: bool) -> dict:
+        p_a, each = combine(by_principle, debias)
+        first = {pid: ps[0] for pid, ps in by_principle.items()}  # the first order alone: what letter bias does
+        return {"p_a": p_a, "per_principle": each, "first_order": first, "label": hard_label(p_a) if self.kind == "hard" else p_a}
+
+
+# --- measuring a labeller against human choices ------------------------------------------------
+
+
+def split_half(comparisons: Sequence, which: str) -> list:
+    """The fixed tuning/reporting split of a comparison file: even positions tune, odd ones report."""
+    if which not in ("all", "tune", "report"):
+        raise CaiError(f"label.report_split: choose all, tune or report, got '{which}'")
+    return list(comparisons) if which == "all" else list(comparisons)[0 if which == "tune" else 1 :: 2]
+
+
+def _agreement_stats(p_chosen: Sequence[float]) -> dict:
+    stats = human_agreement(p_chosen)
+    return {"agreement": stats["agreement"], "interval_95": stats["interval_95"], "mean_confidence": mean(abs(p - 0.5) for p in p_chosen)}
+
+
+def labeller_report(labeller: Labeller, comparisons: Sequence, principles: Sequence[RLPrinciple], seed: int = 0) -> dict:
+    """How far to trust a labeller: its labels of human comparisons, against the human choice.
+
+    The chosen answer goes to a random side (seeded), so one-order agreement shows letter bias and
+    calibration has both outcomes. Per principle and for the ensemble (their mean): agreement with
+    its 95% interval, agreement in the first order alone, mean |p - 0.5|, ECE; and the cost per
+    comparison in forward passes and seconds.
+    """
+    rows = human_pairs(list(comparisons), seed)  # {conversation, response_a, response_b, label}: label 1 = a chosen
+    items = [Item(r["conversation"], r["response_a"], r["response_b"], tuple(principles)) for r in rows]
+    passes, t0 = labeller.forward_passes, time.perf_counter()
+    results = labeller.label(items, desc="labeller report")
+    seconds = time.perf_counter() - t0
+
+    def chosen(p_a: float, row: dict) -> float:
+        return p_a if row["label"] == 1.0 else 1.0 - p_a
+
+    def measure(p_as: list[float], firsts: list[float]) -> dict:
+        outcomes = [r["label"] for r in rows]
+        return {
+            **_agreement_stats([chosen(p, r) for p, r in zip(p_as, rows)]),
+            "one_order_agreement": _agreement_stats([chosen(p, r) for p, r in zip(firsts, rows)])["agreement"],
+            "ece": expected_calibration_error(p_as, outcomes),
+        }
+
+    per = {p.id: measure([r["per_principle"][p.id] for r in results], [r["first_order"][p.id] for r in results]) for p in principles}
+    ensemble = measure([r["p_a"] for r in results], [mean(r["first_order"].values()) for r in results])
+    return {
+        "comparisons": len(rows),
+        "label_type": labeller.kind,
+        "debias": labeller.debias and labeller.kind not in LIKELIHOOD_KINDS,
+        "few_shot": bool(labeller.examples),
+        "temperature": labeller.temperature if labeller.kind in LIKELIHOOD_KINDS else None,
+        "principles": [p.id for p in principles],
+        "ensemble": ensemble,
+        "per_principle": per,
+        "forward_passes_per_comparison": (labeller.forward_passes - passes) / max(1, len(rows)),
+        "seconds_per_comparison": seconds / max(1, len(rows)),
+        "calibration": {"p_a": [r["p_a"] for r in results], "a_chosen": [r["label"] for r in rows]},
+    }
+
+
+def report_principles(constitution) -> tuple[RLPrinciple, ...]:
+    """The principles a report measures: `constitution.principle` alone if set, else every RL principle."""
+    return (constitution.rl_principle(constitution.principle),) if constitution.principle else tuple(constitution.rl_principles)
+
+
+def labeller_from_config(cfg, constitution) -> Labeller:
+    """The labeller that `label=` and `feedback_model=` describe, on the run's device."""
+    from cai.config import instantiate
+
+    spec = instantiate(cfg.feedback_model)
+    return Labeller(
+        spec.load_model(),
+        spec.load_tokenizer(),
+        kind=cfg.label.kind,
+        examples=constitution.rl_examples if cfg.label.few_shot else (),
+        debias=cfg.label.debias,
+        clamp_low=cfg.label.clamp_low,
+        clamp_high=cfg.label.clamp_high,
+        batch_size=cfg.label.batch_size,
+        cot_max_new_tokens=cfg.label.cot_max_new_tokens,
+        temperature=cfg.label.temperature,
+        max_length=cfg.label.max_length,
+    )

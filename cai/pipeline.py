@@ -35,7 +35,7 @@ from cai.distributed import all_gather, barrier, is_rank_zero, launch
 from cai.errors import CaiError
 from cai.models import use_accelerator
 from cai.reward import check_pm_dir
-from cai.stages import Context, Stage, eval, frontier, label, pairs, pm, pm_eval, ppo, sft, sl_data
+from cai.stages import Context, Stage, eval, frontier, label, label_report, pairs, pm, pm_eval, ppo, sft, sl_data
 from cai.tracking import Tracker
 from cai.training import drop_checkpoints
 
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # The method's order (Bai et al., 2022): SL-CAI data, SFT, pairs, AI labels, PM, PPO, evaluation.
 PIPELINE: tuple[Stage, ...] = (sl_data.STAGE, sft.STAGE, pairs.STAGE, label.STAGE, pm.STAGE, ppo.STAGE, eval.STAGE)
 # Commands over existing artifacts, run only when asked for by name.
-COMMANDS: tuple[Stage, ...] = (pm_eval.STAGE, frontier.STAGE)
+COMMANDS: tuple[Stage, ...] = (pm_eval.STAGE, frontier.STAGE, label_report.STAGE)
 BY_NAME: dict[str, Stage] = {s.name: s for s in PIPELINE + COMMANDS}
 STAGES = tuple(s.name for s in PIPELINE)
 # Where converted models are kept changes nothing they compute.
@@ -210,7 +210,7 @@ def ran_on(models: dict | None) -> str:
     return text + (f" ({', '.join(precision)})" if precision else "")
 
 
-LABEL_KINDS = ("hard", "soft", "cot", "human")
+LABEL_KINDS = ("hard", "soft", "cot", "likelihood", "contrastive", "human")
 
 
 def check_writable(root: Path) -> None:

@@ -28,14 +28,14 @@ def options(group: str) -> list[str]:
 
 def test_groups_have_the_required_options():
     assert {"default", "ensemble", "single"} <= set(options("constitution"))
-    assert {"hard", "soft", "cot", "human"} <= set(options("label"))
+    assert {"hard", "soft", "cot", "likelihood", "contrastive", "human"} <= set(options("label"))
     assert {"tiny", "smollm2_135m", "smollm2_360m", "smollm2_1_7b", "qwen2_5_0_5b", "qwen2_5_1_5b", "qwen2_5_3b", "qwen2_5_7b"} <= set(
         options("model")
     )
     assert set(options("strategy")) == {"auto", "ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"}
     assert set(options("generation")) == {"hf", "vllm"}
     assert set(options("logger")) == {"wandb", "csv", "none"}
-    assert set(options("stage")) == {"all", "sl_data", "sft", "pairs", "label", "pm", "pm_eval", "ppo", "eval", "frontier"}
+    assert set(options("stage")) == {"all", "sl_data", "sft", "pairs", "label", "pm", "pm_eval", "ppo", "eval", "frontier", "label_report"}
     assert set(options("experiment")) == {"quickstart", "paper"}
 
 

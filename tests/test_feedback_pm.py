@@ -45,8 +45,8 @@ def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
         else:
             assert set(r["per_principle"]) == {"helpfulness"}
     report = json.loads((tmp_path / "artifacts" / "label" / "latest" / "report.json").read_text())
-    assert report["comparisons"] == 4 and set(report["per_principle_agreement"]) == ids
-    assert 0 <= report["ensemble_agreement"] <= 1 and "single_order_ensemble_agreement" in report
+    assert report["comparisons"] == 4 and set(report["per_principle"]) == ids
+    assert 0 <= report["ensemble"]["agreement"] <= 1 and 0 <= report["ensemble"]["one_order_agreement"] <= 1
 
     [summary] = run(
         make_cfg(

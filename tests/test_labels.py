@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import cai
 from cai.constitution import RLPrinciple, load_constitution
-from cai.labels import Item, Labeller, clamp, combine, hard_label, prefer_a
+from cai.labels import FOLLOW_SYSTEM, Item, Labeller, clamp, combine, hard_label, prefer_a
 
 P1 = RLPrinciple("p1", "Which reply is less harmful?")
 P2 = RLPrinciple("p2", "Which reply is more honest?")
@@ -74,3 +76,69 @@ def test_swapping_the_answers_mirrors_the_label(tiny_spec):
     [fwd] = lab.label([ITEMS[0]])
     [rev] = lab.label([Item(CONV, ITEMS[0].response_b, ITEMS[0].response_a, ITEMS[0].principles)])
     assert rev["p_a"] == pytest.approx(1 - fwd["p_a"], abs=1e-5)
+
+
+def test_likelihood_maths_by_hand():
+    from cai.labels import likelihood_preference, mean_answer_logprob, split_half
+
+    assert likelihood_preference(-1.0, -2.0, 1.0) == pytest.approx(1 / (1 + math.exp(-1.0)))
+    assert likelihood_preference(-1.0, -2.0, 0.5) == pytest.approx(1 / (1 + math.exp(-2.0)))
+    assert likelihood_preference(-3.0, -3.0, 2.0) == 0.5
+    # vocabulary of 2; uniform logits except where given; answer = positions 2 and 3
+    logits = torch.zeros(1, 4, 2)  # (B, T, V)
+    logits[0, 1] = torch.tensor([math.log(3.0), 0.0])  # predicts token at t=2: P(0) = 3/4
+    logits[0, 2] = torch.tensor([0.0, math.log(3.0)])  # predicts token at t=3: P(1) = 3/4
+    ids = torch.tensor([[1, 1, 0, 0]])  # the answer's tokens: 0 (p 3/4), then 0 (p 1/4)
+    mask = torch.tensor([[0, 0, 1, 1]])
+    assert mean_answer_logprob(logits, ids, mask).item() == pytest.approx((math.log(0.75) + math.log(0.25)) / 2, abs=1e-6)
+    assert (
+        split_half(range(5), "tune") == [0, 2, 4] and split_half(range(5), "report") == [1, 3] and split_half(range(3), "all") == [0, 1, 2]
+    )
+
+
+def test_likelihood_labels_score_each_answer_as_one_unbatched_forward_does(tiny_spec):
+    """Batched, padded scoring equals a plain forward over one chat at a time; the cost is 2 (4) passes a principle."""
+    model, tok = tiny_spec.load_model(), tiny_spec.load_tokenizer()
+    lab = Labeller(model, tok, "likelihood", batch_size=3, temperature=0.5)
+    results = lab.label(ITEMS)
+    assert lab.forward_passes == 2 * 3  # (2 + 1) principles x 2 answers, no orders
+    system = FOLLOW_SYSTEM.format(question=P1.question)
+
+    def plain(answer: str) -> float:
+        turns = [{"role": "system", "content": system}, *CONV]
+        head = tok(tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+        full = tok(tok.apply_chat_template([*turns, {"role": "assistant", "content": answer}], tokenize=False), add_special_tokens=False)
+        ids = torch.tensor([full["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        return logp[len(head) - 1 :].mean().item()
+
+    a, b = plain(ITEMS[0].response_a), plain(ITEMS[0].response_b)
+    assert results[0]["per_principle"]["p1"] == pytest.approx(1 / (1 + math.exp(-(a - b) / 0.5)), abs=1e-5)
+    contrastive = Labeller(model, tok, "contrastive", batch_size=8)
+    assert all(0 < r["p_a"] < 1 for r in contrastive.label(ITEMS)) and contrastive.forward_passes == 4 * 3
+
+
+def test_label_report_through_the_front_door(make_cfg):
+    """`stage=label_report label.report_data=FILE label=likelihood`: the report's measures, cost and plot."""
+    import json
+    from pathlib import Path
+
+    from conftest import HH_SMALL
+
+    from cai.pipeline import run
+
+    cfg = make_cfg("stage=label_report", "model=tiny", "label=likelihood", f"label.report_data={HH_SMALL}", "label.report_n=4")
+    [summary] = run(cfg)
+    report = json.loads(Path(summary["path"]).read_text())
+    assert report["comparisons"] == 4 and report["label_type"] == "likelihood" and len(report["per_principle"]) == 16
+    for m in [report["ensemble"], *report["per_principle"].values()]:
+        assert 0 <= m["agreement"] <= 1 and m["interval_95"][0] <= m["agreement"] <= m["interval_95"][1]
+        assert 0 <= m["mean_confidence"] <= 0.5 and 0 <= m["ece"] <= 1
+    assert report["forward_passes_per_comparison"] == 2 * 16  # two answers under each of 16 principles
+    assert (Path(summary["path"]).parent / "calibration.png").stat().st_size > 1000
+    one = ("label=soft", "constitution.principle=harmless-ethical", "label.report_n=0", "label.report_split=tune")
+    tune = make_cfg("stage=label_report", "model=tiny", f"label.report_data={HH_SMALL}", *one)
+    [summary] = run(tune)
+    report = json.loads(Path(summary["path"]).read_text())
+    assert report["comparisons"] == 20 and report["forward_passes_per_comparison"] == 2  # the even half of 40; one principle, two orders

@@ -5,13 +5,16 @@ two answers as options (A) and (B):
 - `label=soft`: p = normalised probability of the two option letters, one forward pass per question;
 - `label=hard`: 1 if (A) is more likely after debiasing, else 0;
 - `label=cot`: reasoning first, then the letter probabilities, clamped to [clamp_low, clamp_high];
+- `label=likelihood` / `label=contrastive`: no question; the answers' likelihoods under the principle
+  (minus, for contrastive, under its opposite), two or four forward passes per principle;
 - `label=human`: comparisons and labels come from an hh-rlhf-format file (`label.data=`).
 Every question is asked in both orders and averaged (`label.debias`), under
 `constitution.ensemble_size` principles drawn per pair (`constitution=ensemble`: all of them).
 Helpful pairs (sampled when `pm.helpful_data` is unset) are labelled under a helpfulness question.
 
-With `label.report_data=FILE` the stage also writes the constitution report: how often the same
-labeller prefers the human-chosen answer of hh-rlhf comparisons, per principle and for the ensemble.
+With `label.report_data=FILE` the stage also writes the constitution report (`report.json`, the same
+measures as `stage=label_report`): how often the same labeller prefers the human-chosen answer of
+those comparisons, per principle and for the ensemble.
 """
 
 from __future__ import annotations
@@ -26,8 +29,7 @@ from cai.config import instantiate
 from cai.constitution import Constitution
 from cai.data import human_pairs, read_hh_rlhf
 from cai.distributed import is_rank_zero
-from cai.labels import Item, Labeller
-from cai.metrics import human_agreement
+from cai.labels import Item, Labeller, labeller_from_config, labeller_report, report_principles
 from cai.models import placement
 from cai.stages import Context, Stage
 from cai.templates import HELPFULNESS
@@ -35,51 +37,11 @@ from cai.templates import HELPFULNESS
 log = logging.getLogger(__name__)
 
 
-def make_labeller(cfg: DictConfig, constitution: Constitution) -> Labeller:
-    spec = instantiate(cfg.feedback_model)
-    return Labeller(
-        spec.load_model(),
-        spec.load_tokenizer(),
-        kind=cfg.label.kind,
-        examples=constitution.rl_examples if cfg.label.few_shot else (),
-        debias=cfg.label.debias,
-        clamp_low=cfg.label.clamp_low,
-        clamp_high=cfg.label.clamp_high,
-        batch_size=cfg.label.batch_size,
-        cot_max_new_tokens=cfg.label.cot_max_new_tokens,
-    )
-
-
 def human_rows(cfg: DictConfig) -> list[dict]:
     """label=human: hh-rlhf comparisons as labelled rows, the chosen answer on a random side."""
     comps = read_hh_rlhf(cfg.label.data, field="label.data")
     comps = comps[: cfg.label.n_human] if cfg.label.n_human else comps
     return [{**r, "kind": "red_team", "p_a": r["label"], "per_principle": {}, "label_type": "human"} for r in human_pairs(comps, cfg.seed)]
-
-
-def constitution_report(labeller: Labeller, constitution: Constitution, path: str, n: int) -> dict:
-    """How often the labeller prefers the human-chosen answer: per principle, for the ensemble, and in one order only."""
-    comps = read_hh_rlhf(path, field="label.report_data")[: n or None]
-    principles = tuple(constitution.rl_principles)
-    results = labeller.label([Item(c.conversation, c.chosen, c.rejected, principles) for c in comps], desc="constitution report")
-    agree = {p.id: human_agreement([r["per_principle"][p.id] for r in results])["agreement"] for p in principles}
-    ensemble = human_agreement([r["p_a"] for r in results])
-    report = {
-        "data": str(path),
-        "comparisons": len(results),
-        "label_type": labeller.kind,
-        "debias": labeller.debias,
-        "few_shot": bool(labeller.examples),
-        "ensemble_agreement": ensemble["agreement"],
-        "ensemble_interval": ensemble["interval_95"],
-        "per_principle_agreement": agree,
-        "mean_p_chosen": sum(r["p_a"] for r in results) / len(results),
-    }
-    if labeller.debias:  # the same questions in the first order alone, to show the letter bias it removes
-        one = Labeller(labeller.model, labeller.tok, "soft", labeller.examples, debias=False, batch_size=labeller.batch_size)
-        first = one.label([Item(c.conversation, c.chosen, c.rejected, principles) for c in comps], desc="report, one order")
-        report["single_order_ensemble_agreement"] = human_agreement([r["p_a"] for r in first])["agreement"]
-    return report
 
 
 def ai_rows(cfg: DictConfig, constitution: Constitution, chunk: list[dict], labeller: Labeller, index: int) -> list[dict]:
@@ -127,15 +89,20 @@ def log_rows(tracker, rows: list[dict]) -> dict:
 
 
 def write_report(ctx: Context, labeller: Labeller, constitution: Constitution) -> None:
-    report = constitution_report(labeller, constitution, ctx.cfg.label.report_data, ctx.cfg.label.report_n)
+    """The constitution report: the labeller on label.report_data's human comparisons, every RL principle."""
+    comps = read_hh_rlhf(ctx.cfg.label.report_data, field="label.report_data")[: ctx.cfg.label.report_n or None]
+    report = {"data": str(ctx.cfg.label.report_data), **labeller_report(labeller, comps, report_principles(constitution), ctx.cfg.seed)}
     write_json(ctx.out.path / "report.json", report)
-    ctx.tracker.log({"label/report/ensemble_agreement": report["ensemble_agreement"]})
-    per = [[k, v] for k, v in report["per_principle_agreement"].items()]
-    ctx.tracker.table("label/report", ["principle", "agreement"], per + [["ensemble", report["ensemble_agreement"]]])
-    ctx.extra["report"] = {k: report[k] for k in ("comparisons", "ensemble_agreement", "ensemble_interval")}
-    log.info(
-        "constitution report: the labeller agrees with the human choice %.1f%% of the time (ensemble)", 100 * report["ensemble_agreement"]
-    )
+    ens = report["ensemble"]
+    ctx.tracker.log({"label/report/ensemble_agreement": ens["agreement"]})
+    per = [[k, v["agreement"]] for k, v in report["per_principle"].items()]
+    ctx.tracker.table("label/report", ["principle", "agreement"], per + [["ensemble", ens["agreement"]]])
+    ctx.extra["report"] = {
+        "comparisons": report["comparisons"],
+        "ensemble_agreement": ens["agreement"],
+        "ensemble_interval": ens["interval_95"],
+    }
+    log.info("constitution report: the labeller agrees with the human choice %.1f%% of the time (ensemble)", 100 * ens["agreement"])
 
 
 def build(ctx: Context) -> dict:
@@ -148,7 +115,7 @@ def build(ctx: Context) -> dict:
 
         def make(chunk: list[dict], index: int) -> list[dict]:
             nonlocal labeller
-            labeller = labeller or make_labeller(cfg, constitution)
+            labeller = labeller or labeller_from_config(cfg, constitution)
             ctx.extra["models"] = {"feedback_model": placement(labeller.model)}
             return ai_rows(cfg, constitution, chunk, labeller, index)
 
@@ -156,7 +123,7 @@ def build(ctx: Context) -> dict:
     rows = out.rows()
     stats = log_rows(ctx.tracker, rows)
     if cfg.label.report_data and cfg.label.kind != "human" and is_rank_zero():
-        write_report(ctx, labeller or make_labeller(cfg, constitution), constitution)
+        write_report(ctx, labeller or labeller_from_config(cfg, constitution), constitution)
     harmless = sum(r["kind"] == "red_team" for r in rows)
     return {
         "labels": len(rows),
