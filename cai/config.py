@@ -65,6 +65,10 @@ class LabelConfig:
     clamp_high: float = ranged(1.0, ge=0, le=1)
     few_shot: bool = True
     cot_max_new_tokens: int = ranged(96, ge=1)
+    options: str = "letters"  # multiple choice: letters (A/B) | numbers (1/2)
+    brackets: bool = True  # multiple choice: "(A)" options read at "A"; false: "A." options read at " A"
+    random_order: bool = False  # with debias=false: one order drawn per question instead of always a first
+    ask: str = "better"  # better | worse (the question turned around) | both (averaged: cancels letter bias)
     temperature: float = ranged(1.0, gt=0)  # likelihood kinds: p(a) = sigmoid(score difference / temperature)
     max_length: int = ranged(512, ge=16)  # likelihood kinds: tokens per scored transcript
     batch_size: int = ranged(8, ge=1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import mean
@@ -34,10 +35,21 @@ from cai.errors import CaiError
 from cai.generation import SamplingParams
 from cai.generation.hf import HFGenerator
 from cai.metrics import expected_calibration_error, human_agreement
-from cai.templates import ANSWER_PREFIX, COT_ANSWER, COT_PREFIX, MAX_RESPONSE_CHARS, comparison_shots, comparison_turn
+from cai.templates import (
+    COT_ANSWER,
+    COT_PREFIX,
+    LETTERS,
+    MAX_RESPONSE_CHARS,
+    WORSE_TEMPLATE,
+    OptionFormat,
+    comparison_shots,
+    comparison_turn,
+)
 from cai.training import pad
 
 KINDS = ("hard", "soft", "cot", "likelihood", "contrastive")
+ASKS = ("better", "worse", "both")
+OPTION_NAMES = {"letters": ("A", "B"), "numbers": ("1", "2")}
 LIKELIHOOD_KINDS = ("likelihood", "contrastive")
 # The system turns the likelihood labels score answers under: the principle, and (contrastive) its opposite.
 FOLLOW_SYSTEM = "You are an AI assistant. Every reply you give is the best answer to this question: {question}"
@@ -108,6 +120,9 @@ class Labeller:
         cot_max_new_tokens: int = 96,
         temperature: float = 1.0,
         max_length: int = 512,
+        options: OptionFormat = LETTERS,
+        random_order: bool = False,
+        ask: str = "better",
     ) -> None:
         if kind not in KINDS:
             raise CaiError(f"label.kind: the labeller takes {', '.join(KINDS)}; got '{kind}'")
@@ -121,6 +136,11 @@ class Labeller:
         self.cot_max_new_tokens = cot_max_new_tokens
         self.temperature = temperature  # likelihood kinds: the sigmoid's temperature (fitted on tuning data)
         self.max_length = max_length  # likelihood kinds: tokens per scored transcript (long ones keep their end)
+        # Multiple-choice variants: how options are named, one random order per question instead of
+        # both (with debias off), and whether to ask for the better answer, the worse, or both.
+        if ask not in ASKS:
+            raise CaiError(f"label.ask: choose {', '.join(ASKS)}, got '{ask}'")
+        self.options, self.random_order, self.ask = options, random_order, ask
         self.forward_passes = 0  # counted, so the benchmark can check the 2*k budget
 
     # --- one question = one forward pass ---------------------------------------------------
@@ -131,8 +151,8 @@ class Labeller:
         Works for any tokenizer: both completions are tokenized, and they must differ only in their
         last token (otherwise the option letter is not a single next token).
         """
-        with_a = self.tok(text + "A", add_special_tokens=False)["input_ids"]
-        with_b = self.tok(text + "B", add_special_tokens=False)["input_ids"]
+        with_a = self.tok(text + self.options.token(0), add_special_tokens=False)["input_ids"]
+        with_b = self.tok(text + self.options.token(1), add_special_tokens=False)["input_ids"]
         if len(with_a) != len(with_b) or with_a[:-1] != with_b[:-1]:
             raise CaiError(
                 "label: this tokenizer merges the option letter with the text before it; the answer prefix needs changing for this model"
@@ -159,13 +179,14 @@ class Labeller:
     def question_texts(self, questions: Sequence[tuple[list[Message], str, str, str]]) -> list[str]:
         """Chat-rendered questions, each ending right before the option letter."""
         cot = self.kind == "cot"
+        options = LETTERS if cot else self.options
         conversations = [
-            [*comparison_shots(self.examples, question, cot), comparison_turn(conversation, question, a, b)]
+            [*comparison_shots(self.examples, question, cot, options), comparison_turn(conversation, question, a, b, options)]
             for conversation, question, a, b in questions
         ]
         chats = [self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
         if not cot:
-            return [c + ANSWER_PREFIX for c in chats]
+            return [c + options.answer_prefix for c in chats]
         # Chain of thought: the model reasons first (greedy, so labels are repeatable), then answers.
         gen = HFGenerator(self.model, self.tok, batch_size=self.batch_size)
         params = SamplingParams(max_new_tokens=self.cot_max_new_tokens, temperature=0)
@@ -237,25 +258,37 @@ class Labeller:
         """
         if self.kind in LIKELIHOOD_KINDS:  # no question, so no order to debias
             return [self._result(by_principle, debias=False) for by_principle in self.likelihood_probs(items, desc)]
-        orders = (False, True) if self.debias else (False,)
         keys, questions = [], []
+        asks = ("better", "worse") if self.ask == "both" else (self.ask,)
         for n, item in enumerate(items):
             for p in item.principles:
-                for swapped in orders:
-                    a, b = (item.response_b, item.response_a) if swapped else (item.response_a, item.response_b)
-                    keys.append((n, p.id, swapped))
-                    questions.append((item.conversation, p.question, a, b))
+                for swapped in self._orders(item, p):
+                    for ask in asks:
+                        a, b = (item.response_b, item.response_a) if swapped else (item.response_a, item.response_b)
+                        keys.append((n, p.id, swapped, ask))
+                        question = WORSE_TEMPLATE.format(question=p.question) if ask == "worse" else p.question
+                        questions.append((item.conversation, question, a, b))
         probs: list[float] = []
         step = max(1, self.batch_size * 4)
         for start in tqdm(range(0, len(questions), step), desc=desc, unit="batch", leave=False):
             probs += self.letter_probs(self.question_texts(questions[start : start + step]))
         per_item: list[dict[str, list[float]]] = [{} for _ in items]
-        for (n, pid, swapped), p_letter in zip(keys, probs):
+        for (n, pid, swapped, ask), p_letter in zip(keys, probs):
             p = prefer_a(p_letter, swapped)
+            p = 1.0 - p if ask == "worse" else p  # the worse question names the answer not preferred
             if self.kind == "cot":
                 p = clamp(p, self.low, self.high)
             per_item[n].setdefault(pid, []).append(p)
-        return [self._result(by_principle, self.debias) for by_principle in per_item]
+        return [self._result(by_principle, debias=True) for by_principle in per_item]  # each list holds only what was asked
+
+    def _orders(self, item: Item, principle: RLPrinciple) -> tuple[bool, ...]:
+        """The orders a question is asked in: both (debias), the given one, or one drawn per question."""
+        if self.debias:
+            return (False, True)
+        if not self.random_order:
+            return (False,)
+        draw = zlib.crc32(f"{principle.id}|{item.response_a}|{item.response_b}".encode())  # stable across runs and processes
+        return (bool(draw & 1),)
 
     def _result(self, by_principle: dict[str, list[float]], debias: bool) -> dict:
         p_a, each = combine(by_principle, debias)
@@ -316,7 +349,12 @@ def labeller_report(labeller: Labeller, comparisons: Sequence, principles: Seque
         "per_principle": per,
         "forward_passes_per_comparison": (labeller.forward_passes - passes) / max(1, len(rows)),
         "seconds_per_comparison": seconds / max(1, len(rows)),
-        "calibration": {"p_a": [r["p_a"] for r in results], "a_chosen": [r["label"] for r in rows]},
+        # the labels themselves, for plots and for ensembles of any subset of the principles
+        "calibration": {
+            "p_a": [r["p_a"] for r in results],
+            "a_chosen": [r["label"] for r in rows],
+            "per_principle": {p.id: [r["per_principle"][p.id] for r in results] for p in principles},
+        },
     }
 
 
@@ -342,4 +380,14 @@ def labeller_from_config(cfg, constitution) -> Labeller:
         cot_max_new_tokens=cfg.label.cot_max_new_tokens,
         temperature=cfg.label.temperature,
         max_length=cfg.label.max_length,
+        options=option_format(cfg.label.options, cfg.label.brackets),
+        random_order=cfg.label.random_order,
+        ask=cfg.label.ask,
     )
+
+
+def option_format(names: str, brackets: bool) -> OptionFormat:
+    """label.options (letters | numbers) and label.brackets as the question's OptionFormat."""
+    if names not in OPTION_NAMES:
+        raise CaiError(f"label.options: choose {' or '.join(OPTION_NAMES)}, got '{names}'")
+    return OptionFormat(OPTION_NAMES[names], brackets)

@@ -12,6 +12,7 @@ earlier exchanges in the same format, so the model sees what a critique and a re
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from cai.constitution import Constitution, RLPrinciple, SLExample, SLPrinciple
 from cai.data import Message
@@ -90,8 +91,10 @@ def clean(text: str) -> str:
 # so the very next token is the option letter and one forward pass gives both probabilities.
 COMPARISON_TEMPLATE = (
     "Consider the following conversation between a human and an AI assistant.\n\n{transcript}\n\n"
-    "{question}\n\nOptions:\n(A) {a}\n(B) {b}\n\nAnswer with (A) or (B)."
+    "{question}\n\nOptions:\n{la} {a}\n{lb} {b}\n\nAnswer with {la} or {lb}."
 )
+# The same question turned around (label.ask=worse|both): the answer then names the worse option.
+WORSE_TEMPLATE = "{question} Answer the opposite way: which option is the worse one by that standard?"
 ANSWER_PREFIX = "The answer is: ("
 COT_PREFIX = "Let's think step by step:"
 COT_ANSWER = "\nSo the answer is: ("
@@ -112,17 +115,47 @@ def transcript(conversation: list[Message]) -> str:
     return text if len(text) <= MAX_TRANSCRIPT_CHARS else "..." + text[-MAX_TRANSCRIPT_CHARS:]
 
 
-def comparison_turn(conversation: list[Message], question: str, a: str, b: str) -> Message:
+@dataclass(frozen=True)
+class OptionFormat:
+    """How a multiple-choice question names its two options, and the token the answer is read from.
+
+    brackets=True: options "(A)"/"(B)", the answer started as "The answer is: (" and read at "A"/"B";
+    brackets=False: options "A."/"B.", the answer started as "The answer is:" and read at " A"/" B".
+    """
+
+    names: tuple[str, str] = ("A", "B")  # or ("1", "2")
+    brackets: bool = True
+
+    def label(self, i: int) -> str:
+        return f"({self.names[i]})" if self.brackets else f"{self.names[i]}."
+
+    def token(self, i: int) -> str:
+        return self.names[i] if self.brackets else " " + self.names[i]
+
+    @property
+    def answer_prefix(self) -> str:
+        return ANSWER_PREFIX if self.brackets else ANSWER_PREFIX[:-2]
+
+
+LETTERS = OptionFormat()  # the paper's (A)/(B)
+
+
+def comparison_turn(conversation: list[Message], question: str, a: str, b: str, options: OptionFormat = LETTERS) -> Message:
     """The user turn that asks which of two answers is better under one principle."""
     return {
         "role": "user",
         "content": COMPARISON_TEMPLATE.format(
-            transcript=transcript(conversation), question=question, a=a.strip()[:MAX_RESPONSE_CHARS], b=b.strip()[:MAX_RESPONSE_CHARS]
+            transcript=transcript(conversation),
+            question=question,
+            a=a.strip()[:MAX_RESPONSE_CHARS],
+            b=b.strip()[:MAX_RESPONSE_CHARS],
+            la=options.label(0),
+            lb=options.label(1),
         ),
     }
 
 
-def comparison_shots(examples, question: str, cot: bool) -> list[Message]:
+def comparison_shots(examples, question: str, cot: bool, options: OptionFormat = LETTERS) -> list[Message]:
     """RL few-shot examples as earlier turns, the better answer alternating between (A) and (B).
 
     Alternating keeps the examples themselves from teaching a preference for one letter.
@@ -131,9 +164,10 @@ def comparison_shots(examples, question: str, cot: bool) -> list[Message]:
     for i, ex in enumerate(examples):
         chosen_is_a = i % 2 == 0
         a, b = (ex.chosen, ex.rejected) if chosen_is_a else (ex.rejected, ex.chosen)
-        letter = "A" if chosen_is_a else "B"
-        answer = f"{ANSWER_PREFIX}{letter})"
+        letter = options.names[0 if chosen_is_a else 1]
+        close = ")" if options.brackets else "."
+        answer = f"{options.answer_prefix}{options.token(0 if chosen_is_a else 1)}{close}"
         if cot and ex.reasoning:
             answer = f"{COT_PREFIX} {ex.reasoning}{COT_ANSWER}{letter})"
-        turns += [comparison_turn(ex.conversation, question, a, b), {"role": "assistant", "content": answer}]
+        turns += [comparison_turn(ex.conversation, question, a, b, options), {"role": "assistant", "content": answer}]
     return turns

@@ -142,3 +142,27 @@ def test_label_report_through_the_front_door(make_cfg):
     [summary] = run(tune)
     report = json.loads(Path(summary["path"]).read_text())
     assert report["comparisons"] == 20 and report["forward_passes_per_comparison"] == 2  # the even half of 40; one principle, two orders
+
+
+def test_multiple_choice_variants_on_a_letter_biased_model(tiny_spec):
+    """Against a model that always answers the first option: a random order splits the bias, the
+    worse question turns it around, and asking both ways cancels it in one order (2 passes)."""
+    from cai.templates import OptionFormat
+
+    tok = tiny_spec.load_tokenizer()
+    _, a_id, _ = Labeller(tiny_spec.load_model(), tok)._ids("The answer is: (")
+    biased = AlwaysA(tiny_spec.load_model(), a_id)
+    worse = Labeller(biased, tok, "soft", debias=False, ask="worse").label(ITEMS)
+    assert all(r["p_a"] < 0.001 for r in worse)  # "A is worse" -> b preferred
+    both = Labeller(biased, tok, "soft", debias=False, ask="both")
+    assert all(r["p_a"] == pytest.approx(0.5, abs=1e-6) for r in both.label(ITEMS)) and both.forward_passes == 2 * 3
+    items = [Item(CONV, f"answer {i}", f"other {i}", (P1,)) for i in range(40)]
+    drawn = Labeller(biased, tok, "soft", debias=False, random_order=True)
+    p = [r["p_a"] for r in drawn.label(items)]
+    assert drawn.forward_passes == 40 and 10 < sum(x > 0.5 for x in p) < 30  # each question's order drawn: about half swapped
+    assert Labeller(biased, tok, "soft", debias=False, random_order=True).label(items)[0]["p_a"] == p[0]  # the same draw again
+    # numbers, and options without brackets read at " 1"/" 2": valid labels, and the question names them
+    numbers = Labeller(tiny_spec.load_model(), tok, "soft", options=OptionFormat(("1", "2"), brackets=False))
+    assert all(0 < r["p_a"] < 1 for r in numbers.label(ITEMS))
+    [text] = numbers.question_texts([(CONV, P1.question, "x", "y")])
+    assert "1. x\n2. y" in text and "Answer with 1. or 2." in text and text.endswith("The answer is:")
