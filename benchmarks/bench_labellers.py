@@ -27,14 +27,19 @@ from cai.data import read_hh_rlhf
 from cai.labels import Labeller, labeller_report, split_half
 from cai.metrics import human_agreement
 from cai.models import ModelSpec
+from cai.templates import OptionFormat
 
 HH_DEV = cai.ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
 PRINCIPLE = "harmless-ethical"
 # name -> Labeller arguments (besides the model); `few_shot` uses the constitution's RL examples.
 METHODS = {
-    "soft": dict(kind="soft", debias=True),
-    "soft, one order": dict(kind="soft", debias=False),
-    "soft, few-shot": dict(kind="soft", debias=True, few_shot=True),
+    "soft": dict(kind="soft", debias=True),  # the paper's: (A)/(B), both orders
+    "soft-one-order": dict(kind="soft", debias=False),
+    "soft-random-order": dict(kind="soft", debias=False, random_order=True),
+    "soft-ask-both": dict(kind="soft", debias=False, ask="both"),
+    "soft-numbers": dict(kind="soft", debias=True, options=OptionFormat(("1", "2"), brackets=False)),
+    "soft-space-letters": dict(kind="soft", debias=True, options=OptionFormat(("A", "B"), brackets=False)),
+    "soft-few-shot": dict(kind="soft", debias=True, few_shot=True),
     "likelihood": dict(kind="likelihood"),
     "contrastive": dict(kind="contrastive"),
 }
