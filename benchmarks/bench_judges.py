@@ -9,7 +9,8 @@ and wall times:
   both orders): how often it prefers the human-chosen answer;
 - a human-label PM: `label=human` on the tune half, then `stage=pm pm.trainable=head` (frozen
   backbone), scored with `pm.eval_data` = the report half;
-- an AI-labelled PM: the same, on the tune half ordered by the feedback model's (debiased) choice.
+- an AI-labelled PM: the same, on the tune half ordered by the feedback model's choice: debiased soft
+  labels, or `--label-kind likelihood|contrastive`.
 With --all, the human-label PM is trained again with `pm.trainable=all`: the accuracy that the frozen
 backbone costs and the training time it saves, on the same data.
 PMs are trained through `python train.py`, in ROOT (a temp dir unless given).
@@ -84,6 +85,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=0, help="comparisons used (0 = all)")
     ap.add_argument("--all", action="store_true", help="also train the human-label PM with pm.trainable=all (slow)")
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--label-kind", default="soft", help="the labeller of the AI-labelled PM: soft (debiased), likelihood or contrastive")
+    ap.add_argument("--skip-judge", action="store_true", help="skip the feedback-model judge (it does not depend on --label-kind)")
     args = ap.parse_args()
     root = Path(args.root or tempfile.mkdtemp(prefix="cai-judges-")).resolve()
     comps = read_hh_rlhf(args.data)[: args.n or None]
@@ -97,12 +100,16 @@ def main() -> None:
     spec = ModelSpec(name="smollm2_135m", source="embedded", dtype="float32", cache=os.environ.get("CAI_CACHE", "~/.cache/cai"))
     labeller = Labeller(spec.load_model(), spec.load_tokenizer(), "soft", debias=True, batch_size=8)
     question = (QUESTIONS["red_team"],)
-    t = time.perf_counter()
-    judged = labeller.label([Item(c.conversation, c.chosen, c.rejected, question) for c in report], desc="feedback judge")
-    results["feedback_judge"] = {**human_agreement([r["p_a"] for r in judged]), "seconds": time.perf_counter() - t}
-    print(line("feedback-model judge (135M)", results["feedback_judge"], results["feedback_judge"]["seconds"]), flush=True)
+    if not args.skip_judge:
+        t = time.perf_counter()
+        judged = labeller.label([Item(c.conversation, c.chosen, c.rejected, question) for c in report], desc="feedback judge")
+        results["feedback_judge"] = {**human_agreement([r["p_a"] for r in judged]), "seconds": time.perf_counter() - t}
+        print(line("feedback-model judge (135M)", results["feedback_judge"], results["feedback_judge"]["seconds"]), flush=True)
 
     t = time.perf_counter()
+    if args.label_kind != "soft":  # the tuning half labelled by another kind (cai/labels.py), the same question
+        labeller = Labeller(labeller.model, labeller.tok, args.label_kind, debias=False, batch_size=8)
+    results["label_kind"] = args.label_kind
     ai = labeller.label([Item(c.conversation, c.chosen, c.rejected, question) for c in tune], desc="AI labels")
     ai_seconds = time.perf_counter() - t
     ai_file = write_hh(files / "tune-ai.jsonl.gz", tune, flip=[r["p_a"] < 0.5 for r in ai])
@@ -110,7 +117,7 @@ def main() -> None:
     human_file = write_hh(files / "tune-human.jsonl.gz", tune)
     runs = (
         ("human-label PM (head)", human_file, 0.0, "head"),
-        ("AI-labelled PM (head)", ai_file, ai_seconds, "head"),
+        (f"AI-labelled PM (head, {args.label_kind})", ai_file, ai_seconds, "head"),
         ("human-label PM (all)", human_file, 0.0, "all"),
     )
     for name, data, extra, trainable in runs[: None if args.all else 2]:
