@@ -253,8 +253,9 @@ class Labeller:
     def label(self, items: Sequence[Item], desc: str = "labelling") -> list[dict]:
         """Label comparisons: each principle of each item, in both orders when debiasing.
 
-        Returns per item {p_a, per_principle, label}: p_a is P(response_a better) after debiasing,
-        clamping (CoT) and averaging; label is p_a for soft/CoT labels and 0/1 for hard labels.
+        Returns per item {p_a, per_principle, first_order, label}: p_a is P(response_a better) after
+        debiasing, clamping (CoT) and averaging; first_order is each principle's first question alone
+        (what letter bias leaves); label is p_a for soft/CoT/likelihood labels and 0/1 for hard labels.
         """
         if self.kind in LIKELIHOOD_KINDS:  # no question, so no order to debias
             return [self._result(by_principle, debias=False) for by_principle in self.likelihood_probs(items, desc)]
