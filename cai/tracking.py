@@ -106,7 +106,7 @@ def sweep_context() -> tuple[str | None, list[str] | None]:
             return None, None
         parsed = OverridesParser.create().parse_overrides([o for o in sys.argv[1:] if "=" in o and not o.startswith("-")])
         return multirun_group(hc.sweep.dir), [o.key_or_group for o in parsed if o.is_sweep_override()]
-    except (ImportError, ValueError, Exception):  # outside Hydra, or an argv Hydra did not write
+    except Exception:  # outside Hydra (ValueError), or an argv its parser cannot read: a single run
         return None, None
 
 
