@@ -258,7 +258,7 @@ class Labeller:
         (what letter bias leaves); label is p_a for soft/CoT/likelihood labels and 0/1 for hard labels.
         """
         if self.kind in LIKELIHOOD_KINDS:  # no question, so no order to debias
-            return [self._result(by_principle, debias=False) for by_principle in self.likelihood_probs(items, desc)]
+            return [self._result(by_principle) for by_principle in self.likelihood_probs(items, desc)]
         keys, questions = [], []
         asks = ("better", "worse") if self.ask == "both" else (self.ask,)
         for n, item in enumerate(items):
@@ -280,7 +280,7 @@ class Labeller:
             if self.kind == "cot":
                 p = clamp(p, self.low, self.high)
             per_item[n].setdefault(pid, []).append(p)
-        return [self._result(by_principle, debias=True) for by_principle in per_item]  # each list holds only what was asked
+        return [self._result(by_principle) for by_principle in per_item]
 
     def _orders(self, item: Item, principle: RLPrinciple) -> tuple[bool, ...]:
         """The orders a question is asked in: both (debias), the given one, or one drawn per question."""
@@ -291,8 +291,8 @@ class Labeller:
         draw = zlib.crc32(f"{principle.id}|{item.response_a}|{item.response_b}".encode())  # stable across runs and processes
         return (bool(draw & 1),)
 
-    def _result(self, by_principle: dict[str, list[float]], debias: bool) -> dict:
-        p_a, each = combine(by_principle, debias)
+    def _result(self, by_principle: dict[str, list[float]]) -> dict:
+        p_a, each = combine(by_principle, debias=True)  # each list holds only what was asked: average it all
         first = {pid: ps[0] for pid, ps in by_principle.items()}  # the first order alone: what letter bias does
         return {"p_a": p_a, "per_principle": each, "first_order": first, "label": hard_label(p_a) if self.kind == "hard" else p_a}
 
