@@ -138,8 +138,7 @@ class Labeller:
         self.max_length = max_length  # likelihood kinds: tokens per scored transcript (long ones keep their end)
         # Multiple-choice variants: how options are named, one random order per question instead of
         # both (with debias off), and whether to ask for the better answer, the worse, or both.
-        if ask not in ASKS:
-            raise CaiError(f"label.ask: choose {', '.join(ASKS)}, got '{ask}'")
+        check_ask(ask)
         self.options, self.random_order, self.ask = options, random_order, ask
         self.forward_passes = 0  # counted, so the benchmark can check the 2*k budget
 
@@ -385,6 +384,11 @@ def labeller_from_config(cfg, constitution) -> Labeller:
         random_order=cfg.label.random_order,
         ask=cfg.label.ask,
     )
+
+
+def check_ask(ask: str) -> None:
+    if ask not in ASKS:
+        raise CaiError(f"label.ask: choose {', '.join(ASKS)}, got '{ask}'")
 
 
 def option_format(names: str, brackets: bool) -> OptionFormat:
