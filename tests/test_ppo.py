@@ -38,6 +38,37 @@ def test_batch_rollouts_masks_the_response_tokens():
     assert b["action_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]
 
 
+def test_response_only_log_probs_equal_the_full_computation(tiny_spec):
+    """PPO runs the LM head on answer positions only; log-probs, entropies, hidden states and their
+    gradients must be those of the full (B, L, V) computation, on the answers, with ragged prompts."""
+    from cai.losses import logprobs_and_entropy
+    from cai.rl import response_logprobs, token_logprobs
+
+    model = tiny_spec.load_model()
+    with torch.no_grad():  # a peaked model, so that a wrong position would show
+        model.lm_head.weight.mul_(20)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (7, 3, 11)]
+    responses = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (4, 9, 1)]
+    batch = batch_rollouts(prompts, responses, pad_id=0)
+    mask = batch["action_mask"].bool()
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    want_logp = token_logprobs(full.logits, batch["input_ids"])
+    want_entropy = logprobs_and_entropy(full.logits[:, :-1], batch["input_ids"][:, 1:])[1]
+    logp, entropy, hidden = response_logprobs(model, batch, with_entropy=True)
+    assert mask.sum() == 14 and logp.shape == want_logp.shape == mask.shape
+    assert torch.allclose(logp[mask], want_logp[mask], atol=1e-5)
+    assert torch.allclose(entropy[mask], want_entropy[mask], atol=1e-5)
+    assert (logp[~mask] == 0).all() and (entropy[~mask] == 0).all()
+    assert torch.allclose(hidden, full.hidden_states[-1], atol=1e-5)  # what the value head reads
+    # the same gradients reach the weights
+    (want_logp * mask).sum().backward()
+    want_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    logp.sum().backward()
+    assert torch.allclose(model.lm_head.weight.grad, want_grad, atol=1e-4)
+
+
 def test_ppo_raises_a_synthetic_reward(tiny_spec):
     actor, tok = tiny_spec.load_model(), tiny_spec.load_tokenizer()
     # The random model is near-uniform over 49k tokens, so no token would be sampled often enough

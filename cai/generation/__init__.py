@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 from cai.config import SamplingConfig
 from cai.data import Message
 from cai.errors import CaiError
+from cai.usage import add_generated
 
 
 @runtime_checkable
@@ -108,7 +109,9 @@ class Generator(ABC):
         prompts = render_prompts(self.tokenizer, conversations, prefixes)
         if not prompts:
             return []
-        return self.generate_ids(prompts, params, desc)
+        completions = self.generate_ids(prompts, params, desc)
+        add_generated(sum(len(c.token_ids) for c in completions))  # for the stage's usage in its manifest
+        return completions
 
     @abstractmethod
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generating") -> list[Completion]:

@@ -44,7 +44,6 @@ from cai.losses import (
     AdaptiveKLController,
     gae,
     kl_estimate,
-    logprobs_and_entropy,
     masked_mean,
     ppo_policy_loss,
     token_rewards,
@@ -54,7 +53,7 @@ from cai.losses import (
 from cai.metrics import boilerplate_rate, refusal_rate
 from cai.models import placement, resolve_dtype
 from cai.reward import PreferenceModel, pm_reward
-from cai.rl import Critic, CriticModel, Experience, RewardFn, Rollout, ValueHead, batch_rollouts, token_logprobs
+from cai.rl import Critic, CriticModel, Experience, RewardFn, Rollout, ValueHead, batch_rollouts, response_logprobs
 from cai.stages import Context, Stage
 from cai.training import (
     TRAINING_LINEAGE,
@@ -110,11 +109,13 @@ class PPOModule(L.LightningModule):
     def actor_forward(
         self, batch: dict[str, torch.Tensor], with_entropy: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Log-probs of the taken tokens, entropies (if asked) and the critic's values, each (B, L-1)."""
-        shares = self.critic.shares_actor
-        out = self.actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=shares)
-        logp, entropy = logprobs_and_entropy(out.logits[:, :-1], batch["input_ids"][:, 1:], with_entropy)
-        values = self.critic(batch, out.hidden_states[-1] if shares else None)
+        """Log-probs of the taken tokens, entropies (if asked) and the critic's values, each (B, L-1).
+
+        The LM head runs on response positions only (`response_logprobs`); elsewhere logp and
+        entropy are 0, and every use of them is masked by action_mask.
+        """
+        logp, entropy, hidden = response_logprobs(self.actor, batch, with_entropy)
+        values = self.critic(batch, hidden if self.critic.shares_actor else None)
         return logp, entropy, values.float()
 
     # --- one iteration: rollout -> experience -> update -> log ------------------------------------
@@ -158,7 +159,7 @@ class PPOModule(L.LightningModule):
         batch = {k: v.to(self.device) for k, v in batch_rollouts(prompts, responses, self.tok.pad_token_id).items()}
         mask = batch["action_mask"]  # (B, L-1)
         old_logp, _, old_values = self.actor_forward(batch, with_entropy=False)
-        ref_logp = token_logprobs(self.ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
+        ref_logp = response_logprobs(self.ref, batch)[0]
         kl = kl_estimate(old_logp, ref_logp, "k1") * mask  # (B, L-1)
         shaped = scores.to(self.device)
         if cfg.whiten_rewards and len(shaped) > 1:

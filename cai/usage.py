@@ -1,0 +1,81 @@
+"""What a stage used: wall time, tokens generated and forwarded, and peak memory (RSS).
+
+The pipeline measures every stage it builds and writes the numbers into the stage's manifest
+(`usage`), so `benchmarks/bench_main.py` can show where the main job's time and memory go.
+
+- forward tokens: token positions that went through a model's input embedding (prompt, padding and
+  every decoding step alike: the work a forward pass does), counted by a global forward hook on
+  vocabulary-sized `nn.Embedding` modules while a stage runs;
+- generated tokens: new tokens returned by a generation backend (`Generator.generate` adds them);
+- peak RSS: the kernel's high-water mark of this process's resident memory (VmHWM), reset when the
+  stage starts, so each stage reports its own peak (where /proc is missing, the process's peak so far).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+MIN_VOCAB = 4096  # an embedding with this many rows or more is a token embedding, not a position table
+_counts = {"generated_tokens": 0, "forward_tokens": 0}
+
+
+def add_generated(n: int) -> None:
+    """Called by the generation backends with the number of new tokens they returned."""
+    _counts["generated_tokens"] += n
+
+
+def _count_forward(module: torch.nn.Module, args: tuple) -> None:
+    if isinstance(module, torch.nn.Embedding) and module.num_embeddings >= MIN_VOCAB and args and torch.is_tensor(args[0]):
+        _counts["forward_tokens"] += args[0].numel()
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux: write 5 to clear_refs); False if it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident memory of this process since the last reset (or since it started)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+@contextlib.contextmanager
+def measure() -> Iterator[dict]:
+    """Measure the work in the block; the yielded dict is filled in when the block ends."""
+    result: dict = {}
+    start = dict(_counts)
+    per_stage = _reset_peak_rss()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(_count_forward)
+    t0 = time.perf_counter()
+    try:
+        yield result
+    finally:
+        handle.remove()
+        seconds = time.perf_counter() - t0
+        done = {k: _counts[k] - start[k] for k in _counts}
+        result.update(
+            seconds=round(seconds, 1),
+            **done,
+            forward_tokens_per_s=round(done["forward_tokens"] / max(seconds, 1e-9), 1),
+            generated_tokens_per_s=round(done["generated_tokens"] / max(seconds, 1e-9), 1),
+            peak_rss_gb=round(peak_rss_bytes() / 2**30, 2),
+            peak_rss_scope="stage" if per_stage else "process",
+        )
