@@ -400,6 +400,8 @@ def verdicts_for(snaps: Sequence[Snapshot], answers: dict[str, list[dict]], judg
                     if forward not in waiting:
                         todo.append((keys[i], keys[j], ra, rb))
                     waiting.setdefault(forward, []).append((pair, False))
+    # Prompt by prompt: a prompt's questions start alike, and the judge runs a batch's common prefix once.
+    todo.sort(key=lambda t: (str(t[2]["kind"]), t[2]["id"]))
     log.info(
         "eval: %d comparisons, %d cached or tied, %d to judge", len(verdicts) + sum(map(len, waiting.values())), len(verdicts), len(todo)
     )

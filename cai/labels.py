@@ -19,6 +19,7 @@ likelihood under a framing that violates the principle (in the spirit of RLCD), 
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import zlib
@@ -35,6 +36,7 @@ from cai.errors import CaiError
 from cai.generation import SamplingParams
 from cai.generation.hf import HFGenerator
 from cai.metrics import expected_calibration_error, human_agreement
+from cai.models import logits_where
 from cai.templates import (
     COT_ANSWER,
     COT_PREFIX,
@@ -83,15 +85,56 @@ def likelihood_preference(score_a: float, score_b: float, temperature: float) ->
     return 1.0 / (1.0 + math.exp(-(score_a - score_b) / temperature))
 
 
-def mean_answer_logprob(logits: torch.Tensor, ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
-    """Mean log-probability of the answer tokens of each row.
+def mean_answer_logprob(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Mean log-probability of each row's answer tokens.
 
-    logits: (B, T, V) over ids (B, T); answer_mask: (B, T), 1 on answer tokens. Token t is predicted
-    at position t-1. Returns (B,).
+    logits: (N, V) at the N positions that predict answer tokens, targets: (N,) those tokens,
+    rows: (N,) the row each belongs to. Returns (n_rows,); a row without answer tokens gets 0.
     """
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    mask = answer_mask[:, 1:].float()  # (B, T-1)
-    return (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+    total = torch.zeros(n_rows, device=logp.device).index_add(0, rows, logp)  # (n_rows,)
+    count = torch.zeros(n_rows, device=logp.device).index_add(0, rows, torch.ones_like(logp))
+    return total / count.clamp(min=1)
+
+
+MIN_SHARED_PREFIX = 16  # tokens: a shorter common prefix is not worth a separate forward pass
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every row shares."""
+    first, n = rows[0], min(len(r) for r in rows)
+    for row in rows[1:]:
+        n = next((k for k in range(n) if row[k] != first[k]), n)
+    return n
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The forward argument that takes a KV cache: `cache` from transformers 5.20, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+
+
+def next_token_logits(model: torch.nn.Module, rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Logits (B, V) of the token that would follow each row of ids, the rows' common prefix run once.
+
+    Comparison questions often start alike (chat template, conversation, question, answer A). The
+    shared prefix runs at batch 1 and its KV cache is repeated for every row; each row's own suffix
+    runs on top, right-padded; the LM head runs at each row's last token only.
+    """
+    device = next(model.parameters()).device
+    shared = min(common_prefix_length(rows), min(len(r) for r in rows) - 1)  # every suffix keeps >= 1 token
+    inputs: dict = {}
+    if len(rows) > 1 and shared >= MIN_SHARED_PREFIX:
+        cache = model(input_ids=torch.tensor([list(rows[0][:shared])], device=device), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(rows))  # (1, heads, P, d) -> (B, heads, P, d) in every layer
+        inputs[cache_argument(model)] = cache
+    else:
+        shared = 0
+    ids, mask = pad([r[shared:] for r in rows], pad_id, side="right")  # (B, S)
+    select = torch.zeros(ids.shape, dtype=torch.bool)  # (B, S): each row's last token
+    select[torch.arange(len(rows)), torch.tensor([len(r) - shared - 1 for r in rows])] = True
+    mask = torch.cat([torch.ones(len(rows), shared, dtype=mask.dtype), mask], dim=1)  # (B, P + S): the prefix is real
+    logits, _ = logits_where(model, select.to(device), input_ids=ids.to(device), attention_mask=mask.to(device), **inputs)
+    return logits  # (B, V), rows in order
 
 
 @dataclass(frozen=True)
@@ -160,15 +203,17 @@ class Labeller:
 
     @torch.no_grad()
     def letter_probs(self, texts: Sequence[str]) -> list[float]:
-        """P('A') / (P('A') + P('B')) at the next token after each text, batched and left-padded."""
+        """P('A') / (P('A') + P('B')) at the next token after each text, batched.
+
+        Texts are sorted by their tokens, so questions that start alike (the template, the same
+        conversation, the same answer A) share a batch, whose common prefix runs once.
+        """
         encoded = [self._ids(t) for t in texts]
-        device = next(self.model.parameters()).device
         out: list[float] = [0.0] * len(texts)
-        order = sorted(range(len(texts)), key=lambda i: -len(encoded[i][0]))  # similar lengths together
+        order = sorted(range(len(texts)), key=lambda i: encoded[i][0])
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            ids, mask = pad([encoded[i][0] for i in idx], self.tok.pad_token_id, side="left")  # (B, T): the letter comes next in every row
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1, :].float()  # (B, V)
+            logits = next_token_logits(self.model, [encoded[i][0] for i in idx], self.tok.pad_token_id).float()  # (B, V)
             self.forward_passes += len(idx)
             for row, i in enumerate(idx):
                 a_id, b_id = encoded[i][1], encoded[i][2]
@@ -208,7 +253,10 @@ class Labeller:
 
     @torch.no_grad()
     def answer_scores(self, requests: Sequence[tuple[str, list[Message], str]]) -> list[float]:
-        """Mean token log-likelihood of each (system, conversation, answer), batched by length."""
+        """Mean token log-likelihood of each (system, conversation, answer), batched by length.
+
+        The LM head runs only at the positions that predict answer tokens.
+        """
         encoded = [self._answer_ids(*r) for r in requests]
         device = next(self.model.parameters()).device
         out = [0.0] * len(requests)
@@ -216,13 +264,15 @@ class Labeller:
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             ids, mask = pad([encoded[i][0] for i in idx], self.tok.pad_token_id, side="right")  # (B, T)
-            answer = torch.zeros_like(mask)  # (B, T): 1 on answer tokens
+            select = torch.zeros(ids.shape, dtype=torch.bool)  # (B, T): position t predicts token t + 1, an answer token
             for row, i in enumerate(idx):
-                answer[row, encoded[i][1] : len(encoded[i][0])] = 1
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
+                select[row, max(encoded[i][1], 1) - 1 : len(encoded[i][0]) - 1] = True
+            logits, _ = logits_where(self.model, select.to(device), input_ids=ids.to(device), attention_mask=mask.to(device))  # (N, V)
             self.forward_passes += len(idx)
-            for row, score in zip(idx, mean_answer_logprob(logits, ids.to(device), answer.to(device)).tolist()):
-                out[row] = score
+            targets = ids[:, 1:][select[:, :-1]]  # (N,)
+            rows = select.nonzero()[:, 0]  # (N,) in the same row-major order as the logits
+            for i, score in zip(idx, mean_answer_logprob(logits, targets.to(device), rows.to(device), len(idx)).tolist()):
+                out[i] = score
         return out
 
     def likelihood_probs(self, items: Sequence[Item], desc: str) -> list[dict[str, list[float]]]:

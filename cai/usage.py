@@ -14,6 +14,8 @@ The pipeline measures every stage it builds and writes the numbers into the stag
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import resource
 import sys
 import time
@@ -57,11 +59,24 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
+def release_memory() -> None:
+    """Free what a finished stage left behind: unreachable models, and the heap pages that held them.
+
+    glibc keeps freed memory in its heap instead of handing it back, so without the trim a process
+    that has held a model keeps its RSS; the next stage's peak would then count it again.
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @contextlib.contextmanager
 def measure() -> Iterator[dict]:
     """Measure the work in the block; the yielded dict is filled in when the block ends."""
     result: dict = {}
     start = dict(_counts)
+    release_memory()
     per_stage = _reset_peak_rss()
     handle = torch.nn.modules.module.register_module_forward_pre_hook(_count_forward)
     t0 = time.perf_counter()
@@ -69,6 +84,7 @@ def measure() -> Iterator[dict]:
         yield result
     finally:
         handle.remove()
+        release_memory()
         seconds = time.perf_counter() - t0
         done = {k: _counts[k] - start[k] for k in _counts}
         result.update(

@@ -30,24 +30,23 @@ def test_pure_functions():
     assert hard_label(0.51) == 1.0 and hard_label(0.5) == 0.0 and hard_label(0.2) == 0.0
 
 
-class AlwaysA(torch.nn.Module):
-    """A labeller model biased to always answer '(A)', whatever the question."""
-
-    def __init__(self, model, a_id: int) -> None:
-        super().__init__()
-        self.model, self.a_id = model, a_id
-
-    def forward(self, input_ids, attention_mask):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        out.logits[..., self.a_id] += 50.0
-        return out
+def always_a(model, a_id: int):
+    """The model, biased to always answer '(A)' whatever the question: +50 on that logit, in its LM head."""
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[a_id] = 50.0
+    model.set_output_embeddings(biased)
+    return model
 
 
 def test_debiasing_cancels_a_letter_bias(tiny_spec):
     tok = tiny_spec.load_tokenizer()
     base = Labeller(tiny_spec.load_model(), tok)
     _, a_id, _ = base._ids("The answer is: (")
-    biased = AlwaysA(tiny_spec.load_model(), a_id)
+    biased = always_a(tiny_spec.load_model(), a_id)
     one_order = Labeller(biased, tok, "soft", debias=False).label(ITEMS)
     assert all(r["p_a"] > 0.999 for r in one_order)  # the bias, undiluted
     both = Labeller(biased, tok, "soft", debias=True).label(ITEMS)
@@ -84,16 +83,31 @@ def test_likelihood_maths_by_hand():
     assert likelihood_preference(-1.0, -2.0, 1.0) == pytest.approx(1 / (1 + math.exp(-1.0)))
     assert likelihood_preference(-1.0, -2.0, 0.5) == pytest.approx(1 / (1 + math.exp(-2.0)))
     assert likelihood_preference(-3.0, -3.0, 2.0) == 0.5
-    # vocabulary of 2; uniform logits except where given; answer = positions 2 and 3
-    logits = torch.zeros(1, 4, 2)  # (B, T, V)
-    logits[0, 1] = torch.tensor([math.log(3.0), 0.0])  # predicts token at t=2: P(0) = 3/4
-    logits[0, 2] = torch.tensor([0.0, math.log(3.0)])  # predicts token at t=3: P(1) = 3/4
-    ids = torch.tensor([[1, 1, 0, 0]])  # the answer's tokens: 0 (p 3/4), then 0 (p 1/4)
-    mask = torch.tensor([[0, 0, 1, 1]])
-    assert mean_answer_logprob(logits, ids, mask).item() == pytest.approx((math.log(0.75) + math.log(0.25)) / 2, abs=1e-6)
+    # vocabulary of 2; row 0's answer is 2 tokens, row 1's one token, row 2 has none
+    logits = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)], [0.0, 0.0]])  # (N, V): P(0) = 3/4, P(1) = 3/4, uniform
+    targets = torch.tensor([0, 0, 1])  # row 0's tokens: 0 (p 3/4), then 0 (p 1/4); row 1's: 1 (p 1/2)
+    got = mean_answer_logprob(logits, targets, torch.tensor([0, 0, 1]), 3)
+    assert got.tolist() == pytest.approx([(math.log(0.75) + math.log(0.25)) / 2, math.log(0.5), 0.0], abs=1e-6)
     assert (
         split_half(range(5), "tune") == [0, 2, 4] and split_half(range(5), "report") == [1, 3] and split_half(range(3), "all") == [0, 1, 2]
     )
+
+
+def test_shared_prefix_logits_equal_one_plain_forward_per_row(tiny_spec):
+    """The judge's and labeller's batches run their common prefix once (KV cache); the next-token
+    logits must be each row's own plain forward, with ragged suffixes and without a shared prefix."""
+    from cai.labels import MIN_SHARED_PREFIX, next_token_logits
+
+    model = tiny_spec.load_model()
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(5, 400, (MIN_SHARED_PREFIX + 9,), generator=g).tolist()
+    rows = [prefix + torch.randint(5, 400, (n,), generator=g).tolist() for n in (1, 7, 3)]
+    rows.append(prefix[:-2])  # a row that is all prefix: the shared part stops a token short of it
+    for batch in (rows, [r[MIN_SHARED_PREFIX:] for r in rows], rows[:1]):  # shared prefix, too short a prefix, one row
+        got = next_token_logits(model, batch, pad_id=0)
+        with torch.no_grad():
+            want = torch.stack([model(input_ids=torch.tensor([r])).logits[0, -1] for r in batch])
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4)
 
 
 def test_likelihood_labels_score_each_answer_as_one_unbatched_forward_does(tiny_spec):
@@ -151,7 +165,7 @@ def test_multiple_choice_variants_on_a_letter_biased_model(tiny_spec):
 
     tok = tiny_spec.load_tokenizer()
     _, a_id, _ = Labeller(tiny_spec.load_model(), tok)._ids("The answer is: (")
-    biased = AlwaysA(tiny_spec.load_model(), a_id)
+    biased = always_a(tiny_spec.load_model(), a_id)
     worse = Labeller(biased, tok, "soft", debias=False, ask="worse").label(ITEMS)
     assert all(r["p_a"] < 0.001 for r in worse)  # "A is worse" -> b preferred
     both = Labeller(biased, tok, "soft", debias=False, ask="both")

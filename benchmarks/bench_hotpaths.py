@@ -1,0 +1,138 @@
+"""The main job's two hot paths, before and after issue 16, measured in one run on the same machine.
+
+    python benchmarks/bench_hotpaths.py ROOT [--judge-n 0] [--ppo-repeats 3]
+
+ROOT is the `paths.root` of a finished main job (`python benchmarks/bench_main.py ROOT`). Each path
+runs twice on the same inputs: with the code as it is, and with a baseline that is the code before
+issue 16, swapped in by this script (not kept in the package):
+
+- the eval judge: the feedback model judges ROOT's eval answers, every pair of snapshots on every
+  prompt, both orders, through `cai.arena.verdicts_for` with an empty verdict cache. Baseline: each
+  batch of questions as one left-padded forward over every position, full-vocabulary logits.
+  Now: questions sorted by their tokens, each batch's common prefix run once (KV cache), the LM
+  head at the last token only. Prints comparisons/s and how far the verdicts moved.
+- PPO scoring (`PPOModule.make_experience`: PM reward, actor log-probs and values, ref log-probs,
+  GAE) on one batch of rollouts from ROOT's SFT policy, against ROOT's PM. Baseline: log-probs from
+  the full (B, L, V) logits. Now: the LM head and log-softmax on response positions only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+import cai
+import cai.config  # noqa: F401  (registers the typed config schema)
+import cai.labels
+import cai.stages.ppo
+from cai import arena
+from cai.losses import logprobs_and_entropy
+from cai.reward import PreferenceModel, pm_reward
+from cai.stages.ppo import PPOModule, train_prompts
+from cai.training import pad
+
+
+def baseline_next_token_logits(model, rows, pad_id):
+    """Before: one left-padded forward per batch, logits at every position, the last column kept."""
+    device = next(model.parameters()).device
+    ids, mask = pad(rows, pad_id, side="left")
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1, :]
+
+
+def baseline_response_logprobs(model, batch, with_entropy=False):
+    """Before: log-probs (and entropies) from the full (B, L, V) logits."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    logp, entropy = logprobs_and_entropy(out.logits[:, :-1], batch["input_ids"][:, 1:], with_entropy)
+    return logp, entropy, out.hidden_states[-1]
+
+
+def judge(cfg, answers_file: Path, n: int) -> tuple[float, dict]:
+    """Seconds and verdicts of the feedback judge over the answers in answers_file (an empty verdict cache)."""
+    answers: dict[str, list[dict]] = {}
+    for line in answers_file.read_text().splitlines():
+        row = json.loads(line)
+        answers.setdefault(row["snapshot"], []).append(row)
+    snaps = [arena.Snapshot(key=k, label=k, order=i, model={}) for i, k in enumerate(answers)]
+    if n:
+        ids = sorted({r["id"] for rows in answers.values() for r in rows})[:n]
+        answers = {k: [r for r in rows if r["id"] in ids] for k, rows in answers.items()}
+    t = time.perf_counter()
+    verdicts = arena.verdicts_for(snaps, answers, arena.FeedbackJudge(cfg))
+    return time.perf_counter() - t, verdicts
+
+
+def compose_cfg(root: Path, artifacts: str):
+    overrides = [f"paths.root={root}", f"paths.artifacts={artifacts}", f"paths.output={artifacts}/out", "logger=none"]
+    with initialize_config_dir(config_dir=str(cai.CONF), version_base=None):
+        return compose(config_name="train", overrides=overrides)
+
+
+def bench_judge(root: Path, n: int) -> None:
+    answers_file = root / "artifacts" / "eval" / "latest" / "answers.jsonl"
+    runs = {}
+    for name in ("baseline", "now"):
+        cai.labels.next_token_logits = baseline_next_token_logits if name == "baseline" else NOW_NEXT_TOKEN_LOGITS
+        seconds, verdicts = judge(compose_cfg(root, tempfile.mkdtemp(prefix="cai-judge-")), answers_file, n)
+        runs[name] = (seconds, verdicts)
+        ties = sum(v == 0.5 for v in verdicts.values())
+        print(
+            f"judge {name:8s}: {len(verdicts) - ties} comparisons judged in {seconds:.1f} s = {(len(verdicts) - ties) / seconds:.2f} comparisons/s",
+            flush=True,
+        )
+    cai.labels.next_token_logits = NOW_NEXT_TOKEN_LOGITS
+    (t0, v0), (t1, v1) = runs["baseline"], runs["now"]
+    moved = max(abs(v0[k] - v1[k]) for k in v0)
+    flipped = sum((v0[k] > 0.5) != (v1[k] > 0.5) for k in v0)
+    print(f"judge speed-up {t0 / t1:.2f}x; verdicts moved by at most {moved:.2e}, {flipped} of {len(v0)} changed side")
+
+
+def bench_scoring(root: Path, repeats: int) -> None:
+    cfg = compose_cfg(root, str(root / "artifacts"))
+    sft, pm_dir = root / "artifacts" / "sft" / "latest" / "model", root / "artifacts" / "pm" / "latest" / "model"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    actor, tok = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32), AutoTokenizer.from_pretrained(sft)
+    pm, pm_tok = PreferenceModel.load(pm_dir)
+    reward = pm_reward(pm.requires_grad_(False), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
+    module = PPOModule(actor, tok, reward, train_prompts(cfg), cfg.ppo, cfg.seed, generation_batch_size=cfg.generation.batch_size)
+    conversations, completions = module.rollout(0)
+    out = {}
+    for name in ("baseline", "now", "baseline", "now")[: 2 * max(1, repeats)]:
+        cai.stages.ppo.response_logprobs = baseline_response_logprobs if name == "baseline" else NOW_RESPONSE_LOGPROBS
+        t = time.perf_counter()
+        exp = module.make_experience(conversations, completions)
+        out.setdefault(name, []).append((time.perf_counter() - t, exp))
+    cai.stages.ppo.response_logprobs = NOW_RESPONSE_LOGPROBS
+    tokens = exp.batch["input_ids"].numel()
+    best = {name: min(s for s, _ in runs) for name, runs in out.items()}
+    for name, s in best.items():
+        print(f"ppo scoring {name:8s}: {s:.2f} s for {len(completions)} rollouts ({tokens} padded tokens), best of {len(out[name])}")
+    e0, e1 = out["baseline"][-1][1], out["now"][-1][1]
+    mask = e0.mask.bool()
+    diff = max(float((e0.old_logp - e1.old_logp)[mask].abs().max()), float((e0.advantages - e1.advantages)[mask].abs().max()))
+    print(f"ppo scoring speed-up {best['baseline'] / best['now']:.2f}x; log-probs and advantages differ by at most {diff:.2e}")
+
+
+NOW_NEXT_TOKEN_LOGITS = cai.labels.next_token_logits
+NOW_RESPONSE_LOGPROBS = cai.stages.ppo.response_logprobs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("root", type=Path)
+    ap.add_argument("--judge-n", type=int, default=0, help="prompts judged (0 = all of the eval's)")
+    ap.add_argument("--ppo-repeats", type=int, default=2, help="timed make_experience calls per variant (the best counts)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bench_scoring(args.root.resolve(), args.ppo_repeats)
+    bench_judge(args.root.resolve(), args.judge_n)
+
+
+if __name__ == "__main__":
+    main()
