@@ -1,6 +1,6 @@
 """Which labeller agrees with people? Every label kind and variant on the shared hh-rlhf dev split.
 
-    python benchmarks/bench_labellers.py [--methods soft,likelihood,...] [--n-tune 200] [--n-report 0]
+    python benchmarks/bench_labellers.py [--methods soft,likelihood,likelihood-sum,...] [--n-tune 200] [--n-report 0]
         [--ensemble-n 120] [--out benchmarks/results/labellers.json]
 
 The protocol: the dev comparisons are split once by position (`label.report_split`: even positions
@@ -41,6 +41,7 @@ METHODS = {
     "soft-space-letters": dict(kind="soft", debias=True, options=OptionFormat(("A", "B"), brackets=False)),
     "soft-few-shot": dict(kind="soft", debias=True, few_shot=True),
     "likelihood": dict(kind="likelihood"),
+    "likelihood-sum": dict(kind="likelihood", reduce="sum"),
     "contrastive": dict(kind="contrastive"),
 }
 LIKELIHOOD = ("likelihood", "contrastive")
@@ -55,6 +56,13 @@ def fit_temperature(p_a: list[float], a_chosen: list[float]) -> float:
         return sum(math.log1p(math.exp(-s * d / t)) if -s * d / t < 30 else -s * d / t for d, s in zip(diffs, signs)) / len(diffs)
 
     return min((10 ** (k / 20) for k in range(-60, 41)), key=loss)  # 0.001 to 100, 20 steps a decade
+
+
+def shorter_wins(comparisons) -> dict:
+    """Agreement of "the shorter answer (in characters) is the better one" with the human choice; a tie counts half."""
+    return human_agreement(
+        [1.0 if len(c.chosen) < len(c.rejected) else 0.5 if len(c.chosen) == len(c.rejected) else 0.0 for c in comparisons]
+    )
 
 
 def make(model, tok, examples, spec: dict, temperature: float = 1.0) -> Labeller:
@@ -79,6 +87,14 @@ def main() -> None:
     tune, report = split_half(comps, "tune")[: args.n_tune or None], split_half(comps, "report")[: args.n_report or None]
     print(f"{len(comps)} comparisons: tuning on {len(tune)}, reporting on {len(report)}; principle {PRINCIPLE}", flush=True)
     results: dict = {"data": args.data, "n_tune": len(tune), "n_report": len(report), "principle": PRINCIPLE, "methods": {}}
+    # A reference that reads no model: the shorter answer wins. What a labeller must beat to show it reads more than length.
+    shorter = {name: shorter_wins(half) for name, half in (("tune", tune), ("report", report))}
+    results["shorter_answer"] = shorter
+    low, high = shorter["report"]["interval_95"]
+    print(
+        f"{'shorter answer wins':24s} tune {shorter['tune']['agreement']:.3f} | report {shorter['report']['agreement']:.3f} [{low:.3f}, {high:.3f}] (no model)",
+        flush=True,
+    )
     for name in args.methods.split(","):
         method = METHODS[name]
         t0 = time.perf_counter()

@@ -71,6 +71,7 @@ class LabelConfig:
     ask: str = "better"  # better | worse (the question turned around) | both (averaged: cancels letter bias)
     temperature: float = ranged(1.0, gt=0)  # likelihood kinds: p(a) = sigmoid(score difference / temperature)
     max_length: int = ranged(512, ge=16)  # likelihood kinds: tokens per scored transcript
+    reduce: str = "mean"  # likelihood kinds: an answer's score is the mean | sum of its token log-likelihoods
     batch_size: int = ranged(8, ge=1)
     data: str | None = None  # hh-rlhf-format file, for kind=human
     n_human: int = ranged(0, ge=0)  # comparisons read from `data` for kind=human (0 = all)

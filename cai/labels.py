@@ -11,9 +11,10 @@ and order, batched: the assistant turn is started with "The answer is: (", so th
 option letter and its two logits give the probability. CoT labels first generate the reasoning
 ("Let's think step by step:"), then read the letter after "So the answer is: (".
 
-Likelihood labels ask no question. Each answer is scored by its mean token log-likelihood as the
-assistant's reply, with the principle as the system turn; p(a) = sigmoid((ll_a - ll_b) / T), two
-forward passes per principle and no letter bias. Contrastive labels subtract each answer's
+Likelihood labels ask no question. Each answer is scored by its mean (`label.reduce=sum`: summed)
+token log-likelihood as the assistant's reply, with the principle as the system turn;
+p(a) = sigmoid((ll_a - ll_b) / T), two forward passes per principle and no letter bias. The sum is
+the answer's whole log-likelihood, so it prefers shorter answers. Contrastive labels subtract each answer's
 likelihood under a framing that violates the principle (in the spirit of RLCD), four passes.
 """
 
@@ -51,6 +52,7 @@ from cai.training import pad
 
 KINDS = ("hard", "soft", "cot", "likelihood", "contrastive")
 ASKS = ("better", "worse", "both")
+REDUCES = ("mean", "sum")
 OPTION_NAMES = {"letters": ("A", "B"), "numbers": ("1", "2")}
 LIKELIHOOD_KINDS = ("likelihood", "contrastive")
 # The system turns the likelihood labels score answers under: the principle, and (contrastive) its opposite.
@@ -85,19 +87,24 @@ def likelihood_preference(score_a: float, score_b: float, temperature: float) ->
     return 1.0 / (1.0 + math.exp(-(score_a - score_b) / temperature))
 
 
-def mean_answer_logprob(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Mean log-probability of each row's answer tokens.
+def answer_logprob(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int, reduce: str = "mean") -> torch.Tensor:
+    """Mean (or summed) log-probability of each row's answer tokens.
 
     logits: (N, V) at the N positions that predict answer tokens, targets: (N,) those tokens,
     rows: (N,) the row each belongs to. Returns (n_rows,); a row without answer tokens gets 0.
+    The sum is the answer's log-likelihood, which favours short answers; the mean does not.
     """
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
     total = torch.zeros(n_rows, device=logp.device).index_add(0, rows, logp)  # (n_rows,)
     count = torch.zeros(n_rows, device=logp.device).index_add(0, rows, torch.ones_like(logp))
-    return total / count.clamp(min=1)
+    return total if reduce == "sum" else total / count.clamp(min=1)
 
 
-MIN_SHARED_PREFIX = 16  # tokens: a shorter common prefix is not worth a separate forward pass
+# A shared stretch of tokens runs once only when that saves enough: on a CPU a forward pass has a
+# fixed cost of about 50 tokens' worth (30 layers of small kernels). Measured with the embedded model
+# on 2 cores (benchmarks/bench_hotpaths.py).
+MIN_SHARED_PREFIX = 16  # tokens a group of rows must share beyond the batch's common prefix
+MIN_TOKENS_SAVED = 128  # (rows - 1) x shared tokens, summed over a level, for that level to run on its own
 
 
 def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
@@ -113,27 +120,74 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
 
 
-def next_token_logits(model: torch.nn.Module, rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """Logits (B, V) of the token that would follow each row of ids, the rows' common prefix run once.
+def shared_groups(rows: Sequence[Sequence[int]], start: int) -> tuple[list[int], list[int]]:
+    """Rows grouped by a stretch of MIN_SHARED_PREFIX or more tokens they share after `start` (answer A).
 
-    Comparison questions often start alike (chat template, conversation, question, answer A). The
-    shared prefix runs at batch 1 and its KV cache is repeated for every row; each row's own suffix
-    runs on top, right-padded; the LM head runs at each row's last token only.
+    Returns each row's group (-1 for a row that shares no such stretch) and each group's shared
+    length; every row keeps at least one token of its own after its group's stretch.
+    """
+    by_key: dict[tuple[int, ...], list[int]] = {}
+    for i, row in enumerate(rows):
+        by_key.setdefault(tuple(row[start : start + MIN_SHARED_PREFIX]), []).append(i)
+    group_of, lengths = [-1] * len(rows), []
+    for members in by_key.values():
+        shared = min(common_prefix_length([rows[i] for i in members]), min(len(rows[i]) for i in members) - 1) - start
+        if len(members) > 1 and shared >= MIN_SHARED_PREFIX:
+            for i in members:
+                group_of[i] = len(lengths)
+            lengths.append(shared)
+    return group_of, lengths
+
+
+@torch.no_grad()
+def next_token_logits(model: torch.nn.Module, rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Logits (B, V) of the token that would follow each row of ids; shared stretches run once.
+
+    Comparison questions start alike: the chat template and conversation (every question about one
+    prompt), then answer A (the questions that put one answer first). Three batched passes, each
+    level skipped when it would save little: the batch's common prefix at batch 1; each group's
+    shared stretch, one row per group on that prefix's KV cache; then every row's own tokens on its
+    group's cache rows (padding inside the cache masked, positions given). The LM head runs at each
+    row's last token only.
     """
     device = next(model.parameters()).device
-    shared = min(common_prefix_length(rows), min(len(r) for r in rows) - 1)  # every suffix keeps >= 1 token
-    inputs: dict = {}
-    if len(rows) > 1 and shared >= MIN_SHARED_PREFIX:
-        cache = model(input_ids=torch.tensor([list(rows[0][:shared])], device=device), use_cache=True).past_key_values
-        cache.batch_repeat_interleave(len(rows))  # (1, heads, P, d) -> (B, heads, P, d) in every layer
-        inputs[cache_argument(model)] = cache
-    else:
-        shared = 0
-    ids, mask = pad([r[shared:] for r in rows], pad_id, side="right")  # (B, S)
+    n, key = len(rows), cache_argument(model)
+    root = min(common_prefix_length(rows), min(len(r) for r in rows) - 1)  # every row keeps >= 1 token of its own
+    root = root if (n - 1) * root >= MIN_TOKENS_SAVED else 0
+    cache = (
+        model.base_model(input_ids=torch.tensor([list(rows[0][:root])], device=device), use_cache=True).past_key_values if root else None
+    )
+    group_of, lengths = shared_groups(rows, root)
+    seen = torch.ones(n, root, dtype=torch.long)  # (B, cached): which cached positions each row attends to
+    starts = [root] * n  # where each row's own tokens begin
+    if sum((group_of.count(g) - 1) * m for g, m in enumerate(lengths)) >= MIN_TOKENS_SAVED:
+        first = [group_of.index(g) for g in range(len(lengths))]
+        ids, mask = pad([rows[i][root : root + m] for i, m in zip(first, lengths)], pad_id, side="right")  # (G, M)
+        mask = torch.cat([torch.ones(len(first), root, dtype=mask.dtype), mask], dim=1)  # (G, root + M)
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": True}
+        if cache is not None:
+            cache.batch_repeat_interleave(len(first))
+            inputs[key] = cache
+        cache = model.base_model(**inputs).past_key_values  # (G, heads, root + M, d) per layer
+        # Each row takes its group's cache row; a row of no group takes any, sees only the prefix of it.
+        cache.batch_select_indices(torch.tensor([max(g, 0) for g in group_of], device=device))
+        alone = torch.cat([torch.ones(root, dtype=mask.dtype), torch.zeros(ids.shape[1], dtype=mask.dtype)])
+        seen = torch.stack([mask[g] if g >= 0 else alone for g in group_of])  # (B, root + M)
+        starts = [root + lengths[g] if g >= 0 else root for g in group_of]
+    elif cache is not None:
+        cache.batch_repeat_interleave(n)
+    ids, mask = pad([r[s:] for r, s in zip(rows, starts)], pad_id, side="right")  # (B, S)
     select = torch.zeros(ids.shape, dtype=torch.bool)  # (B, S): each row's last token
-    select[torch.arange(len(rows)), torch.tensor([len(r) - shared - 1 for r in rows])] = True
-    mask = torch.cat([torch.ones(len(rows), shared, dtype=mask.dtype), mask], dim=1)  # (B, P + S): the prefix is real
-    logits, _ = logits_where(model, select.to(device), input_ids=ids.to(device), attention_mask=mask.to(device), **inputs)
+    select[torch.arange(n), torch.tensor([len(r) - s - 1 for r, s in zip(rows, starts)])] = True
+    positions = torch.tensor(starts)[:, None] + torch.arange(ids.shape[1])[None, :]  # (B, S): padding in the cache is not a position
+    inputs = {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.cat([seen, mask], dim=1).to(device),
+        "position_ids": positions.to(device),
+    }
+    if cache is not None:
+        inputs[key] = cache
+    logits, _ = logits_where(model, select.to(device), **inputs)
     return logits  # (B, V), rows in order
 
 
@@ -166,6 +220,7 @@ class Labeller:
         options: OptionFormat = LETTERS,
         random_order: bool = False,
         ask: str = "better",
+        reduce: str = "mean",
     ) -> None:
         if kind not in KINDS:
             raise CaiError(f"label.kind: the labeller takes {', '.join(KINDS)}; got '{kind}'")
@@ -181,7 +236,9 @@ class Labeller:
         self.max_length = max_length  # likelihood kinds: tokens per scored transcript (long ones keep their end)
         # Multiple-choice variants: how options are named, one random order per question instead of
         # both (with debias off), and whether to ask for the better answer, the worse, or both.
-        check_ask(ask)
+        check_choice("label.ask", ask, ASKS)
+        check_choice("label.reduce", reduce, REDUCES)
+        self.reduce = reduce  # likelihood kinds: an answer's score is the mean or the sum of its token log-likelihoods
         self.options, self.random_order, self.ask = options, random_order, ask
         self.forward_passes = 0  # counted, so the benchmark can check the 2*k budget
 
@@ -253,7 +310,7 @@ class Labeller:
 
     @torch.no_grad()
     def answer_scores(self, requests: Sequence[tuple[str, list[Message], str]]) -> list[float]:
-        """Mean token log-likelihood of each (system, conversation, answer), batched by length.
+        """Mean (label.reduce=sum: summed) token log-likelihood of each (system, conversation, answer), batched by length.
 
         The LM head runs only at the positions that predict answer tokens.
         """
@@ -271,7 +328,7 @@ class Labeller:
             self.forward_passes += len(idx)
             targets = ids[:, 1:][select[:, :-1]]  # (N,)
             rows = select.nonzero()[:, 0]  # (N,) in the same row-major order as the logits
-            for i, score in zip(idx, mean_answer_logprob(logits, targets.to(device), rows.to(device), len(idx)).tolist()):
+            for i, score in zip(idx, answer_logprob(logits, targets.to(device), rows.to(device), len(idx), self.reduce).tolist()):
                 out[i] = score
         return out
 
@@ -433,12 +490,14 @@ def labeller_from_config(cfg, constitution) -> Labeller:
         options=option_format(cfg.label.options, cfg.label.brackets),
         random_order=cfg.label.random_order,
         ask=cfg.label.ask,
+        reduce=cfg.label.reduce,
     )
 
 
-def check_ask(ask: str) -> None:
-    if ask not in ASKS:
-        raise CaiError(f"label.ask: choose {', '.join(ASKS)}, got '{ask}'")
+def check_choice(field: str, value: str, choices: Sequence[str]) -> None:
+    """One clear line for a config field set to something it does not take."""
+    if value not in choices:
+        raise CaiError(f"{field}: choose {', '.join(choices)}, got '{value}'")
 
 
 def option_format(names: str, brackets: bool) -> OptionFormat:

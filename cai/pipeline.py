@@ -33,7 +33,7 @@ from cai.config import check_ranges, instantiate
 from cai.data import load_prompts, read_hh_rlhf
 from cai.distributed import all_gather, barrier, is_rank_zero, launch
 from cai.errors import CaiError
-from cai.labels import check_ask, option_format
+from cai.labels import ASKS, REDUCES, check_choice, option_format
 from cai.models import use_accelerator
 from cai.reward import check_pm_dir
 from cai.stages import Context, Stage, eval, frontier, label, label_report, pairs, pm, pm_eval, ppo, sft, sl_data
@@ -249,7 +249,8 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
     if cfg.label.kind not in LABEL_KINDS:
         raise CaiError(f"label.kind: unknown label type '{cfg.label.kind}'; choose one of {', '.join(LABEL_KINDS)}")
     option_format(cfg.label.options, cfg.label.brackets)  # both raise one clear line before any model loads
-    check_ask(cfg.label.ask)
+    check_choice("label.ask", cfg.label.ask, ASKS)
+    check_choice("label.reduce", cfg.label.reduce, REDUCES)
     if cfg.label.clamp_low > cfg.label.clamp_high:
         raise CaiError(f"label.clamp_low/clamp_high: need 0 <= low <= high <= 1, got [{cfg.label.clamp_low}, {cfg.label.clamp_high}]")
     if cfg.label.kind == "human" and not cfg.label.data:

@@ -78,7 +78,7 @@ def test_swapping_the_answers_mirrors_the_label(tiny_spec):
 
 
 def test_likelihood_maths_by_hand():
-    from cai.labels import likelihood_preference, mean_answer_logprob, split_half
+    from cai.labels import answer_logprob, likelihood_preference, split_half
 
     assert likelihood_preference(-1.0, -2.0, 1.0) == pytest.approx(1 / (1 + math.exp(-1.0)))
     assert likelihood_preference(-1.0, -2.0, 0.5) == pytest.approx(1 / (1 + math.exp(-2.0)))
@@ -86,28 +86,41 @@ def test_likelihood_maths_by_hand():
     # vocabulary of 2; row 0's answer is 2 tokens, row 1's one token, row 2 has none
     logits = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)], [0.0, 0.0]])  # (N, V): P(0) = 3/4, P(1) = 3/4, uniform
     targets = torch.tensor([0, 0, 1])  # row 0's tokens: 0 (p 3/4), then 0 (p 1/4); row 1's: 1 (p 1/2)
-    got = mean_answer_logprob(logits, targets, torch.tensor([0, 0, 1]), 3)
+    got = answer_logprob(logits, targets, torch.tensor([0, 0, 1]), 3)
     assert got.tolist() == pytest.approx([(math.log(0.75) + math.log(0.25)) / 2, math.log(0.5), 0.0], abs=1e-6)
+    summed = answer_logprob(logits, targets, torch.tensor([0, 0, 1]), 3, reduce="sum")
+    assert summed.tolist() == pytest.approx([math.log(0.75) + math.log(0.25), math.log(0.5), 0.0], abs=1e-6)
     assert (
         split_half(range(5), "tune") == [0, 2, 4] and split_half(range(5), "report") == [1, 3] and split_half(range(3), "all") == [0, 1, 2]
     )
 
 
 def test_shared_prefix_logits_equal_one_plain_forward_per_row(tiny_spec):
-    """The judge's and labeller's batches run their common prefix once (KV cache); the next-token
-    logits must be each row's own plain forward, with ragged suffixes and without a shared prefix."""
-    from cai.labels import MIN_SHARED_PREFIX, next_token_logits
+    """The judge's and labeller's batches run shared stretches once (KV caches, with padding inside
+    them for the second level); the next-token logits must be each row's own plain forward."""
+    from cai import usage
+    from cai.labels import next_token_logits
 
     model = tiny_spec.load_model()
     g = torch.Generator().manual_seed(1)
-    prefix = torch.randint(5, 400, (MIN_SHARED_PREFIX + 9,), generator=g).tolist()
-    rows = [prefix + torch.randint(5, 400, (n,), generator=g).tolist() for n in (1, 7, 3)]
-    rows.append(prefix[:-2])  # a row that is all prefix: the shared part stops a token short of it
-    for batch in (rows, [r[MIN_SHARED_PREFIX:] for r in rows], rows[:1]):  # shared prefix, too short a prefix, one row
-        got = next_token_logits(model, batch, pad_id=0)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(5, 400, (n,), generator=g).tolist()
+
+    prefix, answer_a, answer_b = tokens(60), tokens(50), tokens(35)  # the conversation; two answers put first
+    rows = [prefix + answer_a + tokens(n) for n in (1, 9, 4, 6)]  # four questions that put answer A first
+    rows += [prefix + answer_b + tokens(n) for n in (3, 12, 2, 5)]  # four that put answer B first (a shorter stretch)
+    rows += [prefix + tokens(n) for n in (1, 20)]  # rows of their own after the prefix
+    rows.append(prefix[:-3])  # a row inside the prefix: the shared part stops a token short of it
+    cases = {"two levels": rows, "nothing shared": [tokens(n) for n in (5, 30, 9)], "one row": rows[:1]}
+    for name, batch in cases.items():
+        with usage.measure() as used:
+            got = next_token_logits(model, batch, pad_id=0)
         with torch.no_grad():
             want = torch.stack([model(input_ids=torch.tensor([r])).logits[0, -1] for r in batch])
-        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4), name
+        if name == "two levels":  # the prefix ran once and each answer once: far fewer positions than the rows hold
+            assert used["forward_tokens"] < sum(map(len, batch)) / 2, used
 
 
 def test_likelihood_labels_score_each_answer_as_one_unbatched_forward_does(tiny_spec):
