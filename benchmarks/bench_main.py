@@ -35,6 +35,8 @@ def main() -> None:
     t = time.perf_counter()
     done = subprocess.run([sys.executable, "train.py", *args], cwd=cai.ROOT, env=env)
     wall = time.perf_counter() - t
+    # The job's peak: the highest stage peak. (The kernel's own child peak is reset along with the
+    # per-stage peaks that cai/usage.py reads, so it only covers the time since the last reset.)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 2**30  # KiB on Linux
     print(
         f"\n== main job: python train.py {' '.join(args)} (root {root}{', cold model cache' if cold else ''}), exit status {done.returncode}"
@@ -47,6 +49,7 @@ def main() -> None:
             continue
         u = json.loads(manifest.read_text()).get("usage", {})
         total += u.get("seconds", 0.0)
+        peak = max(peak, u.get("peak_rss_gb", 0.0))
         print(
             f"{stage:9s} {u.get('seconds', 0):7.1f} {u.get('generated_tokens', 0):10d} {u.get('forward_tokens', 0):12d} "
             f"{u.get('forward_tokens_per_s', 0):10.0f} {u.get('generated_tokens_per_s', 0):10.1f} {u.get('peak_rss_gb', 0):12.2f}"

@@ -333,6 +333,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     run_name: str | None = None  # default: made from the command-line overrides
+    gradient_checkpointing: bool = True  # training stages recompute activations in backward: less memory, same numbers
 
 
 def register() -> None:

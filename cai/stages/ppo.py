@@ -58,12 +58,15 @@ from cai.stages import Context, Stage
 from cai.training import (
     TRAINING_LINEAGE,
     TRAINING_LOGGING_ONLY,
+    adamw,
     check_finite,
+    checkpoint_activations,
     deepspeed_for_manual_loop,
     fit,
     gathered_state_dict,
     trained_placement,
 )
+from cai.usage import release_memory
 
 log = logging.getLogger(__name__)
 VALUE_MODELS = ("head", "critic")
@@ -131,6 +134,7 @@ class PPOModule(L.LightningModule):
         t3 = time.perf_counter()
         times = {"generation_s": t1 - t0, "scoring_s": t2 - t1, "update_s": t3 - t2}
         self.log_iteration(iteration, conversations, completions, experience, stats, times)
+        release_memory()  # hand this iteration's freed activations back, so the heap does not grow with each one
 
     def rollout(self, iteration: int) -> tuple[list[list[Message]], list[Completion]]:
         """`ppo.rollouts` prompts per rank, drawn with a seed per (iteration, rank), answered by the actor.
@@ -195,6 +199,7 @@ class PPOModule(L.LightningModule):
                 step = {"policy_loss": policy_loss, "value_loss": critic_loss, "entropy": mean_entropy, **info}
                 for key in stats:
                     stats[key].append(float(step[key].detach()))
+        opt.zero_grad()  # free the gradients now: the next rollout and scoring need none (set to None)
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
     def log_iteration(self, iteration, conversations, completions, experience: Experience, stats: dict, times: dict) -> None:
@@ -232,7 +237,7 @@ class PPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("ref.")]
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
+        opt = adamw(params, self.cfg.lr)
         # A constant schedule, only so LearningRateMonitor logs the rate as ppo/train/lr.
         constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": constant, "name": "ppo/train/lr"}}
@@ -305,11 +310,14 @@ def build(ctx: Context) -> dict | None:
     spec = ctx.upstream["sft"].model_spec(f"sft({cfg.model.name})", cfg.model.dtype, cfg.paths.cache)
     actor, tok = spec.load_model(train=True), spec.load_tokenizer()
     actor.train()
+    checkpoint_activations(actor, cfg.gradient_checkpointing)
     # The PM is loaded once: the reward, and the critic's start. A critic is trained, so it is copied
     # in float32; the reward is frozen and runs in the inference dtype.
     critic_start = cfg.ppo.value_model == "critic"
     pm, pm_tok = PreferenceModel.load(ctx.upstream["pm"].model_dir, dtype=torch.float32 if critic_start else None)
     critic = CriticModel(copy.deepcopy(pm.backbone), copy.deepcopy(pm.head)) if critic_start else None
+    if critic is not None:
+        checkpoint_activations(critic.backbone, cfg.gradient_checkpointing)
     pm.to(resolve_dtype("auto"))
     reward_fn = pm_reward(pm.requires_grad_(False), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
     L.seed_everything(cfg.seed, verbose=False)
