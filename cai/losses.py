@@ -117,16 +117,20 @@ def value_loss(
 
 
 def logprobs_and_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = True
+    logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = True, entropy_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) and the entropy of the next-token distribution at each position.
 
-    logits: (B, T, V), targets: (B, T) -> (B, T), (B, T) or None. One log-softmax serves both.
+    logits: (..., V), targets: (...) -> (...), (...) or None. One log-softmax serves both.
+    entropy_grad=False computes the entropy outside the autograd graph (for logging only): its
+    vocabulary-wide intermediates are then not kept for the backward pass.
     """
-    logp_all = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    logp_all = torch.log_softmax(logits.float(), dim=-1)  # (..., V)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
-    return logp, entropy
+    if not with_entropy:
+        return logp, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
 class AdaptiveKLController:

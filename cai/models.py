@@ -81,6 +81,12 @@ def placement(model: torch.nn.Module) -> dict:
 LOGIT_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def rescales_logits(model: torch.nn.Module) -> bool:
+    """True when the model's forward changes its LM head's output (soft-capping, scaling): the head alone would not match."""
+    config = getattr(model, "config", None)
+    return any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_RESCALING)
+
+
 def logits_where(model: torch.nn.Module, select: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """The LM head's logits at the positions where `select` (B, T) is true, and the last hidden states.
 
@@ -91,8 +97,7 @@ def logits_where(model: torch.nn.Module, select: torch.Tensor, **inputs) -> tupl
     attention_mask, past_key_values, ...). Returns logits (N, V) in row-major order of `select`,
     and hidden states (B, T, H).
     """
-    config = getattr(model, "config", None)
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_RESCALING):
+    if rescales_logits(model):
         out = model(**inputs, output_hidden_states=True)
         return out.logits[select], out.hidden_states[-1]
     hidden = model.base_model(**inputs).last_hidden_state  # (B, T, H)

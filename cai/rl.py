@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cai.data import Message
 from cai.generation import Completion, Generator, SamplingParams
 from cai.generation.hf import HFGenerator
 from cai.losses import logprobs_and_entropy
-from cai.models import logits_where
+from cai.models import logits_where, rescales_logits
 from cai.training import gathered_state_dict, pad
 
 RewardFn = Callable[[Sequence[list[Message]], Sequence[Completion]], list[float]]  # (conversations, answers) -> scores
@@ -112,19 +113,44 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return logprobs_and_entropy(logits[:, :-1], input_ids[:, 1:], with_entropy=False)[0]
 
 
+HEAD_CHUNK = 256  # response positions per chunk of the LM head when training
+
+
+def _head_logprobs(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, with_entropy: bool, entropy_grad: bool):
+    """Log-probs (and entropies) of targets (N,) from hidden rows (N, H) through the LM head."""
+    return logprobs_and_entropy(head(rows), targets, with_entropy, entropy_grad)
+
+
 def response_logprobs(
-    model: nn.Module, batch: dict[str, torch.Tensor], with_entropy: bool = False
+    model: nn.Module, batch: dict[str, torch.Tensor], with_entropy: bool = False, entropy_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Log-probs (and entropies) of the response tokens, with the LM head run on response positions only.
 
     What PPO scores and trains on is the answer; the prompt's positions need the body (attention)
     but not the vocabulary-wide head and log-softmax. Returns logp (B, L-1) and entropy (B, L-1) or
     None, both 0 outside `action_mask`, and the last hidden states (B, L, H) for a value head.
+    entropy_grad=False: the entropy is for logging only and stays out of the autograd graph.
     """
     mask = batch["action_mask"].bool()  # (B, L-1): position j predicts token j+1
     select = nn.functional.pad(mask, (0, 1))  # (B, L): the same positions, on the model's input
-    logits, hidden = logits_where(model, select, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (N, V)
-    logp, entropy = logprobs_and_entropy(logits, batch["input_ids"][:, 1:][mask], with_entropy)  # (N,), (N,) or None
+    targets = batch["input_ids"][:, 1:][mask]  # (N,)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if torch.is_grad_enabled() and not rescales_logits(model):
+        # Training: the head runs in chunks whose (chunk, V) logits are recomputed in backward rather
+        # than kept, the largest tensors of a PPO step after the weights (~0.4 GB at the quickstart's size).
+        hidden = model.base_model(**inputs).last_hidden_state  # (B, L, H)
+        rows, head = hidden[select], model.get_output_embeddings()  # (N, H)
+        parts = [
+            checkpoint(
+                _head_logprobs, head, rows[i : i + HEAD_CHUNK], targets[i : i + HEAD_CHUNK], with_entropy, entropy_grad, use_reentrant=False
+            )
+            for i in range(0, len(rows), HEAD_CHUNK)
+        ]
+        logp = torch.cat([p[0] for p in parts])
+        entropy = torch.cat([p[1] for p in parts]) if with_entropy else None
+    else:
+        logits, hidden = logits_where(model, select, **inputs)  # (N, V)
+        logp, entropy = logprobs_and_entropy(logits, targets, with_entropy, entropy_grad)  # (N,), (N,) or None
 
     def spread(values: torch.Tensor) -> torch.Tensor:  # (N,) -> (B, L-1), zeros off the answers
         return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -20,12 +21,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Sampler
 
 from cai.config import TRAINER_LOGGING_ONLY, TRAINER_NOT_FOR_PPO, instantiate
 from cai.errors import CaiError
 from cai.models import placement
+from cai.usage import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,31 @@ def parameter_norm(module: torch.nn.Module) -> float:
     """The L2 norm of all parameters (NaN or inf if any parameter is)."""
     with torch.no_grad():
         return float(torch.sqrt(sum((p.detach().float() ** 2).sum() for p in module.parameters() if p.numel()) or torch.tensor(0.0)))
+
+
+class FileCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint straight to a temporary file, then renames it: atomic, like Lightning's own.
+
+    Lightning's default first serialises the whole checkpoint into memory (weights and optimizer
+    state, three times the model) and then copies that buffer out: on a CPU run it was the job's
+    memory peak (+1.5 GB at a PPO checkpoint of the 135M model).
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("FileCheckpointIO takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+class HeapTrim(L.Callback):
+    """Returns freed heap memory to the system after every training batch (cai.usage.trim_heap), so RSS stays flat."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        trim_heap()
 
 
 class FiniteGuard(L.Callback):
@@ -233,7 +261,7 @@ def fit(
     sampler = getattr(train_loader, "batch_sampler", None)
     resume_sampler = [SamplerResume(sampler)] if isinstance(sampler, LengthBucketSampler) else []
     saver = [L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, **every)] if checkpoint_every else []
-    own = [FiniteGuard(stage), *resume_sampler, *saver, *callbacks, *configured_callbacks(cfg, has_logger=bool(logger))]
+    own = [FiniteGuard(stage), HeapTrim(), *resume_sampler, *saver, *callbacks, *configured_callbacks(cfg, has_logger=bool(logger))]
     ours = dict(
         max_epochs=epochs,
         accumulate_grad_batches=grad_accum,
@@ -246,6 +274,8 @@ def fit(
         use_distributed_sampler=False,  # our batch samplers shard across ranks themselves
     )
     args = trainer_args(cfg, ours, manual=not module.automatic_optimization)
+    if not args.get("plugins") and "deepspeed" not in type(strategy).__name__.lower() and "deepspeed" not in str(strategy):
+        args["plugins"] = [FileCheckpointIO()]  # DeepSpeed writes its own checkpoints
     trainer = L.Trainer(strategy=strategy, logger=logger, callbacks=own, **args)
     resume = ckpt_dir / "last.ckpt"
     # SamplerResume makes our mid-epoch resume exact; Lightning cannot see that and would warn otherwise.

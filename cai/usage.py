@@ -59,16 +59,23 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def release_memory() -> None:
-    """Free what a finished stage left behind: unreachable models, and the heap pages that held them.
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
 
-    glibc keeps freed memory in its heap instead of handing it back, so without the trim a process
-    that has held a model keeps its RSS; the next stage's peak would then count it again.
+    glibc keeps freed memory in its heap, and after a few large frees it serves tensors of up to
+    32 MB from there too, so a training loop's RSS grows step by step with fragments of freed
+    activations (measured on the PM: 3.3 to 5.6 GB over three steps). A trim after each step costs
+    about 3% of the step and keeps the peak where the live tensors put it.
     """
-    gc.collect()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def release_memory() -> None:
+    """Free what a finished stage or PPO iteration left behind: unreachable objects, then free heap pages."""
+    gc.collect()
+    trim_heap()
 
 
 @contextlib.contextmanager

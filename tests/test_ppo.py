@@ -38,7 +38,7 @@ def test_batch_rollouts_masks_the_response_tokens():
     assert b["action_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]
 
 
-def test_response_only_log_probs_equal_the_full_computation(tiny_spec):
+def test_response_only_log_probs_equal_the_full_computation(tiny_spec, monkeypatch):
     """PPO runs the LM head on answer positions only; log-probs, entropies, hidden states and their
     gradients must be those of the full (B, L, V) computation, on the answers, with ragged prompts."""
     from cai.losses import logprobs_and_entropy
@@ -55,7 +55,10 @@ def test_response_only_log_probs_equal_the_full_computation(tiny_spec):
     full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
     want_logp = token_logprobs(full.logits, batch["input_ids"])
     want_entropy = logprobs_and_entropy(full.logits[:, :-1], batch["input_ids"][:, 1:])[1]
+    monkeypatch.setattr("cai.rl.HEAD_CHUNK", 4)  # training runs the head in chunks: several here
     logp, entropy, hidden = response_logprobs(model, batch, with_entropy=True)
+    with torch.no_grad():  # scoring runs it in one go
+        assert torch.allclose(response_logprobs(model, batch)[0], logp, atol=1e-5)
     assert mask.sum() == 14 and logp.shape == want_logp.shape == mask.shape
     assert torch.allclose(logp[mask], want_logp[mask], atol=1e-5)
     assert torch.allclose(entropy[mask], want_entropy[mask], atol=1e-5)

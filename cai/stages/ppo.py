@@ -66,7 +66,6 @@ from cai.training import (
     gathered_state_dict,
     trained_placement,
 )
-from cai.usage import release_memory
 
 log = logging.getLogger(__name__)
 VALUE_MODELS = ("head", "critic")
@@ -117,7 +116,8 @@ class PPOModule(L.LightningModule):
         The LM head runs on response positions only (`response_logprobs`); elsewhere logp and
         entropy are 0, and every use of them is masked by action_mask.
         """
-        logp, entropy, hidden = response_logprobs(self.actor, batch, with_entropy)
+        # The entropy only enters the loss with an entropy bonus; otherwise it is logged, and kept out of the graph.
+        logp, entropy, hidden = response_logprobs(self.actor, batch, with_entropy, entropy_grad=self.cfg.entropy_coef != 0)
         values = self.critic(batch, hidden if self.critic.shares_actor else None)
         return logp, entropy, values.float()
 
@@ -134,7 +134,6 @@ class PPOModule(L.LightningModule):
         t3 = time.perf_counter()
         times = {"generation_s": t1 - t0, "scoring_s": t2 - t1, "update_s": t3 - t2}
         self.log_iteration(iteration, conversations, completions, experience, stats, times)
-        release_memory()  # hand this iteration's freed activations back, so the heap does not grow with each one
 
     def rollout(self, iteration: int) -> tuple[list[list[Message]], list[Completion]]:
         """`ppo.rollouts` prompts per rank, drawn with a seed per (iteration, rank), answered by the actor.
