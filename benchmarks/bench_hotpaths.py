@@ -45,7 +45,7 @@ def baseline_next_token_logits(model, rows, pad_id):
     return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1, :]
 
 
-def baseline_response_logprobs(model, batch, with_entropy=False):
+def baseline_response_logprobs(model, batch, with_entropy=False, entropy_grad=True):
     """Before: log-probs (and entropies) from the full (B, L, V) logits."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
     logp, entropy = logprobs_and_entropy(out.logits[:, :-1], batch["input_ids"][:, 1:], with_entropy)

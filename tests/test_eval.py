@@ -85,9 +85,15 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
         "ppo": {"actor", "ref", "critic", "reward"},
         "eval": {"answers", "judge", "pm_scores"},
     }
+    generates = {"sl_data", "pairs", "ppo", "eval"}
     for stage, roles in expected.items():
-        models = json.loads((stage_path(cfg, stage) / "manifest.json").read_text())["models"]
+        manifest = json.loads((stage_path(cfg, stage) / "manifest.json").read_text())
+        models = manifest["models"]
         assert set(models) == roles, stage
+        # What the stage used (bench_main prints it): time, tokens through the models, its own peak memory.
+        usage = manifest["usage"]
+        assert usage["seconds"] > 0 and usage["forward_tokens"] > 0 and 0.1 < usage["peak_rss_gb"] < 64, (stage, usage)
+        assert (usage["generated_tokens"] > 0) == (stage in generates), (stage, usage)
         assert all(m["device"] == str(run_device()) == "cpu" and m["dtype"] == "float32" for m in models.values()), models
     assert all(s["ran_on"].startswith("cpu float32") for s in summaries)
 
