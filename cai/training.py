@@ -273,6 +273,8 @@ def fit(
         enable_model_summary=False,
         use_distributed_sampler=False,  # our batch samplers shard across ranks themselves
     )
+    for model in module.modules():  # the policy, the PM, PPO's actor and critic (the frozen ref never trains)
+        checkpoint_activations(model, bool(cfg.get("gradient_checkpointing", False)))
     args = trainer_args(cfg, ours, manual=not module.automatic_optimization)
     if not args.get("plugins") and "deepspeed" not in type(strategy).__name__.lower() and "deepspeed" not in str(strategy):
         args["plugins"] = [FileCheckpointIO()]  # DeepSpeed writes its own checkpoints

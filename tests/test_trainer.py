@@ -64,3 +64,24 @@ def test_a_bad_callback_or_trainer_key_is_one_clear_line(make_cfg):
     run(make_cfg("stage=sl_data", *SFT))
     with pytest.raises(CaiError, match=r"callbacks.keep: could not build lightning.pytorch.callbacks.NoSuchThing"):
         run(make_cfg("stage=sft", *SFT, "+callbacks.keep._target_=lightning.pytorch.callbacks.NoSuchThing"))
+
+
+def test_gradient_checkpointing_changes_no_number_and_no_key(make_cfg):
+    """Activation checkpointing recomputes in backward what it did not keep: the trained weights are
+    the same bit for bit, so the flag is in no lineage key (a run with it reuses one without)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    run(make_cfg("stage=sl_data", *SFT))
+    weights = {}
+    for on in (True, False):
+        cfg = make_cfg("stage=sft", *SFT, f"gradient_checkpointing={str(on).lower()}")
+        shutil.rmtree(stage_path(cfg, "sft"), ignore_errors=True)
+        run(cfg)
+        weights[on] = load_file(str(stage_path(cfg, "sft") / "model" / "model.safetensors"))
+    assert lineage_key(make_cfg(*SFT, "gradient_checkpointing=true"), "sft") == lineage_key(
+        make_cfg(*SFT, "gradient_checkpointing=false"), "sft"
+    )
+    assert weights[True].keys() == weights[False].keys()
+    assert all(weights[True][k].equal(weights[False][k]) for k in weights[True])

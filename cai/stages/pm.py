@@ -31,7 +31,6 @@ from cai.training import (
     TRAINING_LOGGING_ONLY,
     LengthBucketSampler,
     adamw_with_cosine,
-    checkpoint_activations,
     fit,
     gathered_state_dict,
     pad,
@@ -192,7 +191,6 @@ def build(ctx: Context) -> dict | None:
     train_loader, val_loader, n_train, n_val = loaders(cfg, tokenizer, rows)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PMModule(spec, cfg.pm.lr, cfg.pm.warmup_ratio, cfg.pm.trainable, tokenizer.pad_token_id)
-    checkpoint_activations(module.pm.model, cfg.gradient_checkpointing)
     trainer, seconds = fit(
         module,
         train_loader,

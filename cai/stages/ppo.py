@@ -60,7 +60,6 @@ from cai.training import (
     TRAINING_LOGGING_ONLY,
     adamw,
     check_finite,
-    checkpoint_activations,
     deepspeed_for_manual_loop,
     fit,
     gathered_state_dict,
@@ -309,14 +308,11 @@ def build(ctx: Context) -> dict | None:
     spec = ctx.upstream["sft"].model_spec(f"sft({cfg.model.name})", cfg.model.dtype, cfg.paths.cache)
     actor, tok = spec.load_model(train=True), spec.load_tokenizer()
     actor.train()
-    checkpoint_activations(actor, cfg.gradient_checkpointing)
     # The PM is loaded once: the reward, and the critic's start. A critic is trained, so it is copied
     # in float32; the reward is frozen and runs in the inference dtype.
     critic_start = cfg.ppo.value_model == "critic"
     pm, pm_tok = PreferenceModel.load(ctx.upstream["pm"].model_dir, dtype=torch.float32 if critic_start else None)
     critic = CriticModel(copy.deepcopy(pm.backbone), copy.deepcopy(pm.head)) if critic_start else None
-    if critic is not None:
-        checkpoint_activations(critic.backbone, cfg.gradient_checkpointing)
     pm.to(resolve_dtype("auto"))
     reward_fn = pm_reward(pm.requires_grad_(False), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
     L.seed_everything(cfg.seed, verbose=False)

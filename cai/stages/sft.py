@@ -27,7 +27,6 @@ from cai.training import (
     TRAINING_LOGGING_ONLY,
     LengthBucketSampler,
     adamw_with_cosine,
-    checkpoint_activations,
     fit,
     gathered_state_dict,
     pad,
@@ -161,7 +160,6 @@ def build(ctx: Context) -> dict | None:
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = SFTModule(spec, cfg.sft.lr, cfg.sft.warmup_ratio)
-    checkpoint_activations(module.model, cfg.gradient_checkpointing)
     trainer, seconds = fit(
         module,
         loader(train, True),
