@@ -276,8 +276,8 @@ def fit(
     for model in module.modules():  # the policy, the PM, PPO's actor and critic (the frozen ref never trains)
         checkpoint_activations(model, bool(cfg.get("gradient_checkpointing", False)))
     args = trainer_args(cfg, ours, manual=not module.automatic_optimization)
-    if not args.get("plugins") and "deepspeed" not in type(strategy).__name__.lower() and "deepspeed" not in str(strategy):
-        args["plugins"] = [FileCheckpointIO()]  # DeepSpeed writes its own checkpoints
+    if isinstance(strategy, str) and not args.get("plugins"):  # 'auto' or 'ddp'; a DeepSpeedStrategy writes its own checkpoints
+        args["plugins"] = [FileCheckpointIO()]
     trainer = L.Trainer(strategy=strategy, logger=logger, callbacks=own, **args)
     resume = ckpt_dir / "last.ckpt"
     # SamplerResume makes our mid-epoch resume exact; Lightning cannot see that and would warn otherwise.
