@@ -9,6 +9,7 @@ import torch
 
 import cai
 from cai.constitution import RLPrinciple, load_constitution
+from cai.errors import CaiError
 from cai.labels import FOLLOW_SYSTEM, Item, Labeller, clamp, combine, hard_label, prefer_a
 
 P1 = RLPrinciple("p1", "Which reply is less harmful?")
@@ -169,6 +170,17 @@ def test_label_report_through_the_front_door(make_cfg):
     [summary] = run(tune)
     report = json.loads(Path(summary["path"]).read_text())
     assert report["comparisons"] == 20 and report["forward_passes_per_comparison"] == 2  # the even half of 40; one principle, two orders
+    # label.reduce=sum scores whole answers: score gaps of many tokens, so labels further from 0.5 than the mean's
+    decided = {}
+    for reduce in ("mean", "sum"):
+        cfg = make_cfg(
+            "stage=label_report", "model=tiny", "label=likelihood", f"label.reduce={reduce}", f"label.report_data={HH_SMALL}", *one[1:3]
+        )
+        [summary] = run(cfg)
+        decided[reduce] = json.loads(Path(summary["path"]).read_text())["ensemble"]["mean_confidence"]
+    assert decided["sum"] > decided["mean"]
+    with pytest.raises(CaiError, match="label.reduce: choose mean, sum, got 'median'"):
+        run(make_cfg("stage=label_report", "model=tiny", "label=likelihood", "label.reduce=median", f"label.report_data={HH_SMALL}"))
 
 
 def test_multiple_choice_variants_on_a_letter_biased_model(tiny_spec):
