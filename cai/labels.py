@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from cai.constitution import RLExample, RLPrinciple
 from cai.data import Message, human_pairs
-from cai.errors import CaiError
+from cai.errors import CaiError, check_choice
 from cai.generation import SamplingParams
 from cai.generation.hf import HFGenerator
 from cai.metrics import expected_calibration_error, human_agreement
@@ -408,8 +408,7 @@ class Labeller:
 
 def split_half(comparisons: Sequence, which: str) -> list:
     """The fixed tuning/reporting split of a comparison file: even positions tune, odd ones report."""
-    if which not in ("all", "tune", "report"):
-        raise CaiError(f"label.report_split: choose all, tune or report, got '{which}'")
+    check_choice("label.report_split", which, ("all", "tune", "report"))
     return list(comparisons) if which == "all" else list(comparisons)[0 if which == "tune" else 1 :: 2]
 
 
@@ -494,14 +493,7 @@ def labeller_from_config(cfg, constitution) -> Labeller:
     )
 
 
-def check_choice(field: str, value: str, choices: Sequence[str]) -> None:
-    """One clear line for a config field set to something it does not take."""
-    if value not in choices:
-        raise CaiError(f"{field}: choose {', '.join(choices)}, got '{value}'")
-
-
 def option_format(names: str, brackets: bool) -> OptionFormat:
     """label.options (letters | numbers) and label.brackets as the question's OptionFormat."""
-    if names not in OPTION_NAMES:
-        raise CaiError(f"label.options: choose {' or '.join(OPTION_NAMES)}, got '{names}'")
+    check_choice("label.options", names, OPTION_NAMES)
     return OptionFormat(OPTION_NAMES[names], brackets)

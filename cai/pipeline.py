@@ -32,8 +32,8 @@ from cai.artifacts import StageDir, Upstream, fingerprint
 from cai.config import check_ranges, instantiate
 from cai.data import load_prompts, read_hh_rlhf
 from cai.distributed import all_gather, barrier, is_rank_zero, launch
-from cai.errors import CaiError
-from cai.labels import ASKS, REDUCES, check_choice, option_format
+from cai.errors import CaiError, check_choice
+from cai.labels import ASKS, REDUCES, option_format
 from cai.models import use_accelerator
 from cai.reward import check_pm_dir
 from cai.stages import Context, Stage, eval, frontier, label, label_report, pairs, pm, pm_eval, ppo, sft, sl_data

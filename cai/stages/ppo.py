@@ -38,7 +38,7 @@ from cai.artifacts import fingerprint, write_json
 from cai.config import instantiate
 from cai.data import Message, load_prompts
 from cai.distributed import all_gather, mean, rank, world
-from cai.errors import CaiError
+from cai.errors import CaiError, check_choice
 from cai.generation import Completion, Generator, SamplingParams
 from cai.losses import (
     AdaptiveKLController,
@@ -299,8 +299,7 @@ def train_prompts(cfg: DictConfig) -> list[list[Message]]:
 
 
 def check(cfg: DictConfig) -> None:
-    if cfg.ppo.value_model not in VALUE_MODELS:
-        raise CaiError(f"ppo.value_model: choose {' or '.join(VALUE_MODELS)}, got '{cfg.ppo.value_model}'")
+    check_choice("ppo.value_model", cfg.ppo.value_model, VALUE_MODELS)
 
 
 def build(ctx: Context) -> dict | None:
