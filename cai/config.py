@@ -289,6 +289,7 @@ class PPOConfig:
     reward_clip: float = ranged(5.0, gt=0)
     max_grad_norm: float = ranged(1.0, gt=0)  # gradient clipping (DeepSpeed applies it in its engine)
     value_model: str = "head"  # head | critic
+    frozen_dtype: str = "bfloat16"  # bfloat16 | float32: how the frozen ref and reward model store their weights
     checkpoint_every: int = ranged(4, ge=0)
     table_every: int = ranged(4, ge=0)
     snapshot_every: int = ranged(4, ge=0)  # iterations between the policy snapshots that eval rates

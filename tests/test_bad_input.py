@@ -108,6 +108,7 @@ CASES = [
     (("paths.artifacts={bad}/a_file/artifacts",), "paths.artifacts: cannot write"),
     (("model.dtype=fp8",), "model.dtype"),
     (("ppo.value_model=bogus",), "ppo.value_model"),
+    (("ppo.frozen_dtype=float16",), "ppo.frozen_dtype"),
     (("eval.judge=bogus",), "eval.judge"),
     (("stage=label",), "stage 'label' needs the output of stage 'pairs'"),
     (("stage=pm_eval",), "pm.eval_data"),

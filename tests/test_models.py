@@ -92,3 +92,29 @@ def test_training_loads_float32_masters_so_a_tiny_update_lands(tiny_spec):
     assert next(trained.parameters()).dtype == torch.float32
     assert changed_after_one_step(trained) > 0.99  # every weight with a gradient moved (a few grads are exactly 0)
     assert changed_after_one_step(spec.load_model()) < 0.5  # the bf16-master failure this guards against
+
+
+def test_a_frozen_model_stores_bf16_weights_and_computes_in_float32(tiny_spec):
+    """PPO's ref and reward (`ppo.frozen_dtype=bfloat16`): half the weight memory, and exactly the
+    maths of float32 weights rounded to bf16, since each weight is widened where a layer uses it."""
+    from cai.models import frozen, placement
+
+    model = tiny_spec.load_model()
+    rounded = tiny_spec.load_model().to(torch.bfloat16).float()  # the same weights, rounded, stored wide
+    stored = frozen(tiny_spec.load_model(), torch.bfloat16, torch.float32)
+    assert placement(stored) == {"device": "cpu", "dtype": "bfloat16", "compute_dtype": "float32"}
+    bytes_of = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert bytes_of(stored) * 2 == bytes_of(model)
+    assert not any(p.requires_grad for p in stored.parameters()) and not stored.training
+    if model.config.tie_word_embeddings:  # still one tensor for the embedding and the LM head
+        assert (
+            stored.get_output_embeddings().parametrizations.weight.original
+            is stored.get_input_embeddings().parametrizations.weight.original
+        )
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        out, want, exact = stored(input_ids=ids).logits, rounded(input_ids=ids).logits, model(input_ids=ids).logits
+    assert out.dtype == torch.float32 and torch.equal(out, want)
+    assert 0 < (out - exact).abs().max() < 0.05  # the rounding moves the logits a little, not far
+    # Storage as wide as the compute dtype is a plain cast: nothing to widen.
+    assert "compute_dtype" not in placement(frozen(tiny_spec.load_model(), torch.float32, torch.float32))

@@ -176,6 +176,9 @@ def test_ppo_stage_end_to_end(make_cfg, tmp_path):
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["iter-00002", "iter-00004"]
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 4
+    # The ref keeps bf16 weights (ppo.frozen_dtype) and the actor starts from the same rounded ones: no KL at the
+    # start beyond float rounding (with the SFT weights unrounded, this tiny model's reads ~1e-3).
+    assert abs(history[0]["ppo/train/kl"]) < 1e-4 and abs(history[-1]["ppo/train/kl"]) > 1e-4
     for key in (
         "reward",
         "kl",

@@ -51,7 +51,7 @@ from cai.losses import (
     whiten,
 )
 from cai.metrics import boilerplate_rate, refusal_rate
-from cai.models import placement, resolve_dtype
+from cai.models import DTYPES, frozen, placement, resolve_dtype
 from cai.reward import PreferenceModel, pm_reward
 from cai.rl import Critic, CriticModel, Experience, RewardFn, Rollout, ValueHead, batch_rollouts, response_logprobs
 from cai.stages import Context, Stage
@@ -68,6 +68,7 @@ from cai.training import (
 
 log = logging.getLogger(__name__)
 VALUE_MODELS = ("head", "critic")
+FROZEN_DTYPES = ("bfloat16", "float32")
 VLLM = "cai.generation.vllm.VLLMGenerator"
 
 
@@ -88,12 +89,19 @@ class PPOModule(L.LightningModule):
         snapshot_dir: Path | None = None,
         engine: Generator | None = None,
         ref_dtype: torch.dtype | None = None,
+        frozen_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.actor = actor  # float32 master weights (AdamW); bf16 compute comes from the trainer's autocast
-        # The frozen SFT for the KL penalty: never trained, so it may sit in the inference dtype (bf16 on a GPU).
-        self.ref = copy.deepcopy(actor).to(ref_dtype or next(actor.parameters()).dtype).eval().requires_grad_(False)
+        # The frozen SFT for the KL penalty: never trained, so it runs in the inference dtype (bf16 on a
+        # GPU), with its weights stored in frozen_dtype (`ppo.frozen_dtype`: bf16 halves them on a CPU too).
+        ref_dtype = ref_dtype or next(actor.parameters()).dtype
+        storage = frozen_dtype or ref_dtype
+        with torch.no_grad():  # the actor starts exactly where the ref is: from SFT's weights as `storage` holds them
+            for p in actor.parameters():  # (a no-op on a GPU, where SFT saved bf16 weights)
+                p.copy_(p.to(storage))
+        self.ref = frozen(copy.deepcopy(actor), storage, ref_dtype)
         self.critic = critic if critic is not None else ValueHead(actor.config.hidden_size)
         self.tok = tokenizer
         self.reward_fn = reward_fn
@@ -300,6 +308,7 @@ def train_prompts(cfg: DictConfig) -> list[list[Message]]:
 
 def check(cfg: DictConfig) -> None:
     check_choice("ppo.value_model", cfg.ppo.value_model, VALUE_MODELS)
+    check_choice("ppo.frozen_dtype", cfg.ppo.frozen_dtype, FROZEN_DTYPES)
 
 
 def build(ctx: Context) -> dict | None:
@@ -312,14 +321,14 @@ def build(ctx: Context) -> dict | None:
     critic_start = cfg.ppo.value_model == "critic"
     pm, pm_tok = PreferenceModel.load(ctx.upstream["pm"].model_dir, dtype=torch.float32 if critic_start else None)
     critic = CriticModel(copy.deepcopy(pm.backbone), copy.deepcopy(pm.head)) if critic_start else None
-    pm.to(resolve_dtype("auto"))
-    reward_fn = pm_reward(pm.requires_grad_(False), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
+    frozen_dtype = DTYPES[cfg.ppo.frozen_dtype]
+    reward_fn = pm_reward(frozen(pm, frozen_dtype, resolve_dtype("auto")), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
     L.seed_everything(cfg.seed, verbose=False)
     args = (actor, tok, reward_fn, train_prompts(cfg), cfg.ppo, cfg.seed, critic, cfg.generation.batch_size, ctx.tracker)
     # generation=vllm: one engine for the run (on a GPU it shares the device with the trainer, within
     # generation.gpu_memory_utilization); the actor's weights are pushed into it before every rollout.
     engine = instantiate(cfg.generation, model=spec) if cfg.generation._target_ == VLLM else None
-    module = PPOModule(*args, snapshot_dir=out.path / "snapshots", engine=engine, ref_dtype=spec.torch_dtype)
+    module = PPOModule(*args, snapshot_dir=out.path / "snapshots", engine=engine, ref_dtype=spec.torch_dtype, frozen_dtype=frozen_dtype)
     t0 = time.perf_counter()
     strategy, logger = instantiate(cfg.strategy), ctx.tracker.lightning_logger()
     try:
