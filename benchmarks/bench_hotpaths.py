@@ -7,10 +7,12 @@ runs twice on the same inputs: with the code as it is, and with a baseline that 
 issue 16, swapped in by this script (not kept in the package):
 
 - the eval judge: the feedback model judges ROOT's eval answers, every pair of snapshots on every
-  prompt, both orders, through `cai.arena.verdicts_for` with an empty verdict cache. Baseline: each
-  batch of questions as one left-padded forward over every position, full-vocabulary logits.
-  Now: questions sorted by their tokens, each batch's common prefix run once (KV cache), the LM
-  head at the last token only. Prints comparisons/s and how far the verdicts moved.
+  prompt, both orders, through `cai.arena.verdicts_for` with an empty verdict cache. Baseline:
+  questions sorted by length in steps of 4 batches, fixed batches, each one left-padded forward
+  over every position with full-vocabulary logits. Now: questions sorted by their tokens in steps
+  of 16 batches, batches cut where neighbours share least (one prompt's questions together), each
+  batch's shared stretches run once (KV cache), the LM head at the last token only. Prints
+  comparisons/s and how far the verdicts moved.
 - PPO scoring (`PPOModule.make_experience`: PM reward, actor log-probs and values, ref log-probs,
   GAE) on one batch of rollouts from ROOT's SFT policy, against ROOT's PM. Baseline: log-probs from
   the full (B, L, V) logits. Now: the LM head and log-softmax on response positions only.
@@ -38,11 +40,20 @@ from cai.stages.ppo import PPOModule, train_prompts
 from cai.training import pad
 
 
-def baseline_next_token_logits(model, rows, pad_id):
-    """Before: one left-padded forward per batch, logits at every position, the last column kept."""
-    device = next(model.parameters()).device
-    ids, mask = pad(rows, pad_id, side="left")
-    return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1, :]
+def baseline_letter_probs(self, texts):
+    """Before: questions sorted by length, fixed batches, one left-padded forward each, logits at every position."""
+    encoded = [self._ids(t) for t in texts]
+    device = next(self.model.parameters()).device
+    out = [0.0] * len(texts)
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i][0]))
+    for start in range(0, len(order), self.batch_size):
+        idx = order[start : start + self.batch_size]
+        ids, mask = pad([encoded[i][0] for i in idx], self.tok.pad_token_id, side="left")
+        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1, :].float()
+        self.forward_passes += len(idx)
+        for row, i in enumerate(idx):
+            out[i] = torch.sigmoid(logits[row, encoded[i][1]] - logits[row, encoded[i][2]]).item()
+    return out
 
 
 def baseline_response_logprobs(model, batch, with_entropy=False, entropy_grad=True):
@@ -77,7 +88,8 @@ def bench_judge(root: Path, n: int) -> None:
     answers_file = root / "artifacts" / "eval" / "latest" / "answers.jsonl"
     runs = {}
     for name in ("baseline", "now"):
-        cai.labels.next_token_logits = baseline_next_token_logits if name == "baseline" else NOW_NEXT_TOKEN_LOGITS
+        cai.labels.Labeller.letter_probs = baseline_letter_probs if name == "baseline" else NOW_LETTER_PROBS
+        cai.labels.STEP_BATCHES = 4 if name == "baseline" else NOW_STEP_BATCHES  # questions sorted together: 4 batches' worth before
         seconds, verdicts = judge(compose_cfg(root, tempfile.mkdtemp(prefix="cai-judge-")), answers_file, n)
         runs[name] = (seconds, verdicts)
         ties = sum(v == 0.5 for v in verdicts.values())
@@ -85,7 +97,7 @@ def bench_judge(root: Path, n: int) -> None:
             f"judge {name:8s}: {len(verdicts) - ties} comparisons judged in {seconds:.1f} s = {(len(verdicts) - ties) / seconds:.2f} comparisons/s",
             flush=True,
         )
-    cai.labels.next_token_logits = NOW_NEXT_TOKEN_LOGITS
+    cai.labels.Labeller.letter_probs, cai.labels.STEP_BATCHES = NOW_LETTER_PROBS, NOW_STEP_BATCHES
     (t0, v0), (t1, v1) = runs["baseline"], runs["now"]
     moved = max(abs(v0[k] - v1[k]) for k in v0)
     flipped = sum((v0[k] > 0.5) != (v1[k] > 0.5) for k in v0)
@@ -119,7 +131,7 @@ def bench_scoring(root: Path, repeats: int) -> None:
     print(f"ppo scoring speed-up {best['baseline'] / best['now']:.2f}x; log-probs and advantages differ by at most {diff:.2e}")
 
 
-NOW_NEXT_TOKEN_LOGITS = cai.labels.next_token_logits
+NOW_LETTER_PROBS, NOW_STEP_BATCHES = cai.labels.Labeller.letter_probs, cai.labels.STEP_BATCHES
 NOW_RESPONSE_LOGPROBS = cai.stages.ppo.response_logprobs
 
 

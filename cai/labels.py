@@ -115,6 +115,30 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
+STEP_BATCHES = 16  # batches' worth of questions sorted and batched together: several whole prompts' worth
+
+
+def prefix_batches(rows: Sequence[Sequence[int]], size: int) -> list[list[int]]:
+    """Sorted rows cut into batches of at most `size` consecutive rows, where neighbours share least.
+
+    A batch's shared stretches run once (`next_token_logits`), so a batch should hold one prompt's
+    questions rather than the end of one and the start of the next: a run longer than `size` is cut
+    at its weakest link (neighbours sharing the fewest leading tokens, within MIN_SHARED_PREFIX of
+    the fewest), choosing among those cuts the one that leaves the fewest batches, then the most even.
+    """
+    links = [common_prefix_length([a, b]) for a, b in zip(rows, rows[1:])]  # links[k - 1]: rows k - 1 and k
+
+    def split(lo: int, hi: int) -> list[list[int]]:
+        if hi - lo <= size:
+            return [list(range(lo, hi))]
+        weakest = min(links[lo : hi - 1])
+        cuts = [k for k in range(lo + 1, hi) if links[k - 1] < weakest + MIN_SHARED_PREFIX]
+        k = min(cuts, key=lambda k: (-(-(k - lo) // size) - (-(hi - k) // size), abs(2 * k - lo - hi)))
+        return split(lo, k) + split(k, hi)
+
+    return split(0, len(rows)) if rows else []
+
+
 def cache_argument(model: torch.nn.Module) -> str:
     """The forward argument that takes a KV cache: `cache` from transformers 5.20, `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
@@ -263,13 +287,14 @@ class Labeller:
         """P('A') / (P('A') + P('B')) at the next token after each text, batched.
 
         Texts are sorted by their tokens, so questions that start alike (the template, the same
-        conversation, the same answer A) share a batch, whose common prefix runs once.
+        conversation, the same answer A) are neighbours, and batches are cut where neighbours share
+        least (`prefix_batches`): a batch holds one prompt's questions, whose shared stretches run once.
         """
         encoded = [self._ids(t) for t in texts]
         out: list[float] = [0.0] * len(texts)
         order = sorted(range(len(texts)), key=lambda i: encoded[i][0])
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        for batch in prefix_batches([encoded[i][0] for i in order], self.batch_size):
+            idx = [order[k] for k in batch]
             logits = next_token_logits(self.model, [encoded[i][0] for i in idx], self.tok.pad_token_id).float()  # (B, V)
             self.forward_passes += len(idx)
             for row, i in enumerate(idx):
@@ -376,8 +401,8 @@ class Labeller:
                         question = WORSE_TEMPLATE.format(question=p.question) if ask == "worse" else p.question
                         questions.append((item.conversation, question, a, b))
         probs: list[float] = []
-        step = max(1, self.batch_size * 4)
-        for start in tqdm(range(0, len(questions), step), desc=desc, unit="batch", leave=False):
+        step = max(1, self.batch_size * STEP_BATCHES)
+        for start in tqdm(range(0, len(questions), step), desc=desc, unit="step", leave=False):
             probs += self.letter_probs(self.question_texts(questions[start : start + step]))
         per_item: list[dict[str, list[float]]] = [{} for _ in items]
         for (n, pid, swapped, ask), p_letter in zip(keys, probs):

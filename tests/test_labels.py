@@ -124,6 +124,19 @@ def test_shared_prefix_logits_equal_one_plain_forward_per_row(tiny_spec):
             assert used["forward_tokens"] < sum(map(len, batch)) / 2, used
 
 
+def test_batches_are_cut_where_sorted_questions_share_least():
+    """One prompt's questions share a batch, split between its answer-A groups, not at fixed windows."""
+    from cai.labels import prefix_batches
+
+    p1, p2, a, b = [1] * 20, [2] * 20, [5] * 20, [6] * 20  # two conversations; two answers put first
+    rows = [p1 + a + [7], p1 + a + [8], p1 + a + [9], p1 + b + [7], p1 + b + [8], p1 + b + [9], p2 + [3], p2 + [4]]
+    assert prefix_batches(rows, 4) == [[0, 1, 2], [3, 4, 5], [6, 7]]  # fixed windows: [0-3], [4-7]
+    assert prefix_batches(rows, 8) == [list(range(8))]
+    # Nothing to choose between: the fewest batches, as even as they come.
+    assert prefix_batches([[k] for k in range(10)], 4) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert prefix_batches([], 4) == []
+
+
 def test_likelihood_labels_score_each_answer_as_one_unbatched_forward_does(tiny_spec):
     """Batched, padded scoring equals a plain forward over one chat at a time; the cost is 2 (4) passes a principle."""
     model, tok = tiny_spec.load_model(), tiny_spec.load_tokenizer()
