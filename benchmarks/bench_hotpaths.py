@@ -1,6 +1,6 @@
-"""The main job's two hot paths, before and after issue 16, measured in one run on the same machine.
+"""The main job's hot paths (the judge, PPO scoring), before and after issue 16, measured in one run on the same machine.
 
-    python benchmarks/bench_hotpaths.py ROOT [--judge-n 0] [--ppo-repeats 3]
+    python benchmarks/bench_hotpaths.py ROOT [--judge-n 0] [--ppo-repeats 2] [--ppo-iterations 2]
 
 ROOT is the `paths.root` of a finished main job (`python benchmarks/bench_main.py ROOT`). Each path
 runs twice on the same inputs: with the code as it is, and with a baseline that is the code before
@@ -15,7 +15,11 @@ issue 16, swapped in by this script (not kept in the package):
   comparisons/s and how far the verdicts moved.
 - PPO scoring (`PPOModule.make_experience`: PM reward, actor log-probs and values, ref log-probs,
   GAE) on one batch of rollouts from ROOT's SFT policy, against ROOT's PM. Baseline: log-probs from
-  the full (B, L, V) logits. Now: the LM head and log-softmax on response positions only.
+  the full (B, L, V) logits, float32 ref and PM. Now: the LM head and log-softmax on response
+  positions only, the ref and PM stored in `ppo.frozen_dtype` (bf16).
+- a PPO iteration's scoring + update (`train_ppo`, a few iterations per run), with the update's
+  forward also serving as the sampling-time log-probs and values (`PPOModule.one_step`, the
+  quickstart's one step per iteration) and without (a separate no-grad actor forward in scoring).
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ import cai.labels
 import cai.stages.ppo
 from cai import arena
 from cai.losses import logprobs_and_entropy
+from cai.models import DTYPES, frozen
 from cai.reward import PreferenceModel, pm_reward
-from cai.stages.ppo import PPOModule, train_prompts
+from cai.stages.ppo import PPOModule, train_ppo, train_prompts
 from cai.training import pad
 
 
@@ -104,21 +109,29 @@ def bench_judge(root: Path, n: int) -> None:
     print(f"judge speed-up {t0 / t1:.2f}x; verdicts moved by at most {moved:.2e}, {flipped} of {len(v0)} changed side")
 
 
-def bench_scoring(root: Path, repeats: int) -> None:
-    cfg = compose_cfg(root, str(root / "artifacts"))
+def ppo_module(root: Path, cfg, frozen_dtype: torch.dtype | None) -> PPOModule:
+    """A PPOModule on ROOT's SFT policy and PM, built as the ppo stage builds it (frozen_dtype: its ref and PM's storage)."""
     sft, pm_dir = root / "artifacts" / "sft" / "latest" / "model", root / "artifacts" / "pm" / "latest" / "model"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     actor, tok = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32), AutoTokenizer.from_pretrained(sft)
     pm, pm_tok = PreferenceModel.load(pm_dir)
-    reward = pm_reward(pm.requires_grad_(False), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
-    module = PPOModule(actor, tok, reward, train_prompts(cfg), cfg.ppo, cfg.seed, generation_batch_size=cfg.generation.batch_size)
-    conversations, completions = module.rollout(0)
+    reward = pm_reward(frozen(pm, frozen_dtype or torch.float32, torch.float32), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
+    args = (actor.train(), tok, reward, train_prompts(cfg), cfg.ppo, cfg.seed)
+    return PPOModule(*args, generation_batch_size=cfg.generation.batch_size, frozen_dtype=frozen_dtype)
+
+
+def bench_scoring(root: Path, repeats: int) -> None:
+    """make_experience: pre-issue-16 log-probs with a float32 ref and PM, against the stage's (bf16-stored ref and PM)."""
+    cfg = compose_cfg(root, str(root / "artifacts"))
+    modules = {"baseline": ppo_module(root, cfg, None), "now": ppo_module(root, cfg, DTYPES[cfg.ppo.frozen_dtype])}
+    conversations, completions = modules["now"].rollout(0)
+    batch = modules["now"].rollout_batch(completions)
     out = {}
     for name in ("baseline", "now", "baseline", "now")[: 2 * max(1, repeats)]:
         cai.stages.ppo.response_logprobs = baseline_response_logprobs if name == "baseline" else NOW_RESPONSE_LOGPROBS
         t = time.perf_counter()
-        exp = module.make_experience(conversations, completions)
+        exp = modules[name].make_experience(conversations, completions, batch)
         out.setdefault(name, []).append((time.perf_counter() - t, exp))
     cai.stages.ppo.response_logprobs = NOW_RESPONSE_LOGPROBS
     tokens = exp.batch["input_ids"].numel()
@@ -131,8 +144,26 @@ def bench_scoring(root: Path, repeats: int) -> None:
     print(f"ppo scoring speed-up {best['baseline'] / best['now']:.2f}x; log-probs and advantages differ by at most {diff:.2e}")
 
 
+def bench_iteration(root: Path, iterations: int) -> None:
+    """A PPO iteration's scoring + update, with the update's forward reused for scoring (`one_step`) and without."""
+    cfg = compose_cfg(root, str(root / "artifacts"))
+    per_iteration: dict[str, list[float]] = {}
+    for name, reuse in (("two actor forwards", False), ("one, reused", True)) * 2:
+        module = ppo_module(root, cfg, DTYPES[cfg.ppo.frozen_dtype])
+        PPOModule.one_step = property(lambda self, reuse=reuse: reuse and NOW_ONE_STEP.fget(self))
+        train_ppo(module, iterations, Path(tempfile.mkdtemp(prefix="cai-ppo-")), 0, cfg)
+        seconds = [h["ppo/time/scoring_s"] + h["ppo/time/update_s"] for h in module.history]
+        per_iteration.setdefault(name, []).append(sum(seconds) / len(seconds))
+    PPOModule.one_step = NOW_ONE_STEP
+    for name, runs in per_iteration.items():
+        print(f"ppo scoring + update, {name:18s}: {min(runs):.2f} s per iteration (best of {len(runs)} runs of {iterations})")
+    two, one = (min(v) for v in per_iteration.values())
+    print(f"ppo scoring + update speed-up from reusing the update's forward: {two / one:.2f}x")
+
+
 NOW_LETTER_PROBS, NOW_STEP_BATCHES = cai.labels.Labeller.letter_probs, cai.labels.STEP_BATCHES
 NOW_RESPONSE_LOGPROBS = cai.stages.ppo.response_logprobs
+NOW_ONE_STEP = PPOModule.one_step
 
 
 def main() -> None:
@@ -140,9 +171,11 @@ def main() -> None:
     ap.add_argument("root", type=Path)
     ap.add_argument("--judge-n", type=int, default=0, help="prompts judged (0 = all of the eval's)")
     ap.add_argument("--ppo-repeats", type=int, default=2, help="timed make_experience calls per variant (the best counts)")
+    ap.add_argument("--ppo-iterations", type=int, default=2, help="PPO iterations per run of the reuse comparison")
     args = ap.parse_args()
     torch.manual_seed(0)
     bench_scoring(args.root.resolve(), args.ppo_repeats)
+    bench_iteration(args.root.resolve(), args.ppo_iterations)
     bench_judge(args.root.resolve(), args.judge_n)
 
 

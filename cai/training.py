@@ -145,7 +145,15 @@ class FileCheckpointIO(TorchCheckpointIO):
 
 
 class HeapTrim(L.Callback):
-    """Returns freed heap memory to the system after every training batch (cai.usage.trim_heap), so RSS stays flat."""
+    """Returns freed heap memory to the system (cai.usage.trim_heap), so RSS stays flat.
+
+    Before every backward (manual_backward included) too: a forward leaves up to ~1 GB of freed
+    temporaries in glibc's heap (a PPO step on the embedded model), which backward would stack its
+    gradients on; trimmed, the step's peak fell by ~0.4 GB.
+    """
+
+    def on_before_backward(self, trainer, module, loss) -> None:
+        trim_heap()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         trim_heap()

@@ -122,6 +122,34 @@ def test_the_separate_critic_trains_and_the_reward_model_stays_frozen(tiny_spec)
     assert all(math.isfinite(h["ppo/train/value_loss"]) for h in module.history)
 
 
+def test_one_step_iterations_reuse_the_update_forward_and_train_alike(tiny_spec, monkeypatch):
+    """With one PPO step per iteration (one epoch, one minibatch), the update's forward is also the
+    sampling-time log-probs and values: the actor runs once per iteration, and training is unchanged."""
+    calls = []
+    forward = PPOModule.actor_forward
+    monkeypatch.setattr(PPOModule, "actor_forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+
+    def trained(reuse: bool) -> PPOModule:
+        monkeypatch.setattr(PPOModule, "one_step", property(lambda self: reuse))
+        reward = lambda convs, completions: [len(c.token_ids) / 8 + (c.token_ids[0] % 7) / 7 for c in completions]  # noqa: E731
+        cfg = ppo_cfg(rollouts=8, minibatch_size=8, ppo_epochs=1)
+        module = PPOModule(tiny_spec.load_model().train(), tiny_spec.load_tokenizer(), reward, PROMPTS, cfg, seed=5)
+        calls.clear()
+        train_ppo(module, 3, "unused", 0, TRAINER)
+        assert len(calls) == 3 * (1 if reuse else 2)
+        return module
+
+    reused, apart = trained(True), trained(False)
+    for a, b in zip(reused.history, apart.history):
+        for key in ("reward", "kl", "policy_loss", "value_loss", "clipfrac"):
+            assert a[f"ppo/train/{key}"] == pytest.approx(b[f"ppo/train/{key}"], abs=1e-5), key
+    # The same steps up to float rounding, which AdamW can scale up where a gradient is ~0: within 1/10 of one lr=1e-3 step.
+    for (name, p), q in zip(reused.actor.named_parameters(), apart.actor.parameters()):
+        assert torch.allclose(p, q, atol=1e-4), name
+    monkeypatch.undo()  # the real rule: one epoch and a minibatch of every rollout
+    assert reused.one_step and not PPOModule(tiny_spec.load_model(), tiny_spec.load_tokenizer(), None, PROMPTS, ppo_cfg(), 0).one_step
+
+
 def test_resume_equals_an_uninterrupted_run(tiny_spec, tmp_path):
     def module():
         def reward(convs, completions):

@@ -14,7 +14,8 @@ iteration, the optimizer state and (through on_save_checkpoint) the KL controlle
   2. score: PM reward (whitened, clipped) minus beta * KL(actor || ref) per token;
   3. GAE advantages and returns;
   4. `ppo.ppo_epochs` passes of minibatch updates on the clipped policy loss + clipped value loss
-     (+ optional entropy bonus);
+     (+ optional entropy bonus); when that is one step on every rollout (`one_step`), the step's
+     forward, run before scoring, also gives the sampling-time log-probs and values;
   5. log `ppo/train/*`, every `ppo.table_every` iterations a table of rollouts, and every
      `ppo.snapshot_every` iterations a snapshot of the policy for the eval stage.
 `training_step` reads as those calls: rollout, make_experience, update, log_iteration.
@@ -135,9 +136,14 @@ class PPOModule(L.LightningModule):
         t0 = time.perf_counter()
         conversations, completions = self.rollout(iteration)
         t1 = time.perf_counter()
-        experience = self.make_experience(conversations, completions)
+        batch = self.rollout_batch(completions)
+        # One PPO step on the whole batch (ppo_epochs=1, one minibatch, as in the quickstart): that
+        # step's forward is also the sampling-time log-probs and values (the same weights), so the
+        # actor runs once per iteration, not twice. Its graph is kept until the update.
+        shared = self.actor_forward(batch) if self.one_step else None
+        experience = self.make_experience(conversations, completions, batch, shared)
         t2 = time.perf_counter()
-        stats = self.update(experience, iteration)
+        stats = self.update(experience, iteration, shared)
         t3 = time.perf_counter()
         times = {"generation_s": t1 - t0, "scoring_s": t2 - t1, "update_s": t3 - t2}
         self.log_iteration(iteration, conversations, completions, experience, stats, times)
@@ -159,16 +165,30 @@ class PPOModule(L.LightningModule):
         self.rollout_digest = fingerprint([[c[-1]["content"], o.text] for c, o in zip(conversations, completions)])
         return conversations, completions
 
-    @torch.no_grad()
-    def make_experience(self, conversations: list[list[Message]], completions: list[Completion]) -> Experience:
-        """Score the rollouts: PM reward (whitened, clipped) minus beta * KL per token, then GAE."""
-        cfg = self.cfg
-        scores = torch.tensor(self.reward_fn(conversations, completions), dtype=torch.float32)  # (B,)
+    @property
+    def one_step(self) -> bool:
+        """True when an iteration's update is one step on all its rollouts (one PPO epoch, one minibatch)."""
+        return self.cfg.ppo_epochs == 1 and self.cfg.minibatch_size >= self.cfg.rollouts
+
+    def rollout_batch(self, completions: list[Completion]) -> dict[str, torch.Tensor]:
+        """The rollouts as one right-padded batch on this rank's device (`batch_rollouts`)."""
         responses = [c.token_ids if c.token_ids else [self.tok.eos_token_id] for c in completions]
         prompts = [c.prompt_token_ids for c in completions]
-        batch = {k: v.to(self.device) for k, v in batch_rollouts(prompts, responses, self.tok.pad_token_id).items()}
+        return {k: v.to(self.device) for k, v in batch_rollouts(prompts, responses, self.tok.pad_token_id).items()}
+
+    @torch.no_grad()
+    def make_experience(
+        self, conversations: list[list[Message]], completions: list[Completion], batch: dict[str, torch.Tensor], actor_out=None
+    ) -> Experience:
+        """Score the rollouts: PM reward (whitened, clipped) minus beta * KL per token, then GAE.
+
+        actor_out: the actor's (logp, entropy, values) on `batch` when the update's forward ran already.
+        """
+        cfg = self.cfg
+        scores = torch.tensor(self.reward_fn(conversations, completions), dtype=torch.float32)  # (B,)
         mask = batch["action_mask"]  # (B, L-1)
-        old_logp, _, old_values = self.actor_forward(batch, with_entropy=False)
+        old_logp, _, old_values = actor_out if actor_out is not None else self.actor_forward(batch, with_entropy=False)
+        old_logp, old_values = old_logp.detach(), old_values.detach()
         ref_logp = response_logprobs(self.ref, batch)[0]
         kl = kl_estimate(old_logp, ref_logp, "k1") * mask  # (B, L-1)
         shaped = scores.to(self.device)
@@ -179,8 +199,11 @@ class PPOModule(L.LightningModule):
         advantages, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
         return Experience(batch, old_logp, old_values, kl, whiten(advantages, mask), returns, scores)
 
-    def update(self, experience: Experience, iteration: int) -> dict[str, float]:
-        """`ppo.ppo_epochs` passes of minibatch steps on the clipped policy + clipped value loss (+ entropy bonus)."""
+    def update(self, experience: Experience, iteration: int, actor_out=None) -> dict[str, float]:
+        """`ppo.ppo_epochs` passes of minibatch steps on the clipped policy + clipped value loss (+ entropy bonus).
+
+        actor_out: the actor's (logp, entropy, values) on the whole batch, with their graph, for the one step of `one_step`.
+        """
         cfg, opt = self.cfg, self.optimizers()
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")}
         rng = random.Random(f"{self.seed}/ppo/{iteration}/minibatches")
@@ -189,9 +212,12 @@ class PPOModule(L.LightningModule):
             order = list(range(n))
             rng.shuffle(order)
             for start in range(0, n, cfg.minibatch_size):
-                minibatch = experience.minibatch(torch.tensor(order[start : start + cfg.minibatch_size], device=self.device))
+                if actor_out is not None:  # the one step, on every rollout: its forward ran before scoring
+                    minibatch, (logp, entropy, values) = experience, actor_out
+                else:
+                    minibatch = experience.minibatch(torch.tensor(order[start : start + cfg.minibatch_size], device=self.device))
+                    logp, entropy, values = self.actor_forward(minibatch.batch)
                 mask = minibatch.mask
-                logp, entropy, values = self.actor_forward(minibatch.batch)
                 policy_loss, info = ppo_policy_loss(logp, minibatch.old_logp, minibatch.advantages, mask, cfg.clip_range)
                 critic_loss = value_loss(values, minibatch.old_values, minibatch.returns, mask, cfg.value_clip)
                 mean_entropy = masked_mean(entropy, mask)
