@@ -140,8 +140,13 @@ def bench_scoring(root: Path, repeats: int) -> None:
         print(f"ppo scoring {name:8s}: {s:.2f} s for {len(completions)} rollouts ({tokens} padded tokens), best of {len(out[name])}")
     e0, e1 = out["baseline"][-1][1], out["now"][-1][1]
     mask = e0.mask.bool()
-    diff = max(float((e0.old_logp - e1.old_logp)[mask].abs().max()), float((e0.advantages - e1.advantages)[mask].abs().max()))
-    print(f"ppo scoring speed-up {best['baseline'] / best['now']:.2f}x; log-probs and advantages differ by at most {diff:.2e}")
+    logp = float((e0.old_logp - e1.old_logp)[mask].abs().max())
+    scores = float((e0.scores - e1.scores).abs().max())  # the PM's bf16 weights move its scores (and so the advantages)
+    kl = float((e0.kl - e1.kl).sum(1).abs().max())
+    print(
+        f"ppo scoring speed-up {best['baseline'] / best['now']:.2f}x; actor log-probs differ by at most {logp:.2e}, "
+        f"PM scores by {scores:.3f} (std {float(e0.scores.std()):.3f}), KL per answer by {kl:.3f} nats"
+    )
 
 
 def bench_iteration(root: Path, iterations: int) -> None:

@@ -10,7 +10,7 @@ and wall times:
 - a human-label PM: `label=human` on the tune half, then `stage=pm pm.trainable=head` (frozen
   backbone), scored with `pm.eval_data` = the report half;
 - an AI-labelled PM: the same, on the tune half ordered by the feedback model's choice: debiased soft
-  labels, or `--label-kind likelihood|contrastive`.
+  labels, or `--label-kind likelihood|contrastive` (with `--reduce sum`: summed token log-likelihoods).
 With --all, the human-label PM is trained again with `pm.trainable=all`: the accuracy that the frozen
 backbone costs and the training time it saves, on the same data.
 PMs are trained through `python train.py`, in ROOT (a temp dir unless given).
@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--all", action="store_true", help="also train the human-label PM with pm.trainable=all (slow)")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--label-kind", default="soft", help="the labeller of the AI-labelled PM: soft (debiased), likelihood or contrastive")
+    ap.add_argument(
+        "--reduce", default="mean", help="likelihood kinds: an answer's score is the mean or the sum of its token log-likelihoods"
+    )
     ap.add_argument("--skip-judge", action="store_true", help="skip the feedback-model judge (it does not depend on --label-kind)")
     args = ap.parse_args()
     root = Path(args.root or tempfile.mkdtemp(prefix="cai-judges-")).resolve()
@@ -108,8 +111,8 @@ def main() -> None:
 
     t = time.perf_counter()
     if args.label_kind != "soft":  # the tuning half labelled by another kind (cai/labels.py), the same question
-        labeller = Labeller(labeller.model, labeller.tok, args.label_kind, debias=False, batch_size=8)
-    results["label_kind"] = args.label_kind
+        labeller = Labeller(labeller.model, labeller.tok, args.label_kind, debias=False, batch_size=8, reduce=args.reduce)
+    results["label_kind"], results["reduce"] = args.label_kind, args.reduce
     ai = labeller.label([Item(c.conversation, c.chosen, c.rejected, question) for c in tune], desc="AI labels")
     ai_seconds = time.perf_counter() - t
     ai_file = write_hh(files / "tune-ai.jsonl.gz", tune, flip=[r["p_a"] < 0.5 for r in ai])
@@ -117,7 +120,7 @@ def main() -> None:
     human_file = write_hh(files / "tune-human.jsonl.gz", tune)
     runs = (
         ("human-label PM (head)", human_file, 0.0, "head"),
-        (f"AI-labelled PM (head, {args.label_kind})", ai_file, ai_seconds, "head"),
+        (f"AI-labelled PM (head, {args.label_kind}{', sum' if args.reduce == 'sum' else ''})", ai_file, ai_seconds, "head"),
         ("human-label PM (all)", human_file, 0.0, "all"),
     )
     for name, data, extra, trainable in runs[: None if args.all else 2]:

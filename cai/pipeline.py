@@ -204,12 +204,16 @@ def declare_use(tracker: Tracker, name: str, path: Path) -> None:
 
 
 def ran_on(models: dict | None) -> str:
-    """Where a stage's models ran: 'cuda:0 bfloat16', or per group ('cuda:0 float32: actor, critic; ...'), then the precision."""
+    """Where a stage's models ran: 'cuda:0 bfloat16', or per group ('cuda:0 float32: actor, critic; ...'), then the precision.
+
+    Weights stored narrower than they compute (PPO's frozen ref and reward on a CPU) read 'cpu bfloat16 weights in float32'.
+    """
     if not models:
         return ""
     groups: dict[str, list[str]] = {}
     for name, m in models.items():
-        groups.setdefault(f"{m['device']} {m['dtype']}", []).append(name)
+        compute = f" weights in {m['compute_dtype']}" if m.get("compute_dtype") else ""
+        groups.setdefault(f"{m['device']} {m['dtype']}{compute}", []).append(name)
     text = next(iter(groups)) if len(groups) == 1 else "; ".join(f"{w}: {', '.join(names)}" for w, names in groups.items())
     precision = sorted({m["precision"] for m in models.values() if m.get("precision")})
     return text + (f" ({', '.join(precision)})" if precision else "")

@@ -100,6 +100,7 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
         assert all(m["dtype"] == "float32" and "compute_dtype" not in m for r, m in models.items() if r not in frozen), models
         assert all(models[r]["dtype"] == "bfloat16" and models[r]["compute_dtype"] == "float32" for r in frozen), models
     assert all(s["ran_on"].startswith("cpu float32") for s in summaries)
+    assert "cpu bfloat16 weights in float32: ref, reward" in next(s["ran_on"] for s in summaries if s["stage"] == "ppo")
 
     # A second run is all cached: no stage recomputes, no question is put to the judge again.
     again = run(cfg)
