@@ -140,11 +140,11 @@ def bench_scoring(root: Path, repeats: int) -> None:
         print(f"ppo scoring {name:8s}: {s:.2f} s for {len(completions)} rollouts ({tokens} padded tokens), best of {len(out[name])}")
     e0, e1 = out["baseline"][-1][1], out["now"][-1][1]
     mask = e0.mask.bool()
-    logp = float((e0.old_logp - e1.old_logp)[mask].abs().max())
+    logp, logp_mean = float((e0.old_logp - e1.old_logp)[mask].abs().max()), float((e0.old_logp - e1.old_logp)[mask].abs().mean())
     scores = float((e0.scores - e1.scores).abs().max())  # the PM's bf16 weights move its scores (and so the advantages)
     kl = float((e0.kl - e1.kl).sum(1).abs().max())
     print(
-        f"ppo scoring speed-up {best['baseline'] / best['now']:.2f}x; actor log-probs differ by at most {logp:.2e}, "
+        f"ppo scoring speed-up {best['baseline'] / best['now']:.2f}x; actor log-probs differ by at most {logp:.2e} (mean {logp_mean:.1e}), "
         f"PM scores by {scores:.3f} (std {float(e0.scores.std()):.3f}), KL per answer by {kl:.3f} nats"
     )
 
