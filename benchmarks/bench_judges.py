@@ -98,7 +98,12 @@ def main() -> None:
     files.mkdir(parents=True, exist_ok=True)
     report_file = write_hh(files / "report.jsonl.gz", report)
     print(f"== judges on {len(report)} held-out comparisons of {args.data} (odd rows; the {len(tune)} even rows train the PMs)")
-    results = {"data": args.data, "split": "tune = rows 0, 2, 4, ...; report = rows 1, 3, 5, ...", "tune": len(tune), "report": len(report)}
+    results = {
+        "data": os.path.relpath(args.data, cai.ROOT),
+        "split": "tune = rows 0, 2, 4, ...; report = rows 1, 3, 5, ...",
+        "tune": len(tune),
+        "report": len(report),
+    }
 
     spec = ModelSpec(name="smollm2_135m", source="embedded", dtype="float32", cache=os.environ.get("CAI_CACHE", "~/.cache/cai"))
     labeller = Labeller(spec.load_model(), spec.load_tokenizer(), "soft", debias=True, batch_size=8)

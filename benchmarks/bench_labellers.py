@@ -86,7 +86,13 @@ def main() -> None:
     comps = read_hh_rlhf(args.data)
     tune, report = split_half(comps, "tune")[: args.n_tune or None], split_half(comps, "report")[: args.n_report or None]
     print(f"{len(comps)} comparisons: tuning on {len(tune)}, reporting on {len(report)}; principle {PRINCIPLE}", flush=True)
-    results: dict = {"data": args.data, "n_tune": len(tune), "n_report": len(report), "principle": PRINCIPLE, "methods": {}}
+    results: dict = {
+        "data": os.path.relpath(args.data, cai.ROOT),
+        "n_tune": len(tune),
+        "n_report": len(report),
+        "principle": PRINCIPLE,
+        "methods": {},
+    }
     # A reference that reads no model: the shorter answer wins. What a labeller must beat to show it reads more than length.
     shorter = {name: shorter_wins(half) for name, half in (("tune", tune), ("report", report))}
     results["shorter_answer"] = shorter
