@@ -234,3 +234,8 @@ def test_ppo_stage_end_to_end(make_cfg, tmp_path):
     assert stage_path(critic, "ppo") != out and "cached" not in summary["metric"]
     history = json.loads((stage_path(critic, "ppo") / "history.json").read_text())
     assert len(history) == 4 and all(math.isfinite(h["ppo/train/value_loss"]) for h in history)
+    # ppo.frozen_dtype=float32 keeps the ref and reward whole: no bf16 storage, no widening.
+    whole = make_cfg("stage=ppo", *small, *ppo, "ppo.frozen_dtype=float32")
+    run(whole)
+    models = json.loads((stage_path(whole, "ppo") / "manifest.json").read_text())["models"]
+    assert all(models[r]["dtype"] == "float32" and "compute_dtype" not in models[r] for r in ("ref", "reward")), models
