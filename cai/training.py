@@ -281,9 +281,7 @@ def fit(
         enable_model_summary=False,
         use_distributed_sampler=False,  # our batch samplers shard across ranks themselves
     )
-    # Every model in the module: the policy, the PM, PPO's actor and critic, and PPO's frozen ref, which
-    # runs in eval mode only, where transformers does not checkpoint (the flag is then inert).
-    for model in module.modules():
+    for model in module.modules():  # every model held, PPO's frozen ref too (inert there: it runs in eval mode)
         checkpoint_activations(model, bool(cfg.get("gradient_checkpointing", False)))
     args = trainer_args(cfg, ours, manual=not module.automatic_optimization)
     if isinstance(strategy, str) and not args.get("plugins"):  # 'auto' or 'ddp'; a DeepSpeedStrategy writes its own checkpoints
