@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Sampler
@@ -72,25 +73,28 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def adamw(params, lr: float) -> torch.optim.AdamW:
-    """AdamW without weight decay, fused where PyTorch has the kernel (CPU and CUDA).
+def adamw(params, lr: float, trainer: L.Trainer | None = None) -> torch.optim.AdamW:
+    """AdamW without weight decay, fused where PyTorch has the kernel (CPU and CUDA), unless the trainer is AMP.
 
     The fused step updates each parameter in one kernel; the default (foreach) one makes whole-model
     temporaries (a square root of every second moment), about a model's size at the step's peak.
-    Measured on the PM's step, 2 CPU cores: 7% faster and 0.16 GB lower peak.
+    Measured on the PM's step, 2 CPU cores: 7% faster and 0.16 GB lower peak. Under `*-mixed`
+    precision (a GPU's default) Lightning refuses to clip a fused optimizer's gradients (it cannot
+    unscale them first), and PPO always clips: the step is foreach there.
     """
     params = list(params)
-    fused = all(p.device.type in ("cpu", "cuda") for p in params if isinstance(p, torch.Tensor))
+    amp = trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision)
+    fused = not amp and all(p.device.type in ("cpu", "cuda") for p in params if isinstance(p, torch.Tensor))
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)
 
 
-def adamw_with_cosine(params, lr: float, warmup_ratio: float, total_steps: int, stage: str) -> dict:
-    """AdamW with linear warmup then cosine decay, stepped every optimizer step (Lightning's format).
+def adamw_with_cosine(params, lr: float, warmup_ratio: float, trainer: L.Trainer, stage: str) -> dict:
+    """AdamW with linear warmup then cosine decay over the trainer's steps, stepped every step (Lightning's format).
 
     The scheduler's name is the metric LearningRateMonitor logs: `<stage>/train/lr`.
     """
-    opt = adamw(params, lr)
-    total = max(1, total_steps)
+    opt = adamw(params, lr, trainer)
+    total = max(1, int(trainer.estimated_stepping_batches))
     warmup = int(warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warmup, total))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": f"{stage}/train/lr"}}

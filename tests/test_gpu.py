@@ -29,8 +29,10 @@ def test_sft_under_deepspeed(make_cfg, tmp_path, tiny_spec, strategy):
     assert not torch.equal(trained.state_dict()[w], start)
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
-def test_ppo_under_deepspeed(make_cfg, tmp_path, tiny_spec, strategy):
+# minibatch 4 of 8 rollouts: two steps, a separate scoring forward; 8: one step whose forward also scores.
+# The tiny model is float32, so the frozen ref stores bf16 weights widened per use (a parametrization) under DeepSpeed.
+@pytest.mark.parametrize("strategy,minibatch", [("deepspeed_zero2", 4), ("deepspeed_zero3", 4), ("deepspeed_zero3", 8)])
+def test_ppo_under_deepspeed(make_cfg, tmp_path, tiny_spec, strategy, minibatch):
     """PPO generates from gathered (never sharded) weights under ZeRO-3 and saves full tensors."""
     import json
 
@@ -39,7 +41,14 @@ def test_ppo_under_deepspeed(make_cfg, tmp_path, tiny_spec, strategy):
     small = (*SMALL, "data.n_helpful=4", "pairs.max_new_tokens=12")
     for stage in ("sl_data", "sft", "pairs", "label", "pm"):
         run(make_cfg(f"stage={stage}", *small))
-    ppo = ("ppo.iterations=2", "ppo.rollouts=8", "ppo.max_new_tokens=8", "ppo.minibatch_size=4", "ppo.lr=1e-3", "ppo.snapshot_every=1")
+    ppo = (
+        "ppo.iterations=2",
+        "ppo.rollouts=8",
+        "ppo.max_new_tokens=8",
+        f"ppo.minibatch_size={minibatch}",
+        "ppo.lr=1e-3",
+        "ppo.snapshot_every=1",
+    )
     run(make_cfg("stage=ppo", *small, *ppo, f"strategy={strategy}", "trainer.devices=1"))
     out = tmp_path / "artifacts" / "ppo" / "latest"
     history = json.loads((out / "history.json").read_text())

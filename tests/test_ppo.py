@@ -239,3 +239,20 @@ def test_ppo_stage_end_to_end(make_cfg, tmp_path):
     run(whole)
     models = json.loads((stage_path(whole, "ppo") / "manifest.json").read_text())["models"]
     assert all(models[r]["dtype"] == "float32" and "compute_dtype" not in models[r] for r in ("ref", "reward")), models
+
+
+def test_mixed_precision_clips_the_fused_step(make_cfg, tmp_path):
+    """Under `*-mixed` precision (a GPU's default; bf16-mixed runs on a CPU too) PPO and SFT clip gradients.
+
+    Lightning's AMP plugin refuses to clip a fused optimizer's gradients, so the GPU check's PPO failed at its
+    first step; the optimizer is foreach there.
+    """
+    mixed = (*TINY_RUN, "trainer.precision=bf16-mixed")
+    for stage in ("sl_data", "sft", "pairs", "label", "pm"):
+        run(make_cfg(f"stage={stage}", *mixed))
+    ppo = make_cfg("stage=ppo", *mixed, "ppo.iterations=1", "ppo.rollouts=4", "ppo.max_new_tokens=4")
+    [summary] = run(ppo)
+    assert len(json.loads((stage_path(ppo, "ppo") / "history.json").read_text())) == 1
+    assert "bf16-mixed" in summary["ran_on"]
+    [summary] = run(make_cfg("stage=sft", *mixed, "trainer.gradient_clip_val=1.0"))  # Lightning's own clipping
+    assert "bf16-mixed" in summary["ran_on"]

@@ -143,7 +143,7 @@ class PMModule(L.LightningModule):
             [p for p in self.pm.parameters() if p.requires_grad],
             self.lr,
             self.warmup_ratio,
-            int(self.trainer.estimated_stepping_batches),
+            self.trainer,
             "pm",
         )
 

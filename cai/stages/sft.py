@@ -130,7 +130,7 @@ class SFTModule(L.LightningModule):
         self.log("sft/val/loss", self(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
-        return adamw_with_cosine(self.model.parameters(), self.lr, self.warmup_ratio, int(self.trainer.estimated_stepping_batches), "sft")
+        return adamw_with_cosine(self.model.parameters(), self.lr, self.warmup_ratio, self.trainer, "sft")
 
 
 # --- the stage -----------------------------------------------------------------------------------
