@@ -48,6 +48,7 @@ from cai.arena import (
 from cai.artifacts import Upstream, file_hash, fingerprint, write_json, write_jsonl
 from cai.config import instantiate
 from cai.data import load_prompts
+from cai.distributed import is_rank_zero
 from cai.metrics import boilerplate_rate, refusal_rate
 from cai.models import placement
 from cai.reward import PreferenceModel, score
@@ -106,7 +107,7 @@ def point_run_at(cfg: DictConfig, eval_dir: Path, run_name: str | None) -> None:
     write_json(Path(cfg.paths.output) / "eval.json", {"eval_dir": str(eval_dir), "run": run_name})
 
 
-def build(ctx: Context) -> dict:
+def build(ctx: Context) -> dict | None:
     cfg, out, tracker = ctx.cfg, ctx.out, ctx.tracker
     snaps = snapshots(cfg, ctx.upstream["sft"], ctx.upstream["ppo"])
     prompts = eval_prompts(cfg)
@@ -116,6 +117,8 @@ def build(ctx: Context) -> dict:
     answers = {**answer(cfg, snaps, prompts), **external_answers}
     players = snaps + externals
     ratings, table = rate(cfg, players, answers, judge)
+    if not is_rank_zero():  # the answers and verdicts are on disk; rank 0 alone scores, writes the report and logs
+        return None  # (several ranks writing frontier.png at once let rank 0 read a half-written one)
     # This run's PM scores every answer; when it is also the judge, the copy the judge loaded serves.
     pm = judge.model() if isinstance(judge, PMJudge) and judge.is_reward else PreferenceModel.load(ctx.upstream["pm"].model_dir)
     metrics = {s.key: absolute_metrics(cfg, answers[s.key], pm) for s in tqdm(players, desc="eval metrics", unit="snapshot")}
