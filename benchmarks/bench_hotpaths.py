@@ -17,6 +17,8 @@ issue 16, swapped in by this script (not kept in the package):
   GAE) on one batch of rollouts from ROOT's SFT policy, against ROOT's PM. Baseline: log-probs from
   the full (B, L, V) logits, float32 ref and PM. Now: the LM head and log-softmax on response
   positions only, the ref and PM stored in `ppo.frozen_dtype` (bf16).
+- where one iteration's scoring goes: the first batch's tokens (prompt, answer, shared prefix, padding)
+  and each model's pass over it (ref, PM, actor without and with grad), each timed alone.
 - a PPO iteration's scoring + update (`train_ppo`, a few iterations per run), with the update's
   forward also serving as the sampling-time log-probs and values (`PPOModule.one_step`, the
   quickstart's one step per iteration) and without (a separate no-grad actor forward in scoring).
@@ -166,6 +168,40 @@ def bench_iteration(root: Path, iterations: int) -> None:
     print(f"ppo scoring + update speed-up from reusing the update's forward: {two / one:.2f}x")
 
 
+def bench_breakdown(root: Path, repeats: int) -> None:
+    """Where one iteration's scoring goes: the batch's tokens (prompt, answer, shared, padding) and each model's pass."""
+    cfg = compose_cfg(root, str(root / "artifacts"))
+    module = ppo_module(root, cfg, DTYPES[cfg.ppo.frozen_dtype])
+    conversations, completions = module.rollout(0)
+    batch = module.rollout_batch(completions)
+    mask, attention = batch["action_mask"], batch["attention_mask"].bool()
+    rows = [ids[keep].tolist() for ids, keep in zip(batch["input_ids"], attention)]
+    answer, real = int(mask.sum()), int(attention.sum())
+    print(
+        f"ppo batch: {len(rows)} rollouts, {batch['input_ids'].numel()} padded tokens, {real} real: {real - answer} prompt, "
+        f"{answer} answer; {cai.labels.common_prefix_length(rows)} shared by every row; "
+        f"{len({str(c) for c in conversations})} distinct prompts"
+    )
+
+    def best(fn) -> float:
+        seconds = []
+        for _ in range(max(1, repeats)):
+            t = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - t)
+        return min(seconds)
+
+    with torch.no_grad():
+        passes = {
+            "ref (log-probs)": best(lambda: NOW_RESPONSE_LOGPROBS(module.ref, batch)),
+            "reward (PM)": best(lambda: module.reward_fn(conversations, completions)),
+            "actor, no grad": best(lambda: module.actor_forward(batch, with_entropy=False)),
+            "ref body alone": best(lambda: module.ref.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])),
+        }
+    passes["actor, with grad"] = best(lambda: module.actor_forward(batch))  # the one-step update's forward
+    print(f"ppo scoring passes (best of {max(1, repeats)}): " + ", ".join(f"{k} {v:.2f} s" for k, v in passes.items()))
+
+
 NOW_LETTER_PROBS, NOW_STEP_BATCHES = cai.labels.Labeller.letter_probs, cai.labels.STEP_BATCHES
 NOW_RESPONSE_LOGPROBS = cai.stages.ppo.response_logprobs
 NOW_ONE_STEP = PPOModule.one_step
@@ -179,6 +215,7 @@ def main() -> None:
     ap.add_argument("--ppo-iterations", type=int, default=2, help="PPO iterations per run of the reuse comparison")
     args = ap.parse_args()
     torch.manual_seed(0)
+    bench_breakdown(args.root.resolve(), args.ppo_repeats + 1)
     bench_scoring(args.root.resolve(), args.ppo_repeats)
     bench_iteration(args.root.resolve(), args.ppo_iterations)
     bench_judge(args.root.resolve(), args.judge_n)
