@@ -87,6 +87,20 @@ class _Upcast(torch.nn.Module):
         return weight.to(self.dtype)
 
 
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model.to(dtype)` for the parameters only, in place; tied parameters stay one tensor.
+
+    Float buffers keep their dtype, as `from_pretrained(dtype=...)` leaves them: RoPE's `inv_freq`
+    stays float32. `.to(bfloat16)` would round it, shifting every rotary angle by up to 0.4%, so a
+    bf16 copy of a model would drift from the model at long positions (on SmolLM2-135M its logits
+    moved by up to 0.7 over 60 tokens).
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
+    return model
+
+
 def frozen(model: torch.nn.Module, storage: torch.dtype, compute: torch.dtype) -> torch.nn.Module:
     """A model that is never trained (PPO's ref and reward), its weights kept in `storage`, run in `compute`.
 
@@ -95,7 +109,7 @@ def frozen(model: torch.nn.Module, storage: torch.dtype, compute: torch.dtype) -
     memory for ~2% more time, and the same maths as float32 weights rounded to bf16, as on a GPU.
     Tied weights (embedding and LM head) stay one tensor.
     """
-    model = model.requires_grad_(False).eval().to(storage)
+    model = cast_weights(model.requires_grad_(False).eval(), storage)
     if storage.itemsize >= compute.itemsize:
         return model
     from torch.nn.utils import parametrize
@@ -287,7 +301,7 @@ class ModelSpec(ModelConfig):
 
         dtype = torch.float32 if train else self.torch_dtype
         if self.source == "tiny":
-            model = self._build_tiny().to(dtype)
+            model = cast_weights(self._build_tiny(), dtype)  # float32 RoPE buffers, as from_pretrained keeps them
         else:
             model = self._from_pretrained(AutoModelForCausalLM, self.local_dir(), dtype=dtype)
         return model.to(run_device()).eval()

@@ -100,7 +100,10 @@ def test_a_frozen_model_stores_bf16_weights_and_computes_in_float32(tiny_spec):
     from cai.models import frozen, placement
 
     model = tiny_spec.load_model()
-    rounded = tiny_spec.load_model().to(torch.bfloat16).float()  # the same weights, rounded, stored wide
+    rounded = tiny_spec.load_model()  # the same weights, rounded, stored wide; RoPE's inv_freq stays float32
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16))
     stored = frozen(tiny_spec.load_model(), torch.bfloat16, torch.float32)
     assert placement(stored) == {"device": "cpu", "dtype": "bfloat16", "compute_dtype": "float32"}
     bytes_of = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
@@ -115,6 +118,12 @@ def test_a_frozen_model_stores_bf16_weights_and_computes_in_float32(tiny_spec):
     with torch.no_grad():
         out, want, exact = stored(input_ids=ids).logits, rounded(input_ids=ids).logits, model(input_ids=ids).logits
     assert out.dtype == torch.float32 and torch.equal(out, want)
+    # Buffers are not weights: RoPE's frequencies stay float32 and exact (rounded, positions drift).
+    buffers = dict(model.named_buffers())
+    assert all(b.dtype == buffers[n].dtype and torch.equal(b, buffers[n]) for n, b in stored.named_buffers())
+    drifted = tiny_spec.load_model().to(torch.bfloat16).float()  # what `.to(bfloat16)` did: inv_freq rounded too
+    with torch.no_grad():
+        assert not torch.equal(drifted(input_ids=ids).logits, want)
     assert 0 < (out - exact).abs().max() < 0.05  # the rounding moves the logits a little, not far
     # Storage as wide as the compute dtype is a plain cast: nothing to widen.
     assert "compute_dtype" not in placement(frozen(tiny_spec.load_model(), torch.float32, torch.float32))
