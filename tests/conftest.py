@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -81,9 +82,7 @@ def wandb_runs(root: Path) -> list[dict]:
     runs = []
     for file in sorted(Path(root).rglob("offline-run-*/*.wandb")):
         run: dict = {"config": {}, "artifacts": [], "history_keys": set()}
-        for data in wandb_log_records(file.read_bytes()):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(data)
+        for record in finished_records(file, wandb_internal_pb2.Record):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run.update(
@@ -99,6 +98,23 @@ def wandb_runs(root: Path) -> list[dict]:
                 run["history_keys"] |= {i.key or "/".join(i.nested_key) for i in record.history.item}
         runs.append(run)
     return runs
+
+
+def finished_records(file: Path, record_type, wait_s: float = 30.0) -> list:
+    """A .wandb file's records once it ends with the run's `exit` record.
+
+    W&B's service process writes the file; under load (CI once) it was still writing the last
+    records (the artifacts) when `run.finish()` had returned, so read again until the exit record is there.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = []
+        for data in wandb_log_records(file.read_bytes()):
+            records.append(record_type())
+            records[-1].ParseFromString(data)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def wandb_log_records(blob: bytes) -> list[bytes]:
