@@ -103,8 +103,9 @@ def wandb_runs(root: Path) -> list[dict]:
 def finished_records(file: Path, record_type, wait_s: float = 30.0) -> list:
     """A .wandb file's records once it ends with the run's `exit` record.
 
-    W&B's service process writes the file; under load (CI once) it was still writing the last
-    records (the artifacts) when `run.finish()` had returned, so read again until the exit record is there.
+    W&B's service process writes the file. Once in CI the artifact records were missing after
+    `run.finish()` had returned, most likely still being written on a loaded machine: so read again
+    until the exit record is there.
     """
     deadline = time.monotonic() + wait_s
     while True:
