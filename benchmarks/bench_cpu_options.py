@@ -18,6 +18,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
+from cai.models import cast_weights
+
 SHAPES = ((1, 40), (8, 100), (16, 97), (8, 123))  # a judge prefix, a judge batch, PPO scoring, a longer batch
 
 
@@ -40,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     body = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval().base_model
-    variants = {"float32": body, "bfloat16": copy.deepcopy(body).to(torch.bfloat16)}
+    variants = {"float32": body, "bfloat16": cast_weights(copy.deepcopy(body), torch.bfloat16)}  # RoPE buffers stay float32
     if not args.no_compile:
         compiled = torch.compile(body, dynamic=True)
         t = time.perf_counter()

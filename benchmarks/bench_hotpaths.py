@@ -124,11 +124,15 @@ def ppo_module(root: Path, cfg, frozen_dtype: torch.dtype | None) -> PPOModule:
 
 
 def bench_scoring(root: Path, repeats: int) -> None:
-    """make_experience: pre-issue-16 log-probs with a float32 ref and PM, against the stage's (bf16-stored ref and PM)."""
+    """make_experience: pre-issue-16 log-probs with a float32 ref and PM, against the stage's (bf16-stored ref and PM).
+
+    First, on the same rollouts, where the scoring time goes (`bench_breakdown`).
+    """
     cfg = compose_cfg(root, str(root / "artifacts"))
     modules = {"baseline": ppo_module(root, cfg, None), "now": ppo_module(root, cfg, DTYPES[cfg.ppo.frozen_dtype])}
     conversations, completions = modules["now"].rollout(0)
     batch = modules["now"].rollout_batch(completions)
+    bench_breakdown(modules["now"], conversations, completions, batch, repeats + 1)
     out = {}
     for name in ("baseline", "now", "baseline", "now")[: 2 * max(1, repeats)]:
         cai.stages.ppo.response_logprobs = baseline_response_logprobs if name == "baseline" else NOW_RESPONSE_LOGPROBS
@@ -168,12 +172,8 @@ def bench_iteration(root: Path, iterations: int) -> None:
     print(f"ppo scoring + update speed-up from reusing the update's forward: {two / one:.2f}x")
 
 
-def bench_breakdown(root: Path, repeats: int) -> None:
+def bench_breakdown(module: PPOModule, conversations, completions, batch: dict, repeats: int) -> None:
     """Where one iteration's scoring goes: the batch's tokens (prompt, answer, shared, padding) and each model's pass."""
-    cfg = compose_cfg(root, str(root / "artifacts"))
-    module = ppo_module(root, cfg, DTYPES[cfg.ppo.frozen_dtype])
-    conversations, completions = module.rollout(0)
-    batch = module.rollout_batch(completions)
     mask, attention = batch["action_mask"], batch["attention_mask"].bool()
     rows = [ids[keep].tolist() for ids, keep in zip(batch["input_ids"], attention)]
     answer, real = int(mask.sum()), int(attention.sum())
@@ -215,7 +215,6 @@ def main() -> None:
     ap.add_argument("--ppo-iterations", type=int, default=2, help="PPO iterations per run of the reuse comparison")
     args = ap.parse_args()
     torch.manual_seed(0)
-    bench_breakdown(args.root.resolve(), args.ppo_repeats + 1)
     bench_scoring(args.root.resolve(), args.ppo_repeats)
     bench_iteration(args.root.resolve(), args.ppo_iterations)
     bench_judge(args.root.resolve(), args.judge_n)
