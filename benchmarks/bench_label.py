@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     spec = ModelSpec(name="smollm2_135m", source="embedded", dtype="float32")
     model, tok = spec.load_model(), spec.load_tokenizer()
-    constitution = load_constitution(str(cai.ROOT / "cai" / "constitutions" / "default.yaml"))
+    constitution = load_constitution(str(cai.CONSTITUTIONS / "default.yaml"))
     principles = tuple(constitution.rl_principle(p) for p in args.principles.split(","))
     comps = read_hh_rlhf(args.data)
 

@@ -81,7 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     spec = ModelSpec(name="smollm2_135m", source="embedded", dtype="float32", cache=os.environ.get("CAI_CACHE", "~/.cache/cai"))
     model, tok = spec.load_model(), spec.load_tokenizer()
-    constitution = load_constitution(str(cai.ROOT / "cai" / "constitutions" / "default.yaml"))
+    constitution = load_constitution(str(cai.CONSTITUTIONS / "default.yaml"))
     one = (constitution.rl_principle(PRINCIPLE),)
     comps = read_hh_rlhf(args.data)
     tune, report = split_half(comps, "tune")[: args.n_tune or None], split_half(comps, "report")[: args.n_report or None]

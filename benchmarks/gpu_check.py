@@ -78,7 +78,7 @@ def run_stages(root: Path) -> list[dict]:
     base = [f"paths.root={root}", f"paths.output={root}/out", f"paths.cache={CACHE}", "logger=none", *MODEL]
     rows = []
     for name in STAGES:
-        with initialize_config_dir(config_dir=str(ROOT / "cai" / "conf"), version_base=None):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
             cfg = compose(config_name="train", overrides=[*base, f"stage={name}"])
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()

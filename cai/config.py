@@ -1,6 +1,6 @@
 """Typed hyperparameters, registered in Hydra's ConfigStore.
 
-Every YAML file under cai/conf/ is merged onto one of these dataclasses (through its defaults list), so a
+Every YAML file under conf/ is merged onto one of these dataclasses (through its defaults list), so a
 misspelled field fails when the config is composed, and the error names the field. The YAML files
 carry the values and the comments; this file carries the types. Where an object is built from a
 group (a ModelSpec, a generator, a strategy, a tracker), its fields are defined here once and the
@@ -356,9 +356,10 @@ def register() -> None:
         ("stage", StageConfig),
     ]:
         cs.store(group="schema", name=name, node=node)
-    if not OmegaConf.has_resolver("cai_root"):
-        # ${cai_root:} is the folder that holds the cai package, so a config can name cai/constitutions/ wherever it runs.
-        OmegaConf.register_new_resolver("cai_root", lambda: str(cai.ROOT))
+    if not OmegaConf.has_resolver("cai_constitutions"):
+        # ${cai_constitutions:} is the folder of shipped principle files (top level in a checkout, inside the
+        # package in a wheel), so a config can name one wherever cai runs.
+        OmegaConf.register_new_resolver("cai_constitutions", lambda: str(cai.CONSTITUTIONS))
 
 
 register()
@@ -399,7 +400,7 @@ def check_ranges(cfg: DictConfig) -> None:
             if failed:
                 wanted = " and ".join(f"{op} {b}" for kind, (op, _) in BOUNDS.items() if (b := bounds[kind]) is not None)
                 raise CaiError(
-                    f"{section}.{f.name}: must be {wanted}, got {value} (fix it in cai/conf/ or on the command line: {section}.{f.name}=...)"
+                    f"{section}.{f.name}: must be {wanted}, got {value} (fix it in conf/ or on the command line: {section}.{f.name}=...)"
                 )
 
 

@@ -81,9 +81,10 @@ def lineage_config(cfg: DictConfig, name: str) -> dict:
 
 
 def _blob(picked: dict) -> str:
-    # Files shipped in this repository are named relative to it, so moving the checkout keeps the keys
-    # (their contents are hashed into each stage's fingerprint anyway).
-    return json.dumps(picked, sort_keys=True, default=str).replace(str(cai.ROOT), "<cai>")
+    # Files shipped with cai are named relative to where they live, so moving the checkout, or running
+    # from a wheel instead, keeps the keys (their contents are hashed into each stage's fingerprint anyway).
+    blob = json.dumps(picked, sort_keys=True, default=str)
+    return blob.replace(str(cai.CONSTITUTIONS), "<constitutions>").replace(str(cai.PACKAGE), "<cai>/cai").replace(str(cai.ROOT), "<cai>")
 
 
 def lineage_key(cfg: DictConfig, name: str) -> str:

@@ -13,7 +13,7 @@ import cai
 from cai.constitution import load_constitution
 from cai.errors import CaiError
 
-DEFAULT = cai.ROOT / "cai" / "constitutions" / "default.yaml"
+DEFAULT = cai.CONSTITUTIONS / "default.yaml"
 
 
 def test_default_constitution_has_16_sl_and_16_rl_principles():

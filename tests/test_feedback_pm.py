@@ -37,7 +37,7 @@ def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
 
     run(make_cfg("stage=label", *SMALL, "constitution=ensemble", "label.report_data=" + str(HH_SMALL), "label.report_n=4"))
     labels = Upstream("", tmp_path / "artifacts" / "label" / "latest", {}).rows()
-    ids = {p.id for p in load_constitution(cai.ROOT / "cai" / "constitutions" / "default.yaml").rl_principles}
+    ids = {p.id for p in load_constitution(cai.CONSTITUTIONS / "default.yaml").rl_principles}
     for r in labels:
         assert 0 < r["p_a"] < 1 and r["label_type"] == "soft"
         if r["kind"] == "red_team":

@@ -56,7 +56,7 @@ def test_debiasing_cancels_a_letter_bias(tiny_spec):
 
 def test_label_ranges_and_forward_pass_budget(tiny_spec):
     model, tok = tiny_spec.load_model(), tiny_spec.load_tokenizer()
-    examples = load_constitution(cai.ROOT / "cai" / "constitutions" / "default.yaml").rl_examples
+    examples = load_constitution(cai.CONSTITUTIONS / "default.yaml").rl_examples
     soft = Labeller(model, tok, "soft", examples=examples, batch_size=4)
     results = soft.label(ITEMS)
     assert all(0.0 < r["p_a"] < 1.0 and r["label"] == r["p_a"] for r in results)

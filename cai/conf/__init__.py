@@ -1,1 +1,0 @@
-"""The Hydra configs, shipped inside the package (Hydra reads them as the module cai.conf)."""
