@@ -7,6 +7,7 @@ import sys
 
 import hydra
 import pytest
+import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -148,3 +149,30 @@ def test_model_hf_takes_any_checkpoint_and_the_labeller_and_pm_follow_its_fields
 def test_a_path_given_to_a_model_that_reads_none_is_refused(make_cfg):
     with pytest.raises(CaiError, match="model=hf model.name_or_path=ID_OR_DIR"):
         instantiate(make_cfg("model=tiny", "model.path=/some/dir").model)
+
+
+# The groups whose options a user picks on the command line, and where each puts its fields.
+AXES = {g: g for g in GROUPS if g != "experiment"}
+AXES |= {"model@feedback_model": "feedback_model", "model@pm_model": "pm_model"}
+
+
+def own_values(group: str, option: str) -> dict:
+    """The fields an option file sets itself (its defaults list, and what it builds on, aside)."""
+    data = yaml.safe_load((CONF / group.split("@")[0] / f"{option}.yaml").read_text()) or {}
+    return {k: v for k, v in data.items() if k != "defaults"}
+
+
+@pytest.mark.parametrize("axis,option", [(a, o) for a in AXES for o in options(a.split("@")[0])])
+def test_a_chosen_option_keeps_its_own_values_under_every_experiment(make_cfg, axis, option):
+    """`label=soft` means label/soft.yaml's values, whatever experiment runs (no experiment overrides an axis)."""
+    for experiment in options("experiment"):
+        cfg = make_cfg(f"{axis}={option}", f"experiment={experiment}")
+        composed = OmegaConf.to_container(cfg[AXES[axis]], resolve=False)
+        for key, value in own_values(axis, option).items():
+            assert composed[key] == value, f"{axis}={option} experiment={experiment}: {key} is {composed[key]!r}, the file says {value!r}"
+
+
+def test_experiments_set_counts_only_never_an_axis():
+    for experiment in options("experiment"):
+        data = yaml.safe_load((CONF / "experiment" / f"{experiment}.yaml").read_text())
+        assert not set(data) & set(AXES.values()), f"experiment/{experiment}.yaml sets {set(data) & set(AXES.values())}"
