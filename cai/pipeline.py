@@ -260,8 +260,8 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
         raise CaiError(f"label.clamp_low/clamp_high: need 0 <= low <= high <= 1, got [{cfg.label.clamp_low}, {cfg.label.clamp_high}]")
     if cfg.label.kind == "human" and not cfg.label.data:
         raise CaiError("label.data: label=human needs an hh-rlhf-format file, e.g. label.data=path/to/harmless-base.jsonl.gz")
-    load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team)
-    load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful)
+    load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team, cfg.seed)
+    load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful, cfg.seed)
     comparison_files = (
         "label.data",
         "label.report_data",

@@ -172,3 +172,18 @@ def test_label_human_runs_on_a_trl_file(make_cfg, tmp_path):
     run(cfg)  # human labels read no upstream stage
     labels = [json.loads(line) for f in sorted(stage_path(cfg, "label").glob("shard-*.jsonl")) for line in f.read_text().splitlines()]
     assert labels and {row["conversation"][0]["content"] for row in labels} == {USER["content"]}
+
+
+def test_a_subset_is_a_stratified_seeded_sample_in_file_order():
+    from cai.data import Prompt, sample_prompts
+
+    rows = [Prompt(id=f"{c}-{i}", text="t", category=c) for c in "abcdef" for i in range(10)]  # sorted by category
+    picked = sample_prompts(rows, 12, "0:red_team:train")
+    assert len(picked) == 12 and {p.category for p in picked} == set("abcdef")
+    assert all(sum(p.category == c for p in picked) == 2 for c in "abcdef")  # two per category
+    assert picked == sorted(picked, key=rows.index)  # file order kept
+    assert picked == sample_prompts(rows, 12, "0:red_team:train") and picked != sample_prompts(rows, 12, "1:red_team:train")
+    assert len({p.category for p in sample_prompts(rows, 4, "0")}) == 4
+    assert sample_prompts(rows, 0, "0") == rows and sample_prompts(rows, 100, "0") == rows
+    plain = [Prompt(id=str(i), text="t") for i in range(50)]  # no categories: a plain seeded sample
+    assert sample_prompts(plain, 10, "0") != plain[:10]

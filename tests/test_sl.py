@@ -109,7 +109,9 @@ def test_sl_data_resumes_after_an_interruption(make_cfg, tmp_path, tmp_path_fact
     assert resumed == [2, 3]  # only the missing shards were generated
     rows = rows_of(tmp_path)
     keys = [(r["id"], r["round"]) for r in rows]
-    expected = {(p.id, 1) for p in load_prompts("red_team", n=8)} | {(p.id, 0) for p in load_prompts("helpful", n=2)}
+    red, helpful = sl_data.select_prompts(make_cfg(*args))
+    assert len(red) == 8 and len(helpful) == 2
+    expected = {(p.id, 1) for p in red} | {(p.id, 0) for p in helpful}
     assert len(keys) == len(set(keys)) == 10 and set(keys) == expected
 
     # a resumed run writes exactly what an uninterrupted one writes
@@ -235,3 +237,22 @@ def test_sft_stage_trains_and_writes_an_hf_checkpoint(make_cfg, tmp_path, tiny_s
 def test_sft_needs_sl_data(make_cfg):
     with pytest.raises(CaiError, match="stage 'sft' needs the output of stage 'sl_data'"):
         run(make_cfg("stage=sft", *SMALL))
+
+
+def test_the_quickstart_draws_its_prompts_from_most_categories(make_cfg, tmp_path):
+    """Subsets are a seeded sample stratified by category, not the head of a file sorted by category;
+    the manifest records the ids drawn, and pairs and PPO read the same prompts."""
+    cfg = make_cfg("model=tiny", "stage=sl_data", "sl.max_new_tokens=2")  # the quickstart's prompt counts
+    assert (cfg.data.n_red_team, cfg.data.n_helpful) == (24, 8)
+    run(cfg)
+    drawn = json.loads((sl_dir(tmp_path) / "manifest.json").read_text())["prompt_ids"]
+    category = {p.id: p.category for kind in ("red_team", "helpful") for p in load_prompts(kind)}
+    assert len(drawn["red_team"]) == 24 and len({category[i] for i in drawn["red_team"]}) >= 15  # of 21
+    assert len(drawn["helpful"]) == 6 and len({category[i] for i in drawn["helpful"]}) >= 6  # of 15 (sl.helpful_mix: 6 of the 8)
+    assert {r["id"] for r in rows_of(tmp_path)} == set(drawn["red_team"]) | set(drawn["helpful"])
+    from cai.stages import pairs, ppo
+
+    assert [p.id for k, p in pairs.select_prompts(cfg) if k == "red_team"] == drawn["red_team"]
+    assert [p.id for p in ppo.train_prompts(cfg)["red_team"]] == drawn["red_team"]
+    other = make_cfg("model=tiny", "seed=1")
+    assert [p.id for p in ppo.train_prompts(other)["red_team"]] != drawn["red_team"]  # the seed draws others

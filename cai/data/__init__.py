@@ -112,8 +112,32 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     return out
 
 
-def load_prompts(kind: str, source: str = "builtin", split: str = "train", n: int = 0) -> list[Prompt]:
-    """The prompts a stage uses: the shipped set (one split) or a user's file, truncated to n (0 = all)."""
+def sample_prompts(rows: list[Prompt], n: int, seed: str) -> list[Prompt]:
+    """A seeded sample of n rows (0 = all), stratified by category, in file order.
+
+    Files are often sorted by category, so their head is a few categories only. Here each category's
+    rows are shuffled and categories take turns, in a shuffled order, giving one row each until n are
+    drawn: n rows cover min(n, categories) categories, and a seed change draws others.
+    """
+    if not n or n >= len(rows):
+        return rows
+    rng = random.Random(seed)
+    by_category: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_category.setdefault(r.category, []).append(i)
+    queues = [rng.sample(idx, len(idx)) for idx in by_category.values()]
+    rng.shuffle(queues)
+    picked: list[int] = []
+    while len(picked) < n:
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop())
+    return [rows[i] for i in sorted(picked)]
+
+
+def load_prompts(kind: str, source: str = "builtin", split: str = "train", n: int = 0, seed: int = 0) -> list[Prompt]:
+    """The prompts a stage uses: the shipped set (one split) or a user's file, n of them (0 = all) drawn
+    by sample_prompts with the run's seed (the same for every stage that reads this split)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     field = f"data.{kind}"
@@ -140,7 +164,7 @@ def load_prompts(kind: str, source: str = "builtin", split: str = "train", n: in
         raise CaiError(f"data.n_{kind}: must be >= 0 (0 = all), got {n}")
     if not rows:
         raise CaiError(f"{field}: no {split} prompts in '{source}'")
-    return rows[:n] if n else rows
+    return sample_prompts(rows, n, f"{seed}:{kind}:{split}")
 
 
 _TURN = re.compile(r"\n\n(Human|Assistant):")

@@ -78,9 +78,12 @@ def snapshots(cfg: DictConfig, sft: Upstream, ppo: Upstream) -> list[Snapshot]:
 
 
 def eval_prompts(cfg: DictConfig) -> list[dict]:
-    """The held-out prompts every snapshot answers: the test splits, never seen in training."""
-    red = load_prompts("red_team", cfg.data.red_team, "test", cfg.eval.n_red_team)
-    helpful = load_prompts("helpful", cfg.data.helpful, "test", cfg.eval.n_helpful)
+    """The held-out prompts every snapshot answers: the test splits, never seen in training.
+
+    Drawn with seed 0 whatever `seed` is, so the runs of a seed sweep are rated on the same prompts.
+    """
+    red = load_prompts("red_team", cfg.data.red_team, "test", cfg.eval.n_red_team, seed=0)
+    helpful = load_prompts("helpful", cfg.data.helpful, "test", cfg.eval.n_helpful, seed=0)
     return [{"id": f"{kind}:{p.id}", "kind": kind, "prompt": p.text} for kind, ps in (("red_team", red), ("helpful", helpful)) for p in ps]
 
 
@@ -111,6 +114,7 @@ def build(ctx: Context) -> dict | None:
     cfg, out, tracker = ctx.cfg, ctx.out, ctx.tracker
     snaps = snapshots(cfg, ctx.upstream["sft"], ctx.upstream["ppo"])
     prompts = eval_prompts(cfg)
+    ctx.extra["prompt_ids"] = {kind: [p["id"] for p in prompts if p["kind"] == kind] for kind in ("red_team", "helpful")}
     judge = make_judge(cfg, ctx.upstream["pm"])
     judge_info = {**judge.describe(), "quality": judge_quality(cfg, judge)}
     externals, external_answers = external_players(cfg, prompts, own_prompts=False)

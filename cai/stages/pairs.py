@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def select_prompts(cfg: DictConfig) -> list[tuple[str, Prompt]]:
-    items = [("red_team", p) for p in load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team)]
+    items = [("red_team", p) for p in load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team, cfg.seed)]
     if cfg.pm.helpful_data is None:  # helpfulness comparisons will be AI-labelled: sample them here
-        items += [("helpful", p) for p in load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful)]
+        items += [("helpful", p) for p in load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful, cfg.seed)]
     return items
 
 
@@ -48,7 +48,9 @@ def build(ctx: Context) -> dict:
         ]
 
     try:
-        out.write_shards(chunked(select_prompts(cfg), cfg.pairs.shard_size), make, "pairs shards")
+        items = select_prompts(cfg)
+        ctx.extra["prompt_ids"] = {kind: [p.id for k, p in items if k == kind] for kind in ("red_team", "helpful")}
+        out.write_shards(chunked(items, cfg.pairs.shard_size), make, "pairs shards")
     finally:
         if gen is not None:
             gen.close()

@@ -37,7 +37,7 @@ from omegaconf import DictConfig
 
 from cai.artifacts import fingerprint, write_json
 from cai.config import instantiate
-from cai.data import Message, load_prompts
+from cai.data import Message, Prompt, load_prompts
 from cai.distributed import all_gather, mean, rank, world
 from cai.errors import CaiError, check_choice
 from cai.generation import Completion, Generator, SamplingParams
@@ -326,10 +326,13 @@ def check_ranks_agree(state: dict[str, torch.Tensor], rollout_digest: str) -> li
     return ranks
 
 
-def train_prompts(cfg: DictConfig) -> list[list[Message]]:
-    red = load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team)
-    helpful = load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful)
-    return [[{"role": "user", "content": p.text}] for p in red + helpful]
+def train_prompts(cfg: DictConfig) -> dict[str, list[Prompt]]:
+    """The prompts rollouts are sampled from: the same train prompts as the SL data and the pairs."""
+    return {kind: load_prompts(kind, cfg.data[kind], "train", cfg.data[f"n_{kind}"], cfg.seed) for kind in ("red_team", "helpful")}
+
+
+def conversations(prompts: dict[str, list[Prompt]]) -> list[list[Message]]:
+    return [[{"role": "user", "content": p.text}] for ps in prompts.values() for p in ps]
 
 
 def check(cfg: DictConfig) -> None:
@@ -350,7 +353,9 @@ def build(ctx: Context) -> dict | None:
     frozen_dtype = DTYPES[cfg.ppo.frozen_dtype]
     reward_fn = pm_reward(frozen(pm, frozen_dtype, resolve_dtype("auto")), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
     L.seed_everything(cfg.seed, verbose=False)
-    args = (actor, tok, reward_fn, train_prompts(cfg), cfg.ppo, cfg.seed, critic, cfg.generation.batch_size, ctx.tracker)
+    prompts = train_prompts(cfg)
+    ctx.extra["prompt_ids"] = {kind: [p.id for p in ps] for kind, ps in prompts.items()}
+    args = (actor, tok, reward_fn, conversations(prompts), cfg.ppo, cfg.seed, critic, cfg.generation.batch_size, ctx.tracker)
     # generation=vllm: one engine for the run (on a GPU it shares the device with the trainer, within
     # generation.gpu_memory_utilization); the actor's weights are pushed into it before every rollout.
     engine = instantiate(cfg.generation, model=spec) if cfg.generation._target_ == VLLM else None
@@ -396,7 +401,7 @@ STAGE = Stage(
     lineage=("ppo", *TRAINING_LINEAGE),
     logging_only=("ppo.checkpoint_every", "ppo.table_every", *TRAINING_LOGGING_ONLY),
     reads=("sft", "pm"),
-    inputs=lambda cfg: {"prompts": fingerprint(train_prompts(cfg))},
+    inputs=lambda cfg: {"prompts": fingerprint(conversations(train_prompts(cfg)))},
     check=check,
     metric=lambda c: f"reward {c['first_reward']:.3f} -> {c['final_reward']:.3f}, KL {c['final_kl']:.2f}",
     output="model",

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from cai.artifacts import chunked, fingerprint
 from cai.config import instantiate
 from cai.constitution import Constitution
-from cai.data import Prompt, load_prompts
+from cai.data import Prompt, load_prompts, sample_prompts
 from cai.distributed import all_gather
 from cai.generation import Generator
 from cai.stages import Context, Stage
@@ -37,12 +37,12 @@ log = logging.getLogger(__name__)
 
 def select_prompts(cfg: DictConfig) -> tuple[list[Prompt], list[Prompt]]:
     """The red-team prompts, and `sl.helpful_mix` helpfulness prompts per red-team prompt."""
-    red = load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team)
-    pool = load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful)
+    red = load_prompts("red_team", cfg.data.red_team, "train", cfg.data.n_red_team, cfg.seed)
+    pool = load_prompts("helpful", cfg.data.helpful, "train", cfg.data.n_helpful, cfg.seed)
     wanted = round(cfg.sl.helpful_mix * len(red))
     if wanted > len(pool):
         log.warning("sl.helpful_mix asks for %d helpful prompts but only %d are available; using all", wanted, len(pool))
-    return red, pool[:wanted]
+    return red, sample_prompts(pool, wanted, f"{cfg.seed}:sl_data:helpful_mix")
 
 
 def inputs(cfg: DictConfig) -> dict:
@@ -126,6 +126,7 @@ def make_rows(
 def build(ctx: Context) -> dict:
     cfg, out = ctx.cfg, ctx.out
     red, helpful = select_prompts(cfg)
+    ctx.extra["prompt_ids"] = {"red_team": [p.id for p in red], "helpful": [p.id for p in helpful]}
     constitution: Constitution = instantiate(cfg.constitution)
     # Helpful prompts are spread across shards, so every shard's batches mix both kinds.
     items = [("red_team", p) for p in red] + [("helpful", p) for p in helpful]
