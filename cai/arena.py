@@ -231,7 +231,7 @@ class FeedbackJudge(Judge):
         self.spec = instantiate(cfg.feedback_model)
         ident = {"model": self.spec.identity(), "template": COMPARISON_TEMPLATE, "questions": [HARMLESS_QUESTION, HELPFUL_QUESTION]}
         self.key = fingerprint({"judge": self.kind, **ident})
-        self.identity = f"feedback model {self.spec.identity()}, zero-shot, both orders"
+        self.identity = f"feedback model {self.spec.name} ({ident['model']}), zero-shot, both orders"
         self._labeller = None
 
     def compare(self, pairs: list[tuple[dict, dict]]) -> list[float]:

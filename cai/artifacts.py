@@ -5,10 +5,13 @@ key: a hash of the config fields that the stage and every stage upstream of it r
 `<stage>/latest` links to the directory last completed.
 
 The directory holds the data (JSONL shards or a checkpoint) and `manifest.json`: the stage config,
-hashes of its inputs, counts, versions and times. The *fingerprint* is a hash of the same config
-fields as the lineage key and of the inputs (the contents of prompt files, the constitution, the
-upstream fingerprints). On a re-run:
+hashes of its inputs, counts, versions and times, the version of cai's code that computed it, and a
+digest of every file it wrote. The *fingerprint* is a hash of the same config fields as the lineage
+key, of the inputs (the contents of prompt files, the constitution, the weights of the models named
+by path, the upstream fingerprints and output digests) and of the code version. On a re-run:
 - a complete manifest with the same fingerprint: the stage is skipped;
+- the same but for the code version: redone, unless `allow_other_code=true`, which reuses it with
+  a warning naming the code version it came from;
 - the same fingerprint but not complete (interrupted): the stage resumes from what is there;
 - another fingerprint: the old directory is moved aside to `<key>.stale-<fingerprint>` (nothing
   already written is lost) and the stage starts afresh.
@@ -18,6 +21,7 @@ A later stage reads a finished one through an `Upstream` handle: its rows, or it
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -33,6 +37,7 @@ from tqdm.auto import tqdm
 
 import cai
 from cai.distributed import all_gather, is_rank_zero, mine
+from cai.errors import CaiError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,39 @@ def file_hash(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+@functools.cache
+def code_version() -> str:
+    """cai's version and a digest of its source (every .py file of the package).
+
+    It changes with any change to the code, so a stage computed by other code (before a numerics
+    fix, say) is never taken for this code's output. A checkout and a wheel of the same source agree.
+    """
+    h = hashlib.sha256()
+    for path in sorted(cai.PACKAGE.rglob("*.py")):
+        h.update(path.relative_to(cai.PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return f"{cai.__version__}+{h.hexdigest()[:12]}"
+
+
+# What a stage directory holds besides its output: its bookkeeping, and Lightning's resume checkpoints.
+NOT_OUTPUT = ("manifest.json", "checkpoints")
+
+
+def output_digests(path: Path) -> dict[str, str]:
+    """{relative path: content hash} of every file a stage wrote under path (its data and models)."""
+    path = Path(path)
+    out = {}
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if f.is_file() and rel.parts[0] not in NOT_OUTPUT and not any(p.startswith(".") or ".tmp" in p for p in rel.parts):
+            out[rel.as_posix()] = file_hash(f)
+    return out
+
+
+def stage_fingerprint(config: dict, inputs: dict, code: str | None) -> str:
+    """The hash a manifest is matched by. A manifest written before code versions were recorded has none."""
+    return fingerprint({"config": config, "inputs": inputs, **({"code": code} if code else {})})
 
 
 def versions() -> dict[str, str]:
@@ -97,12 +135,14 @@ def shard_rows(path: Path) -> list[dict]:
 class StageDir:
     """The output directory of one stage, for one lineage key and fingerprint."""
 
-    def __init__(self, stage: str, path: Path, config: dict, inputs: dict) -> None:
+    def __init__(self, stage: str, path: Path, config: dict, inputs: dict, allow_other_code: bool = False) -> None:
         self.stage = stage
         self.path = Path(path)
         self.config = config
         self.inputs = inputs
-        self.fingerprint = fingerprint({"config": config, "inputs": inputs})
+        self.code = code_version()
+        self.allow_other_code = allow_other_code
+        self.fingerprint = stage_fingerprint(config, inputs, self.code)
         self.manifest_path = self.path / "manifest.json"
         self._started = time.time()
 
@@ -119,7 +159,23 @@ class StageDir:
 
     def is_complete(self) -> bool:
         m = self.manifest()
-        return bool(m and m.get("fingerprint") == self.fingerprint and m.get("status") == "complete")
+        if not m or m.get("status") != "complete":
+            return False
+        if m.get("fingerprint") == self.fingerprint:
+            return True
+        other = m.get("code")
+        if self.allow_other_code and m.get("fingerprint") == stage_fingerprint(self.config, self.inputs, other):
+            # Same config and inputs, other code: reused only because the user asked for it.
+            log.warning(
+                "%s: reusing %s, computed by cai %s, not by this code (%s), because allow_other_code=true",
+                self.stage,
+                self.path,
+                other or "of an unrecorded version",
+                self.code,
+            )
+            self.fingerprint = m["fingerprint"]  # downstream stages see what they read
+            return True
+        return False
 
     def open(self) -> StageDir:
         """Get the directory ready: move a stale one aside, or keep a partial one to resume."""
@@ -136,8 +192,14 @@ class StageDir:
         return self
 
     def complete(self, counts: dict, extra: dict | None = None) -> dict:
-        """Mark the stage done: later runs with the same fingerprint skip it; point `latest` here."""
-        data = self._write("complete", counts, extra)
+        """Mark the stage done: later runs with the same fingerprint skip it; point `latest` here.
+
+        The manifest records a digest of every file written, so a later stage (and the evaluation's
+        answer cache) is keyed by what was computed, not only by what was asked for: a PPO retrained
+        with the same config but other weights (another device count, GPU nondeterminism) is new.
+        """
+        outputs = output_digests(self.path)
+        data = self._write("complete", counts, {**(extra or {}), "outputs": outputs, "output_digest": fingerprint(outputs)})
         link = self.path.parent / "latest"
         tmp = self.path.parent / f".latest.tmp{os.getpid()}"
         tmp.unlink(missing_ok=True)
@@ -153,6 +215,7 @@ class StageDir:
             "fingerprint": self.fingerprint,
             "config": self.config,
             "inputs": self.inputs,
+            "code": self.code,
             "counts": counts,
             "versions": versions(),
             "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
@@ -203,6 +266,22 @@ class Upstream:
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
+
+    @property
+    def output_digest(self) -> str | None:
+        """A digest of every file the stage wrote (None for a manifest from before digests were recorded)."""
+        return self.manifest.get("output_digest")
+
+    def digest_under(self, sub: Path) -> str:
+        """A digest of the files the stage wrote under one of its subfolders (a model, a snapshot)."""
+        prefix = Path(sub).relative_to(self.path).as_posix() + "/"
+        if "outputs" in self.manifest:
+            files = {k: v for k, v in self.manifest["outputs"].items() if k.startswith(prefix)}
+        else:  # a manifest from before digests were recorded (reused with allow_other_code): read the files
+            files = {prefix + k: v for k, v in output_digests(Path(sub)).items()}
+        if not files:
+            raise CaiError(f"{self.path / 'manifest.json'}: records no files under {prefix}; re-run stage {self.stage}")
+        return fingerprint(files)
 
     @property
     def model_dir(self) -> Path:

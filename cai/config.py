@@ -334,6 +334,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     run_name: str | None = None  # default: made from the command-line overrides
+    allow_other_code: bool = False  # reuse finished stages computed by another version of cai's code (with a warning)
     gradient_checkpointing: bool = True  # training stages recompute activations in backward: less memory, same numbers
 
 

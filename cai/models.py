@@ -32,6 +32,48 @@ SOURCES = ("hf", "embedded", "tiny", "hub", "local")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, every file's size and mtime) -> digest: each file is read once per process
+
+
+def weights_digest(path: Path) -> str:
+    """A digest of the files that make a model what it is: a checkpoint directory's files (weights,
+    config, tokenizer; a README or hidden file aside), or one file (a GGUF)."""
+    path = Path(path).expanduser().resolve()
+    files = [path] if path.is_file() else [f for f in sorted(path.rglob("*")) if f.is_file()]
+    files = [f for f in files if f.name != "README.md" and not any(p.startswith(".") for p in f.relative_to(path.parent).parts)]
+    if not files:
+        raise CaiError(f"{path}: no model files in this directory")
+    key = (str(path), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.relative_to(path.parent).as_posix().encode() + b"\0")
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str:
+    """The commit a hub id (at a branch or tag) resolves to: from the local HF cache, else from the
+    hub when it can be reached; 'unresolved' when neither knows (the load will then fail anyway)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True)).name
+    except Exception:  # not in the cache (or no huggingface_hub): ask the hub, unless offline
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return f"{revision or 'main'} (unresolved: offline and not cached)"
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(repo_id, revision=revision).sha or "unresolved"
+    except Exception:
+        return f"{revision or 'main'} (unresolved)"
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """'auto' is bf16 on a GPU that supports it and float32 elsewhere (bf16 is ~5x slower on CPUs)."""
     if name == "auto":
@@ -253,20 +295,31 @@ class ModelSpec(ModelConfig):
         return resolve_dtype(self.dtype)
 
     def identity(self) -> str:
-        """What makes this model's weights what they are, for artifact manifests."""
+        """What makes this model's weights what they are, for fingerprints and caches.
+
+        By content wherever there is content to read: a directory's weight files (retrained in
+        place, it is another model), the embedded GGUF, a hub model's resolved commit. The tiny
+        model is made from its config by code, so its config names it.
+        """
         if self.source == "tiny":
-            shape = (self.tiny_layers, self.tiny_hidden, self.tiny_heads, self.tiny_kv_heads, self.tiny_intermediate, self.seed)
-            return "tiny:" + "-".join(map(str, shape))
+            return self.tiny_name()
         if self.source == "embedded":
-            return f"embedded:{GGUF_FILE}"
-        return f"{self.source}:{self.name_or_path or self.path}@{self.revision or 'latest'}"
+            return f"embedded:{GGUF_FILE}:{weights_digest(gguf_path())}"
+        where = self.local_dir()
+        if Path(where).is_dir():
+            return f"weights:{weights_digest(Path(where))}"
+        return f"hub:{where}@{hub_commit(where, self.revision)}"
+
+    def tiny_name(self) -> str:
+        shape = (self.tiny_layers, self.tiny_hidden, self.tiny_heads, self.tiny_kv_heads, self.tiny_intermediate, self.seed)
+        return "tiny:" + "-".join(map(str, shape))
 
     def local_dir(self) -> str:
         """A directory (or hub id) that from_pretrained and vLLM can read."""
         if self.source == "embedded":
             return str(embedded_model_dir(self.cache))
         if self.source == "tiny":
-            digest = hashlib.sha256(self.identity().encode()).hexdigest()[:12]
+            digest = hashlib.sha256(self.tiny_name().encode()).hexdigest()[:12]
             return str(_atomic_build(Path(self.cache).expanduser() / f"tiny-{digest}", self._save_tiny))
         if self.source == "hf":  # a directory if there is one by that name, else a hub id
             local = Path(self.name_or_path).expanduser()

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 import cai
-from cai.artifacts import StageDir, Upstream, fingerprint
+from cai.artifacts import StageDir, Upstream, code_version, fingerprint
 from cai.config import check_ranges, instantiate
 from cai.data import load_prompts, read_hh_rlhf
 from cai.distributed import all_gather, barrier, is_rank_zero, launch
@@ -112,7 +112,25 @@ def require(cfg: DictConfig, name: str, needed_by: str) -> Upstream:
         raise CaiError(f"{manifest}: the manifest is torn (not valid JSON); re-run {rerun}") from None
     if m.get("status") != "complete":
         raise CaiError(f"stage '{name}' under {path} did not finish; re-run {rerun} to resume it")
+    if m.get("code") != code_version():
+        made_by = f"cai {m['code']}" if m.get("code") else "a version of cai that recorded none"
+        if not cfg.allow_other_code:
+            raise CaiError(
+                f"stage '{name}' under {path} was computed by {made_by}, not by this code ({code_version()}); "
+                f"re-run {rerun} to redo it, or set allow_other_code=true to use it anyway"
+            )
+        log.warning(
+            "%s: using %s, computed by %s, not by this code (%s), because allow_other_code=true", needed_by, path, made_by, code_version()
+        )
     return Upstream(name, path, m)
+
+
+def model_identities(cfg: DictConfig, stage: Stage) -> dict:
+    """The models a stage's lineage names, by content: the weights' digest of a local directory, the
+    resolved commit of a hub model, the embedded file's digest (a path or a hub id alone says nothing
+    of what is there now)."""
+    sections = [s for s in ("model", "feedback_model", "pm_model") if any(f == s or f.startswith(s + ".") for f in stage.lineage)]
+    return {s: instantiate(cfg[s]).identity() for s in sections}
 
 
 # --- running ---------------------------------------------------------------------------------------
@@ -127,8 +145,12 @@ def run_stage(stage: Stage, cfg: DictConfig, tracker: Tracker) -> dict:
         return result
     # The fingerprint reads exactly the fields the lineage key reads, plus the content of the inputs.
     config = json.loads(_blob(lineage_config(cfg, stage.name)))
-    inputs = {**{n: u.fingerprint for n, u in upstream.items()}, **stage.inputs(cfg)}
-    out = StageDir(stage.name, stage_path(cfg, stage.name), config, inputs)
+    inputs = {
+        **{n: {"fingerprint": u.fingerprint, "output": u.output_digest} for n, u in upstream.items()},
+        **({"models": models} if (models := model_identities(cfg, stage)) else {}),
+        **stage.inputs(cfg),
+    }
+    out = StageDir(stage.name, stage_path(cfg, stage.name), config, inputs, allow_other_code=cfg.allow_other_code)
     with stage_lock(out.path):
         return _run_locked(stage, out, Context(cfg, tracker, out, upstream))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from cai.artifacts import file_hash, fingerprint
 from cai.data import Message, read_hh_rlhf
 from cai.errors import CaiError
-from cai.metrics import pairwise_accuracy, wilson_interval
+from cai.metrics import expected_calibration_error, pairwise_accuracy, wilson_interval
 from cai.models import resolve_dtype, run_device
 from cai.training import pad
 
@@ -190,7 +191,10 @@ def score(
 def hh_accuracy(
     pm: PreferenceModel, tokenizer, path: str, max_length: int, n: int = 0, batch_size: int = 16, field: str = "pm.eval_data"
 ) -> dict:
-    """Accuracy of a PM on hh-rlhf comparisons (chosen scored above rejected), with a 95% interval."""
+    """Accuracy of a PM on hh-rlhf comparisons (chosen scored above rejected), with a 95% interval, and
+    its calibration against the human choice: each comparison counted in both orders, P(chosen) =
+    sigmoid(margin) with outcome 1 and its complement with outcome 0 (one order alone would put every
+    outcome at 1)."""
     comps = read_hh_rlhf(path, field=field)
     comps = comps[:n] if n else comps
     transcripts = [(c.conversation, c.chosen) for c in comps] + [(c.conversation, c.rejected) for c in comps]
@@ -198,12 +202,16 @@ def hh_accuracy(
     margins = [rewards[i] - rewards[len(comps) + i] for i in range(len(comps))]
     acc = pairwise_accuracy(margins)
     low, high = wilson_interval(acc, len(comps))
+    p_chosen = [1 / (1 + math.exp(-m)) for m in margins]
+    probs, outcomes = p_chosen + [1 - p for p in p_chosen], [1.0] * len(margins) + [0.0] * len(margins)
     return {
         "data": str(path),
         "comparisons": len(comps),
         "accuracy": acc,
         "interval_95": [low, high],
         "mean_margin": sum(margins) / len(margins),
+        "ece": expected_calibration_error(probs, outcomes),
+        "calibration": (probs, outcomes),
     }
 
 

@@ -227,7 +227,7 @@ class Tracker:
             self.use(path, name, type)
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Scalars named `stage/split/name` (e.g. `pm/val/accuracy`)."""
+        """Scalars named `stage/split/name` (e.g. `pm/val/ece`)."""
         self._open()
         if self.backend == "wandb" and self.run is not None:
             self.run.log(metrics, step=step)

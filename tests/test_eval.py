@@ -253,6 +253,27 @@ def test_answer_sets_of_other_systems_are_rated_without_any_run(make_cfg, tmp_pa
     assert_real_plot(Path(done["path"]))
 
 
+def test_a_retrained_policy_is_rated_afresh(make_cfg, tmp_path, monkeypatch):
+    """Snapshots are keyed by their weights: a PPO retrained under the same config into other weights
+    (its directory deleted; here a learning rate the config does not see stands in for another device
+    count or GPU nondeterminism) gets new answers and a new Elo, not the old ones from the cache."""
+    import cai.stages.ppo
+
+    cfg = make_cfg("stage=all", *TINY, "ppo.iterations=2", "ppo.snapshot_every=2")
+    run(cfg)
+    before = {s["label"]: s for s in json.loads((stage_path(cfg, "eval") / "elo.json").read_text())["snapshots"]}
+    shutil.rmtree(stage_path(cfg, "ppo"))
+    adamw = cai.stages.ppo.adamw
+    monkeypatch.setattr(cai.stages.ppo, "adamw", lambda params, lr, trainer=None: adamw(params, lr * 30, trainer))
+    summaries = {s["stage"]: s for s in run(cfg)}
+    assert all("cached" in summaries[s]["metric"] for s in ("sl_data", "sft", "pairs", "label", "pm"))
+    assert "cached" not in summaries["ppo"]["metric"] and "cached" not in summaries["eval"]["metric"]
+    after = {s["label"]: s for s in json.loads((stage_path(cfg, "eval") / "elo.json").read_text())["snapshots"]}
+    assert set(after) == set(before) == {"initial", "sft", "ppo@2"}
+    assert after["initial"]["key"] == before["initial"]["key"] and after["sft"]["key"] == before["sft"]["key"]
+    assert after["ppo@2"]["key"] != before["ppo@2"]["key"]  # a new player, answering anew
+
+
 def test_eval_before_ppo_says_what_to_run_and_writes_nothing(make_cfg, tmp_path):
     with pytest.raises(CaiError, match="stage 'eval' needs the output of stage 'sft'.*python train.py stage=sft"):
         run(make_cfg("stage=eval", "model=tiny"))

@@ -62,16 +62,17 @@ def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
     )
     out = tmp_path / "artifacts" / "pm" / "latest"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["pm/val/accuracy"] <= 1 and 0 <= metrics["pm/val/ece"] <= 1
+    assert 0 <= metrics["pm/val/labeller_agreement"] <= 1 and 0 <= metrics["pm/val/ece"] <= 1 and "pm/val/accuracy" not in metrics
+    assert 0 <= metrics["pm/hh/ece"] <= 0.5
     assert 0 <= metrics["pm/hh/accuracy_low"] <= metrics["pm/hh/accuracy"] <= metrics["pm/hh/accuracy_high"] <= 1
-    assert (out / "calibration.png").stat().st_size > 5000
+    assert (out / "calibration.png").stat().st_size > 5000 and (out / "calibration_hh.png").stat().st_size > 5000
     pm, tok = PreferenceModel.load(out / "model")
     before = PreferenceModel.from_causal_lm(tiny_spec.load_model())
     w = "layers.0.mlp.up_proj.weight"
     assert not torch.equal(pm.backbone.state_dict()[w], before.backbone.state_dict()[w])  # parameters changed
     log = "".join(p.read_text() for p in (tmp_path / "log").rglob("metrics.csv"))
-    assert "pm/train/loss" in log and "pm/val/accuracy" in log and "pm/val/ece" in log
-    assert "hh accuracy" in summary["metric"]
+    assert "pm/train/loss" in log and "pm/val/labeller_agreement" in log and "pm/val/ece" in log and "pm/hh/ece" in log
+    assert "agrees with labeller" in summary["metric"] and "human accuracy" in summary["metric"]
     # The PM is a standard reward model: one line of transformers loads it, and it scores the same.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -89,6 +90,7 @@ def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
     # pm_eval on the same file, then with chosen and rejected swapped: exactly 1 - accuracy
     [first] = run(make_cfg("stage=pm_eval", *SMALL, "constitution=ensemble", "pm.lr=1e-3", f"pm.eval_data={HH_SMALL}", "pm.n_eval=60"))
     acc = json.loads(Path(first["path"]).read_text())["accuracy"]
+    assert "ECE vs humans" in first["metric"]
     swapped = tmp_path / "swapped.jsonl"
     with gzip.open(HH_SMALL, "rt") as f, swapped.open("w") as g:
         for line in f:
@@ -164,7 +166,7 @@ def test_a_pm_with_a_frozen_backbone_trains_only_what_it_says(make_cfg, tmp_path
         assert not changed  # the backbone is exactly the initial model
     else:
         assert changed and all(k.startswith(("layers.1.", "norm.")) for k in changed)  # the last of 2 blocks, and the norm
-    assert float(json.loads((Path(summary["path"]).parent / "metrics.json").read_text())["pm/val/accuracy"]) >= 0.5
+    assert float(json.loads((Path(summary["path"]).parent / "metrics.json").read_text())["pm/val/labeller_agreement"]) >= 0.5
 
 
 def test_the_old_pm_format_still_loads_with_a_warning(tiny_spec, tmp_path, caplog):
@@ -182,3 +184,16 @@ def test_the_old_pm_format_still_loads_with_a_warning(tiny_spec, tmp_path, caplo
     ids, mask = pad([[5, 6, 7], [5, 6, 7, 8, 9]], 2)
     with torch.no_grad():
         assert torch.allclose(loaded(ids, mask), pm(ids, mask), atol=1e-5)  # the bias only shifted every score alike
+
+
+def test_pm_calibration_is_measured_against_the_soft_targets():
+    """A PM that reproduces clamped CoT labels exactly is calibrated: ECE 0, not the 0.45 that the
+    labels rounded to 0/1 would give; a hard-label PM is not calibrated by construction."""
+    from cai.stages.pm import validation_metrics
+
+    clamped = [0.4, 0.6, 0.6, 0.4, 0.55, 0.45, 0.6, 0.5]
+    exact = validation_metrics(clamped, clamped)
+    assert exact["pm/val/ece"] == pytest.approx(0.0) and exact["pm/val/labeller_agreement"] == 1.0
+    confident = validation_metrics([0.99, 0.01, 0.99, 0.01], [0.6, 0.4, 0.6, 0.4])  # sure where the labels were not
+    assert confident["pm/val/ece"] == pytest.approx(0.39) and confident["pm/val/labeller_agreement"] == 1.0
+    assert "pm/val/labeller_agreement" not in validation_metrics([0.7], [0.5])  # a tie decides nothing

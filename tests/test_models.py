@@ -127,3 +127,38 @@ def test_a_frozen_model_stores_bf16_weights_and_computes_in_float32(tiny_spec):
     assert 0 < (out - exact).abs().max() < 0.05  # the rounding moves the logits a little, not far
     # Storage as wide as the compute dtype is a plain cast: nothing to widen.
     assert "compute_dtype" not in placement(frozen(tiny_spec.load_model(), torch.float32, torch.float32))
+
+
+def test_a_hub_model_is_known_by_the_commit_it_resolves_to(tmp_path, monkeypatch, tiny_spec):
+    """A hub id names whatever its branch points at now: the identity is the commit, read from the HF cache offline."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny-chat"
+    for sha in ("a" * 40, "b" * 40):
+        shutil.copytree(tiny_spec.local_dir(), repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = ModelSpec(name="tiny-chat", source="hf", name_or_path="someone/tiny-chat", dtype="float32", cache=str(tmp_path))
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert spec.identity() == f"hub:someone/tiny-chat@{'a' * 40}"
+    (repo / "refs" / "main").write_text("b" * 40)  # the branch moved on
+    assert spec.identity() == f"hub:someone/tiny-chat@{'b' * 40}"
+    missing = ModelSpec(name="x", source="hf", name_or_path="someone/not-cached", dtype="float32", cache=str(tmp_path))
+    assert "unresolved" in missing.identity()
+
+
+def test_a_directory_is_known_by_its_files(tmp_path, tiny_spec):
+    import shutil
+
+    from cai.models import weights_digest
+
+    shutil.copytree(tiny_spec.local_dir(), tmp_path / "a")
+    before = weights_digest(tmp_path / "a")
+    (tmp_path / "a" / "README.md").write_text("a model card changes no weights")
+    assert weights_digest(tmp_path / "a") == before
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    assert weights_digest(tmp_path / "a") != before

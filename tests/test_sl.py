@@ -256,3 +256,47 @@ def test_the_quickstart_draws_its_prompts_from_most_categories(make_cfg, tmp_pat
     assert [p.id for p in ppo.train_prompts(cfg)["red_team"]] == drawn["red_team"]
     other = make_cfg("model=tiny", "seed=1")
     assert [p.id for p in ppo.train_prompts(other)["red_team"]] != drawn["red_team"]  # the seed draws others
+
+
+def test_a_stage_computed_by_other_code_is_redone_unless_allowed(make_cfg, tmp_path, monkeypatch, caplog):
+    """Every fingerprint holds the code version: after a change to cai's code, finished stages are
+    redone (the old output moved aside), or reused with a warning naming the code that made them."""
+    import cai.artifacts
+    import cai.pipeline
+    from cai.artifacts import code_version
+
+    args = ("stage=sl_data", *SMALL)
+    run(make_cfg(*args))
+    assert json.loads((sl_dir(tmp_path) / "manifest.json").read_text())["code"] == code_version()
+    other = "0.0.9+0123456789ab"  # as if the rows had been made by an older cai
+    for module in (cai.artifacts, cai.pipeline):  # StageDir and require() read it
+        monkeypatch.setattr(module, "code_version", lambda: other)
+    [summary] = run(make_cfg(*args))
+    assert "cached" not in summary["metric"]  # redone by the new code...
+    assert len(list((tmp_path / "artifacts" / "sl_data").glob("*.stale-*"))) == 1  # ...the old rows kept aside
+    monkeypatch.undo()
+    # Back to this code: the stage made by "other" is not this code's; sft refuses it, the pipeline redoes it.
+    with pytest.raises(CaiError, match=r"computed by cai 0\.0\.9\+0123456789ab, not by this code .*allow_other_code=true"):
+        run(make_cfg("stage=sft", *SMALL))
+    with caplog.at_level("WARNING"):
+        [reused] = run(make_cfg(*args, "allow_other_code=true"))
+    assert "cached" in reused["metric"] and "computed by cai 0.0.9+0123456789ab" in caplog.text
+    [redone] = run(make_cfg(*args))
+    assert "cached" not in redone["metric"]
+
+
+def test_a_local_model_is_known_by_its_weights_not_its_path(make_cfg, tmp_path, tiny_spec):
+    """`model=hf model.name_or_path=DIR` retrained in place is another model: its stages are redone."""
+    import shutil
+
+    from cai.models import ModelSpec
+
+    mine = tmp_path / "my-model"
+    shutil.copytree(tiny_spec.local_dir(), mine)
+    args = ("stage=sl_data", *[a for a in SMALL if a != "model=tiny"], "model=hf", f"model.name_or_path={mine}")
+    run(make_cfg(*args))
+    assert "cached" in run(make_cfg(*args))[0]["metric"]
+    retrained = ModelSpec(name="tiny", source="tiny", dtype="float32", cache=str(tmp_path / "c"), seed=1).local_dir()
+    shutil.copy(Path(retrained) / "model.safetensors", mine / "model.safetensors")  # new weights, same path
+    [summary] = run(make_cfg(*args))
+    assert "cached" not in summary["metric"]

@@ -65,13 +65,15 @@ def snapshots(cfg: DictConfig, sft: Upstream, ppo: Upstream) -> list[Snapshot]:
     def local(path: Path) -> dict:
         return {"name": path.name, "source": "local", "path": str(path), "dtype": cfg.model.dtype, "cache": cfg.paths.cache}
 
-    out.append(Snapshot(fingerprint({"role": "sft", "fingerprint": sft.fingerprint}), "sft", 1, local(sft.model_dir)))
+    # Keyed by the weights each was saved with (the digests the manifests recorded), not by the config
+    # that asked for them: a retrained policy is a new player with new answers.
+    out.append(Snapshot(fingerprint({"role": "sft", "weights": sft.digest_under(sft.model_dir)}), "sft", 1, local(sft.model_dir)))
     final = ppo.manifest["counts"]["iterations"]
     saved = [(int(p.name.split("-")[1]), p) for p in sorted((ppo.path / "snapshots").glob("iter-*"))]
     # The final iteration is the saved policy itself, whether or not a snapshot was also taken then.
     points = [(it, p) for it, p in saved if it < final] + [(final, ppo.model_dir)]
     out += [
-        Snapshot(fingerprint({"role": "ppo", "fingerprint": ppo.fingerprint, "iteration": it}), f"ppo@{it}", 1 + it, local(p))
+        Snapshot(fingerprint({"role": "ppo", "weights": ppo.digest_under(p), "iteration": it}), f"ppo@{it}", 1 + it, local(p))
         for it, p in points
     ]
     return out

@@ -3,8 +3,11 @@
 The PM is the `pm_model` backbone with a scalar head on the last token, trained with the
 Bradley-Terry loss against the (soft) labels. Helpfulness comparisons come from a human
 hh-rlhf-format file when `pm.helpful_data` is given, else from AI labels under a helpfulness
-question (the `label` stage makes them). Reports `pm/val/accuracy`, `pm/val/ece` with a calibration
-plot, and `pm/hh/accuracy` on `pm.eval_data` (human harmlessness comparisons) when given.
+question (the `label` stage makes them). On held-out comparisons it reports
+`pm/val/labeller_agreement` (how often the PM prefers the answer the labeller preferred: agreement
+with AI labels, not accuracy) and `pm/val/ece` with a calibration plot, against the soft targets the
+PM was trained on; and on `pm.eval_data` (human harmlessness comparisons), when given,
+`pm/hh/accuracy` and `pm/hh/ece`, against the human choice.
 """
 
 from __future__ import annotations
@@ -91,6 +94,21 @@ def freeze(pm: PreferenceModel, trainable: str) -> None:
         pm.backbone.norm.requires_grad_(True)
 
 
+def validation_metrics(probs: list[float], targets: list[float]) -> dict[str, float]:
+    """The PM against the labels it was trained to reproduce.
+
+    probs: the PM's P(a preferred) = sigmoid(r_a - r_b); targets: the labels' P(a preferred), soft.
+    ECE is measured against the soft targets themselves: a PM that reproduces clamped CoT labels
+    exactly is calibrated (ECE 0), not 0.45 off as it would be against the labels rounded to 0/1.
+    Agreement counts the comparisons the labeller decided (target != 0.5).
+    """
+    out = {"pm/val/ece": expected_calibration_error(probs, targets)} if probs else {}
+    decided = [(q - 0.5) * (1 if t > 0.5 else -1) for q, t in zip(probs, targets) if t != 0.5]
+    if decided:
+        out["pm/val/labeller_agreement"] = pairwise_accuracy(decided)
+    return out
+
+
 class PMModule(L.LightningModule):
     """Bradley-Terry training of a PreferenceModel; validation collects calibration statistics."""
 
@@ -131,12 +149,8 @@ class PMModule(L.LightningModule):
         self.val_targets += batch["p"].tolist()
 
     def on_validation_epoch_end(self) -> None:
-        decided = [(q, float(t > 0.5)) for q, t in zip(self.val_probs, self.val_targets) if t != 0.5]
-        if not decided:
-            return
-        probs, outcomes = zip(*decided)
-        self.log("pm/val/accuracy", pairwise_accuracy([(q - 0.5) * (1 if o else -1) for q, o in decided]))
-        self.log("pm/val/ece", expected_calibration_error(probs, outcomes))
+        for name, value in validation_metrics(self.val_probs, self.val_targets).items():
+            self.log(name, value)
 
     def configure_optimizers(self):
         return adamw_with_cosine(
@@ -170,16 +184,17 @@ def loaders(cfg: DictConfig, tokenizer, rows: list[dict]) -> tuple[DataLoader, D
 def report(ctx: Context, module: PMModule, tokenizer, metrics: dict) -> None:
     """The calibration plot on validation, and accuracy on human comparisons when pm.eval_data is set."""
     cfg, out = ctx.cfg, ctx.out
-    decided = [(q, float(t > 0.5)) for q, t in zip(module.val_probs, module.val_targets) if t != 0.5]
-    if decided:
-        calibration_plot([q for q, _ in decided], [o for _, o in decided], out.path / "calibration.png")
+    if module.val_probs:  # against the soft targets, as pm/val/ece
+        calibration_plot(module.val_probs, module.val_targets, out.path / "calibration.png")
         ctx.tracker.image("pm/val/calibration", out.path / "calibration.png")
     if cfg.pm.eval_data:
         module.pm.cpu().eval()
         hh = hh_accuracy(module.pm, tokenizer, cfg.pm.eval_data, cfg.pm.max_length, cfg.pm.n_eval, cfg.pm.batch_size)
-        metrics["pm/hh/accuracy"] = hh["accuracy"]
+        metrics["pm/hh/accuracy"], metrics["pm/hh/ece"] = hh["accuracy"], hh["ece"]
         metrics["pm/hh/accuracy_low"], metrics["pm/hh/accuracy_high"] = hh["interval_95"]
-        ctx.tracker.log({k: metrics[k] for k in ("pm/hh/accuracy", "pm/hh/accuracy_low", "pm/hh/accuracy_high")})
+        ctx.tracker.log({k: metrics[k] for k in ("pm/hh/accuracy", "pm/hh/accuracy_low", "pm/hh/accuracy_high", "pm/hh/ece")})
+        calibration_plot(*hh["calibration"], out.path / "calibration_hh.png")  # against the human choice
+        ctx.tracker.image("pm/hh/calibration", out.path / "calibration_hh.png")
         log.info("pm/hh/accuracy %.3f (95%% interval %.3f-%.3f) on %d comparisons", hh["accuracy"], *hh["interval_95"], hh["comparisons"])
 
 
@@ -216,17 +231,18 @@ def build(ctx: Context) -> dict | None:
         "train_comparisons": n_train,
         "val_comparisons": n_val,
         "sources": {s: sum(r["source"] == s for r in rows) for s in sorted({r["source"] for r in rows})},
-        "val_accuracy": round(metrics.get("pm/val/accuracy", float("nan")), 4),
+        "val_labeller_agreement": round(metrics.get("pm/val/labeller_agreement", float("nan")), 4),
         "val_ece": round(metrics.get("pm/val/ece", float("nan")), 4),
         "hh_accuracy": round(metrics["pm/hh/accuracy"], 4) if "pm/hh/accuracy" in metrics else None,
+        "hh_ece": round(metrics["pm/hh/ece"], 4) if "pm/hh/ece" in metrics else None,
         "optimizer_steps": trainer.global_step,
         "seconds": round(seconds, 1),
     }
 
 
 def metric(counts: dict) -> str:
-    hh = f", hh accuracy {counts['hh_accuracy']:.3f}" if counts.get("hh_accuracy") is not None else ""
-    return f"val accuracy {counts['val_accuracy']}, ECE {counts['val_ece']}{hh}"
+    hh = f", human accuracy {counts['hh_accuracy']:.3f}, ECE {counts['hh_ece']}" if counts.get("hh_accuracy") is not None else ""
+    return f"agrees with labeller {counts['val_labeller_agreement']}, ECE vs labels {counts['val_ece']}{hh}"
 
 
 def check(cfg: DictConfig) -> None:

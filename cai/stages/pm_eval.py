@@ -33,6 +33,7 @@ def build(ctx: Context) -> dict:
     checkpoint = Path(cfg.pm.checkpoint).expanduser() if cfg.pm.checkpoint else ctx.upstream["pm"].model_dir
     pm, tokenizer = PreferenceModel.load(checkpoint)
     result = hh_accuracy(pm, tokenizer, cfg.pm.eval_data, cfg.pm.max_length, cfg.pm.n_eval, cfg.pm.batch_size)
+    result.pop("calibration")  # the per-comparison points; metrics.json keeps the numbers
     result["checkpoint"] = str(checkpoint)
     # One directory per (PM, data file): two PMs scored on files of the same name never overwrite each other.
     key = fingerprint({"pm": pm_identity(checkpoint), "data": file_hash(cfg.pm.eval_data), "n": cfg.pm.n_eval})
@@ -43,8 +44,11 @@ def build(ctx: Context) -> dict:
     print(
         f"pm_eval: accuracy {result['accuracy']:.4f} (95% interval {low:.4f}-{high:.4f}) on {result['comparisons']} comparisons of {cfg.pm.eval_data}"
     )
-    ctx.tracker.log({"pm_eval/hh/accuracy": result["accuracy"], "pm_eval/hh/accuracy_low": low, "pm_eval/hh/accuracy_high": high})
-    return {"metric": f"accuracy {result['accuracy']:.3f} [{low:.3f}, {high:.3f}]", "path": str(out / "metrics.json")}
+    ctx.tracker.log(
+        {"pm_eval/hh/accuracy": result["accuracy"], "pm_eval/hh/accuracy_low": low, "pm_eval/hh/accuracy_high": high, "pm_eval/hh/ece": result["ece"]}
+    )
+    metric = f"accuracy {result['accuracy']:.3f} [{low:.3f}, {high:.3f}], ECE vs humans {result['ece']:.3f}"
+    return {"metric": metric, "path": str(out / "metrics.json")}
 
 
 STAGE = Stage(
