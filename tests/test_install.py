@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -97,8 +98,13 @@ def test_a_wheel_carries_conf_and_constitutions_inside_the_package(from_checkout
         python, script = Path(venv) / "bin" / "python", Path(venv) / "bin" / "cai-train"
     else:
         pytest.importorskip("setuptools", reason="building the wheel offline needs setuptools in this environment")
-        pip, whl, site = [sys.executable, "-m", "pip"], tmp_path / "whl", tmp_path / "site"
-        run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(whl), str(cai.ROOT)], tmp_path, tmp_path)
+        pip, whl, site, src = [sys.executable, "-m", "pip"], tmp_path / "whl", tmp_path / "site", tmp_path / "src"
+        # Built from a copy of the sources, so no build/ folder is left in the checkout for later builds to pick up.
+        for folder in ("cai", "conf", "constitutions"):
+            shutil.copytree(cai.ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        for file in ("pyproject.toml", "README.md"):
+            shutil.copy(cai.ROOT / file, src / file)
+        run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(whl), str(src)], tmp_path, tmp_path)
         run([*pip, "install", "-q", "--no-deps", "--target", str(site), *map(str, whl.glob("*.whl"))], tmp_path, tmp_path)
         python, script, env = Path(sys.executable), site / "bin" / "cai-train", {"PYTHONPATH": str(site)}
     where = run([str(python), "-c", "import cai; print(cai.PACKAGE)"], tmp_path, tmp_path, **env).stdout.strip()
