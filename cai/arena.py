@@ -29,6 +29,7 @@ from cai.data import read_answer_set, read_hh_rlhf
 from cai.distributed import all_gather, barrier, is_rank_zero, mine, rank
 from cai.elo import bootstrap_elo
 from cai.errors import CaiError
+from cai.generation import derive_seed
 from cai.metrics import human_agreement
 from cai.models import ModelSpec, placement
 from cai.plots import plot_frontier
@@ -86,7 +87,7 @@ def answer(cfg: DictConfig, snaps: Sequence[Snapshot], prompts: list[dict]) -> d
             gen = instantiate(cfg.generation, model=snap.spec())
             try:
                 snap.ran_on = gen.placement()
-                params = gen.params(max_new_tokens=sampling["max_new_tokens"], seed=cfg.seed * 31 + 7)
+                params = gen.params(max_new_tokens=sampling["max_new_tokens"], seed=derive_seed(cfg.seed, "eval"))
                 done = gen.generate([[{"role": "user", "content": p["prompt"]}] for p in prompts], params, desc=f"answers {snap.label}")
             finally:
                 gen.close()
@@ -158,13 +159,25 @@ class Judge:
     key = ""
     identity = ""  # what the judge is, in words, for elo.json and the plot
     is_reward = False  # True when the judge is the PM that this run's PPO optimised
+    shares: tuple[str, ...] = ()  # the run's roles whose model the judge is: "labeller", "reward model"
     ran_on: dict | None = None  # where its model ran, once loaded (None when every verdict was cached)
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "key": self.key, "identity": self.identity, "is_reward": self.is_reward}
+        return {
+            "kind": self.kind,
+            "key": self.key,
+            "identity": self.identity,
+            "is_reward": self.is_reward,
+            "shares": list(self.shares),
+            "independent": not self.shares,
+        }
+
+    def caveat(self) -> str:
+        """'' for an independent judge, else what it is not independent of (for plot titles and the summary)."""
+        return f"judge not independent: it is this run's {' and '.join(self.shares)}" if self.shares else ""
 
     @property
     def path(self) -> Path:
@@ -232,6 +245,10 @@ class FeedbackJudge(Judge):
         ident = {"model": self.spec.identity(), "template": COMPARISON_TEMPLATE, "questions": [HARMLESS_QUESTION, HELPFUL_QUESTION]}
         self.key = fingerprint({"judge": self.kind, **ident})
         self.identity = f"feedback model {self.spec.name} ({ident['model']}), zero-shot, both orders"
+        # The model that labelled the PM's data (harmlessness, and helpfulness unless pm.helpful_data is
+        # human) judging the policy the PM trained: agreement with itself, not with an outside view.
+        labeller = instantiate(cfg.feedback_model).identity() if cfg.label.kind != "human" else None
+        self.shares = ("labeller",) if ident["model"] == labeller else ()
         self._labeller = None
 
     def compare(self, pairs: list[tuple[dict, dict]]) -> list[float]:
@@ -256,6 +273,7 @@ class PMJudge(Judge):
         # The same weights, the same cache. `identity`: pm_identity(pm_dir), when the caller hashed the weights already.
         self.key = fingerprint({"judge": self.kind, "pm": identity or pm_identity(self.pm_dir)})
         self.is_reward = is_reward
+        self.shares = ("reward model",) if is_reward else ()
         self.identity = f"PM {pm_dir}" + (" (this run's own reward model)" if is_reward else "")
         self._pm = None
 
@@ -461,8 +479,8 @@ def report(
         row.update(metrics.get(s.key, {}))
         rows.append(row)
     write_json(out / "elo.json", {"snapshots": rows, "runs": runs, "games": ratings["games"], "anchor": snaps[0].key, "judge": judge})
-    if judge.get("is_reward"):
-        title += "\njudged by the PM that PPO optimised: not independent"
+    if judge.get("shares"):
+        title += f"\njudge not independent: it is this run's {' and '.join(judge['shares'])}"
     plot_frontier(rows, runs, out / "frontier.png", title, note=quality_note(judge.get("quality", {})))
     return rows
 

@@ -285,7 +285,8 @@ class PPOConfig:
     adaptive_kl: bool = True
     target_kl: float = ranged(6.0, gt=0)
     kl_horizon: int = ranged(10000, ge=1)
-    whiten_rewards: bool = True
+    reward_norm: str = "batch"  # batch | running | none: how PM scores are normalised before the KL penalty
+    missing_eos_penalty: float = ranged(0.0, ge=0)  # subtracted from the score of an answer cut at max_new_tokens (0 = off)
     reward_clip: float = ranged(5.0, gt=0)
     max_grad_norm: float = ranged(1.0, gt=0)  # gradient clipping (DeepSpeed applies it in its engine)
     value_model: str = "head"  # head | critic

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -131,6 +133,39 @@ def logprobs_and_entropy(
         return logp, None
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+class RunningMoments:
+    """Mean and standard deviation of every score seen so far (Chan et al.'s parallel update).
+
+    For `ppo.reward_norm=running`: scores are normalised by statistics that move slowly across
+    iterations, not by each small batch's own. The state is saved in PPO checkpoints.
+    """
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values: list[float]) -> tuple[float, float]:
+        """Fold a batch in; return the (mean, std) of everything seen, this batch included."""
+        n = len(values)
+        batch_mean = sum(values) / n
+        batch_m2 = sum((v - batch_mean) ** 2 for v in values)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta * delta * self.count * n / total
+        self.count = total
+        return self.mean, self.std
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
 
 class AdaptiveKLController:

@@ -74,6 +74,23 @@ def hub_commit(repo_id: str, revision: str | None) -> str:
         return f"{revision or 'main'} (unresolved)"
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Turn every dropout of a model off, in train mode too: nn.Dropout layers and attention dropout."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # HF attention: its dropout_p when training
+            module.attention_dropout = 0.0
+    # The config is left as it is: a saved policy keeps the dropout its architecture asks for.
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two ModelSpecs tokenize alike (the same vocabulary, the same ids)."""
+    if a.identity() == b.identity():
+        return True
+    return a.load_tokenizer().get_vocab() == b.load_tokenizer().get_vocab()
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """'auto' is bf16 on a GPU that supports it and float32 elsewhere (bf16 is ~5x slower on CPUs)."""
     if name == "auto":

@@ -169,6 +169,7 @@ class Experience:
     advantages: torch.Tensor  # GAE, whitened
     returns: torch.Tensor
     scores: torch.Tensor  # (B,) raw reward-model scores
+    truncated: torch.Tensor  # (B,) 1 where the answer was cut at max_new_tokens (no eos)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -184,4 +185,5 @@ class Experience:
             self.advantages[idx],
             self.returns[idx],
             self.scores[idx.cpu()],
+            self.truncated[idx.cpu()],
         )

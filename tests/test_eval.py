@@ -140,6 +140,9 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
         assert all(stage_path(changed, s) == stage_path(cfg, s) for s in STAGES), field
     assert manifests == {s: (stage_path(cfg, s) / "manifest.json").read_text() for s in STAGES}
     assert elo["judge"]["kind"] == "feedback" and not elo["judge"]["is_reward"] and elo["judge"]["quality"] == {}
+    # The default judge is the model that labelled the PM's data: flagged in elo.json and the summary.
+    assert elo["judge"]["shares"] == ["labeller"] and elo["judge"]["independent"] is False
+    assert "judge not independent: it is this run's labeller" in summaries[-1]["metric"]
     # The PM that PPO optimised is not an independent judge: an error unless asked for, and then the plot says so.
     with pytest.raises(CaiError, match="eval.judge=pm: this run's PM is the reward PPO optimised"):
         run(make_cfg("stage=eval", *TINY, "eval.judge=pm"))
@@ -151,6 +154,7 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
     pm_elo = json.loads((Path(pm_eval["path"]).parent / "elo.json").read_text())
     assert [s["answers"] for s in pm_elo["snapshots"]] == [s["answers"] for s in elo["snapshots"]]
     assert pm_elo["judge"]["kind"] == "pm" and pm_elo["judge"]["is_reward"] and own_dir in pm_elo["judge"]["identity"]
+    assert pm_elo["judge"]["shares"] == ["reward model"] and "it is this run's reward model" in pm_eval["metric"]
 
     # Interrupted judging resumes: half the verdicts and a torn line are left; only the rest is asked.
     from cai.arena import make_judge

@@ -163,3 +163,16 @@ def test_adaptive_kl_controller():
     restored = AdaptiveKLController(1.0, 6.0, 100)
     restored.load_state_dict(c.state_dict())
     assert restored.beta == c.beta
+
+
+def test_running_moments_equal_the_moments_of_everything_seen():
+    from cai.losses import RunningMoments
+
+    m = RunningMoments()
+    assert m.std == 1.0  # nothing seen: no scaling
+    assert m.update([1.0, 3.0]) == pytest.approx((2.0, 2**0.5))  # mean 2, sample std sqrt(2)
+    mean, std = m.update([5.0, 7.0, 9.0])  # all five: 1 3 5 7 9
+    assert mean == pytest.approx(5.0) and std == pytest.approx(10**0.5)  # sample variance 40 / 4
+    again = RunningMoments()
+    again.load_state_dict(m.state_dict())
+    assert again.update([5.0]) == m.update([5.0])

@@ -15,7 +15,8 @@ from conftest import TINY_RUN
 from omegaconf import OmegaConf
 
 from cai.config import PPOConfig
-from cai.generation import SamplingParams
+from cai.errors import CaiError
+from cai.generation import SamplingParams, derive_seed
 from cai.generation.hf import HFGenerator
 from cai.pipeline import run, stage_path
 from cai.rl import batch_rollouts
@@ -75,12 +76,15 @@ def test_response_only_log_probs_equal_the_full_computation(tiny_spec, monkeypat
 def test_ppo_raises_a_synthetic_reward(tiny_spec):
     actor, tok = tiny_spec.load_model(), tiny_spec.load_tokenizer()
     # The random model is near-uniform over 49k tokens, so no token would be sampled often enough
-    # to learn from. Sharpen it (logits x10 through the tied embeddings), then reward +1 per
-    # occurrence of the token it samples most.
+    # to learn from. Sharpen it (logits x13 through the tied embeddings: one token then comes about
+    # once per 8-token answer, on every prompt), then reward +1 per occurrence of the token it samples most.
     with torch.no_grad():
-        actor.model.embed_tokens.weight.mul_(10.0)
-    sample = HFGenerator(actor, tok, batch_size=16).generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=0))
-    target = collections.Counter(t for c in sample for t in c.token_ids).most_common(1)[0][0]
+        actor.model.embed_tokens.weight.mul_(13.0)
+    counts = collections.Counter()
+    for s in range(4):
+        params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=derive_seed("target", s))
+        counts.update(t for c in HFGenerator(actor, tok, batch_size=16).generate(PROMPTS, params) for t in c.token_ids)
+    target = counts.most_common(1)[0][0]
 
     def reward(convs, completions):
         return [float(sum(t == target for t in c.token_ids)) for c in completions]
@@ -256,3 +260,47 @@ def test_mixed_precision_clips_the_fused_step(make_cfg, tmp_path):
     assert "bf16-mixed" in summary["ran_on"]
     [summary] = run(make_cfg("stage=sft", *mixed, "trainer.gradient_clip_val=1.0"))  # Lightning's own clipping
     assert "bf16-mixed" in summary["ran_on"]
+
+
+def test_ppo_on_a_model_with_dropout_and_the_reward_options(make_cfg, tmp_path, tiny_spec):
+    """Dropout is off in PPO's passes (the actor equals the ref at the start: KL 0, as TRL and OpenRLHF
+    do); kl_coef is logged as the value that penalised the iteration; running reward normalisation and
+    the missing-eos penalty run through stage=ppo."""
+    import shutil
+
+    mine = tmp_path / "with-dropout"
+    shutil.copytree(tiny_spec.local_dir(), mine)
+    config = json.loads((mine / "config.json").read_text())
+    (mine / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    small = (*[a for a in TINY_RUN if a != "model=tiny"], "model=hf", f"model.name_or_path={mine}")
+    for stage in ("sl_data", "sft", "pairs", "label", "pm"):
+        run(make_cfg(f"stage={stage}", *small))
+    ppo = ("ppo.iterations=3", "ppo.rollouts=8", "ppo.max_new_tokens=8", "ppo.reward_norm=running", "ppo.missing_eos_penalty=1.0")
+    cfg = make_cfg("stage=ppo", *small, *ppo)
+    run(cfg)
+    history = json.loads((stage_path(cfg, "ppo") / "history.json").read_text())
+    assert abs(history[0]["ppo/train/kl"]) < 1e-4  # with dropout on in the actor's passes: ~0.5 nats
+    assert history[0]["ppo/train/kl_coef"] == cfg.ppo.kl_coef  # the coefficient iteration 0 was penalised with
+    assert history[1]["ppo/train/kl_coef"] != cfg.ppo.kl_coef  # the adaptive controller moved it after
+    assert all(0 <= h["ppo/train/truncated_rate"] <= 1 for h in history) and history[0]["ppo/train/truncated_rate"] > 0
+    assert json.loads((mine / "config.json").read_text())["attention_dropout"] == 0.5
+
+
+def test_the_critic_refuses_a_pm_with_another_tokenizer(make_cfg, tmp_path, tiny_spec):
+    """ppo.value_model=critic reads the actor's token ids with the PM's backbone: another vocabulary is refused before any model loads."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    other = tmp_path / "other-vocab"
+    shutil.copytree(tiny_spec.local_dir(), other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<new-word-1>", "<new-word-2>"])
+    model = AutoModelForCausalLM.from_pretrained(other)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(other)
+    tok.save_pretrained(other)
+    cfg = make_cfg("stage=ppo", "model=tiny", "model@pm_model=hf", f"pm_model.name_or_path={other}", "ppo.value_model=critic")
+    with pytest.raises(CaiError, match="ppo.value_model=critic: the PM backbone .* has another tokenizer than the policy"):
+        run(cfg)
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("manifest.json"))

@@ -300,3 +300,17 @@ def test_a_local_model_is_known_by_its_weights_not_its_path(make_cfg, tmp_path, 
     shutil.copy(Path(retrained) / "model.safetensors", mine / "model.safetensors")  # new weights, same path
     [summary] = run(make_cfg(*args))
     assert "cached" not in summary["metric"]
+
+
+def test_no_two_sampling_streams_share_a_seed(make_cfg, monkeypatch):
+    """Every batch of every step of every shard draws from its own seed (seed + step + batch overlapped:
+    step 0's second batch and step 1's first drew the same numbers)."""
+    import cai.generation.hf
+    from cai.generation import derive_seed
+
+    seeds: list[int] = []
+    manual_seed = torch.manual_seed
+    monkeypatch.setattr(cai.generation.hf.torch, "manual_seed", lambda s: seeds.append(s) or manual_seed(s))
+    run(make_cfg("stage=sl_data", *SMALL, "generation.batch_size=2", "sl.n_revisions=2", "sl.shard_size=5"))
+    assert len(seeds) > 20 and len(set(seeds)) == len(seeds)
+    assert derive_seed(0, "ppo", 1, 0) != derive_seed(0, "ppo", 0, 1) and derive_seed(0, "x") == derive_seed(0, "x")

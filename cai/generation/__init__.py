@@ -7,6 +7,7 @@ tokens.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -25,6 +26,13 @@ class LoadableModel(Protocol):
     def load_model(self) -> Any: ...
 
     def load_tokenizer(self) -> Any: ...
+
+
+def derive_seed(*parts) -> int:
+    """A seed for one stream of random numbers, from the parts that name it (run seed, stage, iteration
+    or shard, step, rank, batch or request): a hash, so no two names share a stream, as `seed + i + j`
+    did (iteration i's request k and iteration i+1's request k-1 drew the same numbers)."""
+    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 
 @dataclass

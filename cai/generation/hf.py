@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from cai.generation import Completion, Generator, LoadableModel, SamplingParams
+from cai.generation import Completion, Generator, LoadableModel, SamplingParams, derive_seed
 from cai.models import placement
 from cai.training import pad
 
@@ -53,7 +53,7 @@ class HFGenerator(Generator):
             idx = order[start : start + self.batch_size]
             ids, mask = pad([prompts[i] for i in idx], pad_id, side="left")  # every prompt ends at the same column
             width = ids.shape[1]
-            torch.manual_seed(params.seed + b)  # same seed and same prompts -> same text
+            torch.manual_seed(derive_seed(params.seed, "batch", b))  # same seed and same prompts -> same text
             with own_config_hidden(self.model):
                 out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
             sequences = out.sequences if params.logprobs else out

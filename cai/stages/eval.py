@@ -139,8 +139,11 @@ def build(ctx: Context) -> dict | None:
     log_results(tracker, "eval", rows, table, out.path)
     last = rows[len(snaps) - 1]  # the final policy
     tracker.log({f"eval/summary/{axis}_elo": last[f"{axis}_elo"] for axis in AXES.values()})  # the sweeps' metric
-    tracker.summary({"eval/judge/identity": judge.identity, **quality_metrics(judge_info["quality"])})
+    tracker.summary(
+        {"eval/judge/identity": judge.identity, "eval/judge/independent": not judge.shares, **quality_metrics(judge_info["quality"])}
+    )
     summary = f"{last['label']}: harmless Elo {last['harmless_elo']:+.0f}, helpful Elo {last['helpful_elo']:+.0f}"
+    summary += f" ({judge.caveat()})" if judge.caveat() else ""
     ctx.extra["run"] = run_name
     generated = [s.ran_on for s in snaps if s.ran_on]
     ctx.extra["models"] = {"pm_scores": placement(pm[0])}

@@ -132,7 +132,8 @@ def build(ctx: Context) -> dict:
     log_results(tracker, "frontier", rows, table, out.path)
     out.complete({"runs": len(runs), "snapshots": len(snaps), **ratings["games"]}, {"evals": [str(e) for e in found]})
     log.info("frontier of %d runs: %s", len(runs), out.path / "frontier.png")
-    return {"metric": f"{len(runs)} runs, {len(snaps)} snapshots", "path": str(out.path / "frontier.png")}
+    caveat = f" ({judge.caveat()})" if judge.caveat() else ""
+    return {"metric": f"{len(runs)} runs, {len(snaps)} snapshots{caveat}", "path": str(out.path / "frontier.png")}
 
 
 STAGE = Stage(

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from cai.artifacts import chunked, fingerprint
 from cai.config import instantiate
 from cai.data import Prompt, load_prompts
-from cai.generation import Generator
+from cai.generation import Generator, derive_seed
 from cai.stages import Context, Stage
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ def build(ctx: Context) -> dict:
         if gen is None:
             gen = instantiate(cfg.generation, model=sft)
             ctx.extra["models"] = {"sft_policy": gen.placement()}
-        params = gen.params(max_new_tokens=cfg.pairs.max_new_tokens, temperature=cfg.pairs.temperature, seed=cfg.seed * 7_919 + index)
+        params = gen.params(
+            max_new_tokens=cfg.pairs.max_new_tokens, temperature=cfg.pairs.temperature, seed=derive_seed(cfg.seed, "pairs", index)
+        )
         convs = [[{"role": "user", "content": p.text}] for _, p in chunk]
         answers = gen.generate(convs + convs, params, desc=f"pairs shard {index}")  # both samples in one batched call
         n = len(chunk)

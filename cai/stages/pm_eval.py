@@ -45,7 +45,12 @@ def build(ctx: Context) -> dict:
         f"pm_eval: accuracy {result['accuracy']:.4f} (95% interval {low:.4f}-{high:.4f}) on {result['comparisons']} comparisons of {cfg.pm.eval_data}"
     )
     ctx.tracker.log(
-        {"pm_eval/hh/accuracy": result["accuracy"], "pm_eval/hh/accuracy_low": low, "pm_eval/hh/accuracy_high": high, "pm_eval/hh/ece": result["ece"]}
+        {
+            "pm_eval/hh/accuracy": result["accuracy"],
+            "pm_eval/hh/accuracy_low": low,
+            "pm_eval/hh/accuracy_high": high,
+            "pm_eval/hh/ece": result["ece"],
+        }
     )
     metric = f"accuracy {result['accuracy']:.3f} [{low:.3f}, {high:.3f}], ECE vs humans {result['ece']:.3f}"
     return {"metric": metric, "path": str(out / "metrics.json")}

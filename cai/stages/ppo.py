@@ -40,9 +40,10 @@ from cai.config import instantiate
 from cai.data import Message, Prompt, load_prompts
 from cai.distributed import all_gather, mean, rank, world
 from cai.errors import CaiError, check_choice
-from cai.generation import Completion, Generator, SamplingParams
+from cai.generation import Completion, Generator, SamplingParams, derive_seed
 from cai.losses import (
     AdaptiveKLController,
+    RunningMoments,
     gae,
     kl_estimate,
     masked_mean,
@@ -52,7 +53,7 @@ from cai.losses import (
     whiten,
 )
 from cai.metrics import boilerplate_rate, refusal_rate
-from cai.models import DTYPES, frozen, placement, resolve_dtype
+from cai.models import DTYPES, disable_dropout, frozen, placement, resolve_dtype, same_tokenizer
 from cai.reward import PreferenceModel, pm_reward
 from cai.rl import Critic, CriticModel, Experience, RewardFn, Rollout, ValueHead, batch_rollouts, response_logprobs
 from cai.stages import Context, Stage
@@ -69,6 +70,7 @@ from cai.training import (
 
 log = logging.getLogger(__name__)
 VALUE_MODELS = ("head", "critic")
+REWARD_NORMS = ("batch", "running", "none")
 FROZEN_DTYPES = ("bfloat16", "float32")
 VLLM = "cai.generation.vllm.VLLMGenerator"
 
@@ -111,6 +113,11 @@ class PPOModule(L.LightningModule):
         self.cfg = ppo
         self.seed = seed
         self.kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon, ppo.adaptive_kl)
+        self.score_moments = RunningMoments()  # ppo.reward_norm=running
+        # Log-probs, KL and values are computed in train mode (Lightning's), sampling in eval mode: with
+        # dropout on, the ratio and the KL would measure dropout noise. TRL and OpenRLHF turn it off too.
+        disable_dropout(self.actor)
+        disable_dropout(self.critic)
         self.tracker = tracker
         self.snapshot_dir = snapshot_dir
         self.history: list[dict[str, float]] = []
@@ -158,7 +165,7 @@ class PPOModule(L.LightningModule):
         rng = random.Random(f"{self.seed}/ppo/{iteration}" + (f"/rank{r}" if r else ""))
         conversations = [self.prompts[rng.randrange(len(self.prompts))] for _ in range(self.cfg.rollouts)]
         # PPO needs samples from the policy itself: temperature 1, no nucleus truncation.
-        seed = self.seed * 100_003 + iteration + r * 1_000_003
+        seed = derive_seed(self.seed, "ppo", iteration, r)
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=1.0, top_p=1.0, seed=seed)
         strategy = self.trainer.strategy if self._trainer is not None else None
         completions = self.rollout_role(conversations, params, strategy, desc=f"ppo rollouts {iteration}")
@@ -186,18 +193,26 @@ class PPOModule(L.LightningModule):
         """
         cfg = self.cfg
         scores = torch.tensor(self.reward_fn(conversations, completions), dtype=torch.float32)  # (B,)
+        truncated = torch.tensor([not c.finished for c in completions], dtype=torch.float32)  # (B,) cut at max_new_tokens
         mask = batch["action_mask"]  # (B, L-1)
         old_logp, _, old_values = actor_out if actor_out is not None else self.actor_forward(batch, with_entropy=False)
         old_logp, old_values = old_logp.detach(), old_values.detach()
         ref_logp = response_logprobs(self.ref, batch)[0]
         kl = kl_estimate(old_logp, ref_logp, "k1") * mask  # (B, L-1)
-        shaped = scores.to(self.device)
-        if cfg.whiten_rewards and len(shaped) > 1:
-            shaped = (shaped - shaped.mean()) / (shaped.std() + 1e-8)
+        shaped = self.normalise(scores - cfg.missing_eos_penalty * truncated).to(self.device)
         shaped = shaped.clamp(-cfg.reward_clip, cfg.reward_clip)
         rewards = token_rewards(shaped, kl, mask, self.kl_ctl.beta)
         advantages, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
-        return Experience(batch, old_logp, old_values, kl, whiten(advantages, mask), returns, scores)
+        return Experience(batch, old_logp, old_values, kl, whiten(advantages, mask), returns, scores, truncated)
+
+    def normalise(self, scores: torch.Tensor) -> torch.Tensor:
+        """`ppo.reward_norm`: by this batch's mean and std, by every score so far (all ranks'), or not at all."""
+        if self.cfg.reward_norm == "batch" and len(scores) > 1:
+            return (scores - scores.mean()) / (scores.std() + 1e-8)
+        if self.cfg.reward_norm == "running":
+            mean, std = self.score_moments.update([s for r in all_gather(scores.tolist()) for s in r])
+            return (scores - mean) / (std + 1e-8)
+        return scores
 
     def update(self, experience: Experience, iteration: int, actor_out=None) -> dict[str, float]:
         """`ppo.ppo_epochs` passes of minibatch steps on the clipped policy + clipped value loss (+ entropy bonus).
@@ -240,12 +255,14 @@ class PPOModule(L.LightningModule):
         texts = [c.text for c in completions]
         # Means over every rank's rollouts, so the KL controller (and what is logged) agree across ranks.
         mean_kl = mean(float(experience.kl.sum(1).mean()))  # nats per answer
+        beta = self.kl_ctl.beta  # the coefficient these rollouts were penalised with, not the next one
         self.kl_ctl.update(mean_kl, n * world())
         new_tokens = int(experience.mask.sum())
         metrics = {
             "ppo/train/reward": mean(float(experience.scores.mean())),
             "ppo/train/kl": mean_kl,
-            "ppo/train/kl_coef": self.kl_ctl.beta,
+            "ppo/train/kl_coef": beta,
+            "ppo/train/truncated_rate": mean(float(experience.truncated.mean())),
             "ppo/train/response_len": new_tokens / n,
             "ppo/train/refusal_rate": refusal_rate(texts),
             "ppo/train/boilerplate_rate": boilerplate_rate(texts),
@@ -278,11 +295,13 @@ class PPOModule(L.LightningModule):
     # The frozen ref is left out (it is the SFT model, rebuilt on resume): a third less to write.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
+        checkpoint["score_moments"] = self.score_moments.state_dict()
         checkpoint["ppo_history"] = self.history
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("ref.")}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
+        self.score_moments.load_state_dict(checkpoint.get("score_moments", RunningMoments().state_dict()))
         self.history = checkpoint.get("ppo_history", [])
         checkpoint["state_dict"].update({f"ref.{k}": v for k, v in self.ref.state_dict().items()})
 
@@ -338,6 +357,14 @@ def conversations(prompts: dict[str, list[Prompt]]) -> list[list[Message]]:
 def check(cfg: DictConfig) -> None:
     check_choice("ppo.value_model", cfg.ppo.value_model, VALUE_MODELS)
     check_choice("ppo.frozen_dtype", cfg.ppo.frozen_dtype, FROZEN_DTYPES)
+    check_choice("ppo.reward_norm", cfg.ppo.reward_norm, REWARD_NORMS)
+    if cfg.ppo.value_model == "critic" and not same_tokenizer(instantiate(cfg.model), instantiate(cfg.pm_model)):
+        # The critic starts from the PM and reads the actor's token ids: another vocabulary would read other words.
+        raise CaiError(
+            f"ppo.value_model=critic: the PM backbone (pm_model={cfg.pm_model.name}) has another tokenizer than the policy "
+            f"(model={cfg.model.name}), and the critic reads the policy's token ids; use ppo.value_model=head, or a pm_model "
+            "with the policy's tokenizer"
+        )
 
 
 def build(ctx: Context) -> dict | None:

@@ -28,7 +28,7 @@ from cai.config import instantiate
 from cai.constitution import Constitution
 from cai.data import Prompt, load_prompts, sample_prompts
 from cai.distributed import all_gather
-from cai.generation import Generator
+from cai.generation import Generator, derive_seed
 from cai.stages import Context, Stage
 from cai.templates import clean, critique_conversation, few_shot_turns, revision_conversation
 
@@ -83,10 +83,9 @@ def make_rows(
 ) -> list[dict]:
     """All rows of one shard: batched initial answers, then batched critiques and revisions per round."""
     sl = cfg.sl
-    base = cfg.seed * 1_000_003 + shard * 1_009  # distinct sampling seeds per shard and step
 
-    def params(step: int):
-        return gen.params(max_new_tokens=sl.max_new_tokens, seed=base + step)
+    def params(step: int):  # one sampling stream per (seed, shard, step)
+        return gen.params(max_new_tokens=sl.max_new_tokens, seed=derive_seed(cfg.seed, "sl_data", shard, step))
 
     answers = timer.generate(gen, [[{"role": "user", "content": p.text}] for _, p in items], params(0), f"shard {shard}: answers")
     rows: list[dict] = []
