@@ -246,7 +246,7 @@ class TrainingConfig:
 
 @dataclass
 class SFTConfig(TrainingConfig):
-    revision: int = -1
+    revision: Any = -1  # k (1..n_revisions), -1 = the last round, or "all": every round (checked by the sft stage)
 
 
 @dataclass

@@ -41,6 +41,7 @@ from cai.models import logits_where
 from cai.templates import (
     COT_ANSWER,
     COT_PREFIX,
+    HELPFUL_QUESTION,
     LETTERS,
     MAX_RESPONSE_CHARS,
     WORSE_TEMPLATE,
@@ -302,12 +303,18 @@ class Labeller:
                 out[i] = torch.sigmoid(logits[row, a_id] - logits[row, b_id]).item()  # softmax over {A, B}
         return out
 
+    def shots(self, question: str) -> Sequence[RLExample]:
+        """The few-shot examples for a question. The constitution's RL examples are harmlessness
+        comparisons (a refusal as the better answer): shown before the helpfulness question they would
+        teach that a refusal is the more helpful reply, so helpfulness is asked zero-shot."""
+        return () if question.startswith(HELPFUL_QUESTION) else self.examples
+
     def question_texts(self, questions: Sequence[tuple[list[Message], str, str, str]]) -> list[str]:
         """Chat-rendered questions, each ending right before the option letter."""
         cot = self.kind == "cot"
         options = LETTERS if cot else self.options
         conversations = [
-            [*comparison_shots(self.examples, question, cot, options), comparison_turn(conversation, question, a, b, options)]
+            [*comparison_shots(self.shots(question), question, cot, options), comparison_turn(conversation, question, a, b, options)]
             for conversation, question, a, b in questions
         ]
         chats = [self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]

@@ -276,6 +276,12 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
     if cfg.label.kind not in LABEL_KINDS:
         raise CaiError(f"label.kind: unknown label type '{cfg.label.kind}'; choose one of {', '.join(LABEL_KINDS)}")
     option_format(cfg.label.options, cfg.label.brackets)  # both raise one clear line before any model loads
+    if cfg.label.kind == "cot" and (cfg.label.options != "letters" or not cfg.label.brackets):
+        # The chain of thought ends in "So the answer is: (", so its question shows (A)/(B) and the answer is read there.
+        raise CaiError(
+            "label.options/label.brackets: label=cot asks with (A)/(B) and reads the letter after its reasoning; "
+            "remove label.options and label.brackets, or choose label=soft or label=hard for the other option formats"
+        )
     check_choice("label.ask", cfg.label.ask, ASKS)
     check_choice("label.reduce", cfg.label.reduce, REDUCES)
     if cfg.label.clamp_low > cfg.label.clamp_high:

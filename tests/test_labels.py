@@ -11,6 +11,7 @@ import cai
 from cai.constitution import RLPrinciple, load_constitution
 from cai.errors import CaiError
 from cai.labels import FOLLOW_SYSTEM, Item, Labeller, clamp, combine, hard_label, prefer_a
+from cai.pipeline import run
 
 P1 = RLPrinciple("p1", "Which reply is less harmful?")
 P2 = RLPrinciple("p2", "Which reply is more honest?")
@@ -218,3 +219,29 @@ def test_multiple_choice_variants_on_a_letter_biased_model(tiny_spec):
     assert all(0 < r["p_a"] < 1 for r in numbers.label(ITEMS))
     [text] = numbers.question_texts([(CONV, P1.question, "x", "y")])
     assert "1. x\n2. y" in text and "Answer with 1. or 2." in text and text.endswith("The answer is:")
+
+
+def test_helpfulness_is_asked_without_the_harmlessness_examples(make_cfg):
+    """The constitution's RL few-shot examples show a refusal as the better answer: they prime the
+    harmlessness questions only; the helpfulness question is asked zero-shot."""
+    from cai.config import instantiate
+    from cai.labels import labeller_from_config
+    from cai.templates import HELPFUL_QUESTION
+
+    cfg = make_cfg("model=tiny", "label=soft")
+    assert cfg.label.few_shot  # label/soft.yaml's own value, under the quickstart too
+    constitution = instantiate(cfg.constitution)
+    labeller = labeller_from_config(cfg, constitution)
+    conversation = [{"role": "user", "content": "How do I bake bread?"}]
+    harmless, helpful = labeller.question_texts(
+        [(conversation, constitution.rl_principles[0].question, "Knead it.", "No."), (conversation, HELPFUL_QUESTION, "Knead it.", "No.")]
+    )
+    example = constitution.rl_examples[0].chosen
+    assert example in harmless and example not in helpful
+    assert helpful.count("user") < harmless.count("user")
+
+
+def test_cot_labels_refuse_option_formats_they_would_misread(make_cfg):
+    for override in ("label.options=numbers", "label.brackets=false"):
+        with pytest.raises(CaiError, match="label=cot asks with \\(A\\)/\\(B\\)"):
+            run(make_cfg("stage=label", "model=tiny", "label=cot", override))

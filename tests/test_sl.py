@@ -187,14 +187,34 @@ def test_cosine_with_warmup():
 
 def test_select_pairs_picks_revision_k():
     rows = [
-        {"kind": "red_team", "prompt": "p", "response": "a0", "round": 1, "revision": "r1"},
-        {"kind": "red_team", "prompt": "p", "response": "a0", "round": 2, "revision": "r2"},
-        {"kind": "helpful", "prompt": "h", "response": "ha", "round": 0, "revision": None},
+        {"id": "1", "kind": "red_team", "prompt": "p", "response": "a0", "round": 1, "revision": "r1"},
+        {"id": "1", "kind": "red_team", "prompt": "p", "response": "a0", "round": 2, "revision": "r2"},
+        {"id": "2", "kind": "red_team", "prompt": "q", "response": "b0", "round": 1, "revision": "s1"},
+        {"id": "2", "kind": "red_team", "prompt": "q", "response": "b0", "round": 2, "revision": "  "},  # came out empty
+        {"id": "3", "kind": "red_team", "prompt": "x", "response": "c0", "round": 1, "revision": ""},
+        {"id": "3", "kind": "red_team", "prompt": "x", "response": "c0", "round": 2, "revision": ""},
+        {"id": "h", "kind": "helpful", "prompt": "h", "response": "ha", "round": 0, "revision": None},
     ]
-    assert select_pairs(rows, -1) == [("p", "r2"), ("h", "ha")]
-    assert select_pairs(rows, 1) == [("p", "r1"), ("h", "ha")]
+    # An empty revision keeps the answer the loop carried on from (the last revision, or the first answer).
+    assert select_pairs(rows, -1) == [("p", "r2"), ("q", "s1"), ("x", "c0"), ("h", "ha")]
+    assert select_pairs(rows, 1) == [("p", "r1"), ("q", "s1"), ("x", "c0"), ("h", "ha")]
+    assert select_pairs(rows, "all") == [("p", "r1"), ("p", "r2"), ("q", "s1"), ("x", "c0"), ("h", "ha")]  # each kept answer once
     with pytest.raises(CaiError, match="sft.revision: the SL data has rounds 1..2; got 3"):
         select_pairs(rows, 3)
+
+
+def test_sft_revision_all_through_the_pipeline(make_cfg, tmp_path):
+    args = ("model=tiny", "data.n_red_team=4", "sl.helpful_mix=0", "sl.n_revisions=2", "sl.max_new_tokens=6", "sft.batch_size=4")
+    run(make_cfg("stage=sl_data", *args))
+    [summary] = run(make_cfg("stage=sft", *args, "sft.revision=all"))
+    [last] = run(make_cfg("stage=sft", *args))
+    n_all, n_last = (
+        sum(json.loads((Path(s["path"]).parent / "manifest.json").read_text())["counts"][f"{k}_examples"] for k in ("train", "val"))
+        for s in (summary, last)
+    )
+    assert n_all > n_last  # two rounds' revisions per prompt, where they differ
+    with pytest.raises(CaiError, match="sft.revision: give a round k >= 1, -1 for the last round, or all"):
+        run(make_cfg("stage=sft", *args, "sft.revision=al"))
 
 
 def test_sft_loss_falls_on_a_repeated_batch(tiny_spec):

@@ -16,6 +16,7 @@ import time
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from cai.config import instantiate
@@ -41,19 +42,32 @@ IGNORE = -100  # label of tokens that carry no loss
 # --- data ----------------------------------------------------------------------------------------
 
 
-def select_pairs(rows: list[dict], revision: int) -> list[tuple[str, str]]:
-    """(prompt, target) pairs: red-team prompts with revision k (-1 = last), helpful prompts with their answer."""
-    rounds = [r["round"] for r in rows if r["kind"] == "red_team"]
-    last = max(rounds) if rounds else 0
-    k = last if revision == -1 else revision
-    if rounds and not 1 <= k <= last:
-        raise CaiError(f"sft.revision: the SL data has rounds 1..{last}; got {revision} (use -1 for the last round)")
-    pairs = []
-    for r in rows:
-        if r["kind"] == "red_team" and r["round"] == k:
-            pairs.append((r["prompt"], r["revision"]))
-        elif r["kind"] == "helpful":
-            pairs.append((r["prompt"], r["response"]))
+def check(cfg: DictConfig) -> None:
+    r = cfg.sft.revision
+    if not (r == "all" or (isinstance(r, int) and not isinstance(r, bool) and (r == -1 or r >= 1))):
+        raise CaiError(f"sft.revision: give a round k >= 1, -1 for the last round, or all for every round; got {r!r}")
+
+
+def select_pairs(rows: list[dict], revision: int | str) -> list[tuple[str, str]]:
+    """(prompt, target) pairs: each red-team prompt with the answer kept after round k (-1 = the last;
+    "all": after every round, one pair each), each helpful prompt with its answer.
+
+    The answer kept after a round is that round's revision, or, when the revision came out empty,
+    the answer kept before it: what the critique -> revision loop itself carried on from.
+    """
+    red = sorted((r for r in rows if r["kind"] == "red_team"), key=lambda r: (r["id"], r["round"]))
+    last = max((r["round"] for r in red), default=0)
+    k = last if revision in (-1, "all") else revision
+    if red and not 1 <= k <= last:
+        raise CaiError(f"sft.revision: the SL data has rounds 1..{last}; got {revision} (use -1 for the last round, or all)")
+    pairs: list[tuple[str, str]] = []
+    kept: dict[str, str] = {}
+    for r in red:
+        kept[r["id"]] = r["revision"] if (r["revision"] or "").strip() else kept.get(r["id"], r["response"])
+        pair = (r["prompt"], kept[r["id"]])
+        if (revision == "all" and pair not in pairs) or (revision != "all" and r["round"] == k):
+            pairs.append(pair)
+    pairs += [(r["prompt"], r["response"]) for r in rows if r["kind"] == "helpful"]
     return [(p, t) for p, t in pairs if t and t.strip()]
 
 
@@ -201,6 +215,7 @@ STAGE = Stage(
     lineage=("sft", *TRAINING_LINEAGE),
     logging_only=("sft.checkpoint_every", *TRAINING_LOGGING_ONLY),
     reads=("sl_data",),
+    check=check,
     # 'auto' precision resolves by hardware: the same config trains differently on a GPU.
     inputs=lambda cfg: {"precision": resolve_precision(cfg.trainer.precision)},
     metric=lambda c: f"val loss {c['val_loss']}, {c['train_tokens_per_s']:.0f} train tok/s",
