@@ -38,7 +38,7 @@ from cai.models import use_accelerator
 from cai.reward import check_pm_dir
 from cai.stages import Context, Stage, eval, frontier, label, label_report, pairs, pm, pm_eval, ppo, sft, sl_data
 from cai.tracking import Tracker
-from cai.training import drop_checkpoints
+from cai.training import drop_checkpoints, resolve_precision
 from cai.usage import measure
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ def lineage_config(cfg: DictConfig, name: str) -> dict:
         if isinstance(value, dict):
             # An unset Trainer argument (None) is Lightning's default: left out, so adding one moves no key.
             value = {k: v for k, v in value.items() if f"{field}.{k}" not in skip and not (field == "trainer" and v is None)}
+        if field == "trainer" and "precision" in value:  # what 'auto' resolves to here, not the word
+            value["precision"] = resolve_precision(value["precision"])
         picked[field] = value
     return picked
 

@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 import cai
 from cai.errors import CaiError
@@ -83,3 +84,18 @@ def test_lineage_keys_share_upstream_stages(make_cfg, tmp_path):
     # one PPO field moves the PPO and eval keys only
     ppo = make_cfg("model=tiny", "ppo.lr=3e-6")
     assert [lineage_key(base, s) == lineage_key(ppo, s) for s in STAGES] == [True] * 5 + [False] * 2
+
+
+def test_what_changes_a_training_stages_numbers_is_in_its_key(make_cfg, monkeypatch):
+    """The strategy, and the precision `trainer.precision=auto` resolves to on this machine, key SFT,
+    the PM and PPO: a CPU float32 PM is not 'up to date' for a GPU bf16 run."""
+    cfg = make_cfg("model=tiny")
+    cpu = {s: lineage_key(cfg, s) for s in ("sl_data", "sft", "pm", "ppo")}
+    zero = make_cfg("model=tiny", "strategy=deepspeed_zero2")
+    assert lineage_key(zero, "sl_data") == cpu["sl_data"]  # generation runs no strategy
+    assert all(lineage_key(zero, s) != cpu[s] for s in ("sft", "pm", "ppo"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert lineage_key(cfg, "sl_data") == cpu["sl_data"]
+    assert all(lineage_key(cfg, s) != cpu[s] for s in ("sft", "pm", "ppo"))  # auto is bf16-mixed there
+    assert lineage_key(make_cfg("model=tiny", "trainer.precision=32-true"), "pm") == cpu["pm"]  # what auto is on a CPU

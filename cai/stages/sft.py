@@ -31,7 +31,6 @@ from cai.training import (
     fit,
     gathered_state_dict,
     pad,
-    resolve_precision,
     trained_placement,
 )
 
@@ -216,8 +215,6 @@ STAGE = Stage(
     logging_only=("sft.checkpoint_every", *TRAINING_LOGGING_ONLY),
     reads=("sl_data",),
     check=check,
-    # 'auto' precision resolves by hardware: the same config trains differently on a GPU.
-    inputs=lambda cfg: {"precision": resolve_precision(cfg.trainer.precision)},
     metric=lambda c: f"val loss {c['val_loss']}, {c['train_tokens_per_s']:.0f} train tok/s",
     output="model",
     artifact=("sft_model", "model", "model"),
