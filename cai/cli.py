@@ -14,8 +14,20 @@ from cai.pipeline import run
 # conf/ at the top of a checkout, or inside the package in a wheel (cai.CONF). A user adds their own
 # options with `--config-dir DIR` or `hydra.searchpath=[file://DIR]`, without editing this one.
 @hydra.main(version_base=None, config_path=str(cai.CONF), config_name="train")
-def main(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except CaiError as err:  # bad input: one clear line, no traceback
         sys.exit(f"error: {err}")
+
+
+def main() -> None:
+    """`python train.py` / `cai-train`: refuse what Hydra would compose without complaint, then run."""
+    for arg in sys.argv[1:]:
+        name, _, options = arg.lstrip("+~").partition("=")
+        if name == "model" and "policy" in options.split(","):  # `model=policy` and a sweep over it alike
+            sys.exit(
+                "error: model=policy: 'policy' is an option for model@feedback_model= and model@pm_model= (follow the policy); "
+                "give the policy a real model, e.g. model=smollm2_135m or model=hf model.name_or_path=DIR"
+            )
+    train()

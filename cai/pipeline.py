@@ -55,11 +55,11 @@ NOT_LINEAGE = ("model.cache", "feedback_model.cache", "pm_model.cache")
 
 def stages_for(name: str) -> tuple[str, ...]:
     """The stages that `stage=name` runs."""
-    if name == "all":
+    if name in ("all", "check"):  # check: stage=all's checks, then stop
         return STAGES
     if name in BY_NAME:
         return (name,)
-    raise CaiError(f"stage.name: unknown stage '{name}'; choose one of all, {', '.join(BY_NAME)}")
+    raise CaiError(f"stage.name: unknown stage '{name}'; choose one of all, check, {', '.join(BY_NAME)}")
 
 
 # --- lineage ---------------------------------------------------------------------------------------
@@ -329,6 +329,9 @@ def run(cfg: DictConfig) -> list[dict]:
     """Run the stages that cfg.stage.name selects, in order, and return one summary per stage."""
     names = stages_for(cfg.stage.name)
     validate(cfg, names)
+    if cfg.stage.name == "check":
+        print(f"check: the config, its input files and the checks of {', '.join(names)} passed; nothing was run")
+        return []
     launch(cfg)  # with strategy=ddp|deepspeed_* and several devices: start the other ranks, join them
     use_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)  # every model a stage loads goes there
     seed_everything(cfg.seed)

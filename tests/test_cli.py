@@ -68,3 +68,21 @@ def test_help_offers_only_real_options_and_cfg_resolve_works(tmp_path):
     assert resolved.returncode == 0, resolved.stderr
     config = yaml.safe_load(resolved.stdout)
     assert config["label"]["kind"] == "soft" and config["paths"]["output"] is None
+
+
+def test_stage_check_runs_every_check_and_nothing_else(tmp_path):
+    """`--cfg job` only prints; `stage=check` runs stage=all's checks (ranges, files, each stage's own) and stops."""
+    assert train("--cfg", "job", "ppo.lr=-1", tmp_path=tmp_path).returncode == 0  # printing is not checking
+    assert_one_clear_line(train("stage=check", "ppo.lr=-1", tmp_path=tmp_path), "error: ppo.lr: must be > 0, got -1")
+    assert_one_clear_line(train("stage=check", "label=cot", "label.options=numbers", tmp_path=tmp_path), "label=cot asks with (A)/(B)")
+    ok = train("stage=check", "model=tiny", tmp_path=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "check: the config, its input files and the checks of sl_data, sft, pairs, label, pm, ppo, eval passed" in ok.stdout
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("manifest.json"))
+
+
+@pytest.mark.parametrize("override", ["model=policy", "model=tiny,policy"])
+def test_model_policy_is_refused_before_composition(tmp_path, override):
+    out = train("--cfg", "job", override, tmp_path=tmp_path)
+    assert_one_clear_line(out, "error: model=policy: 'policy' is an option for model@feedback_model= and model@pm_model=")
+    assert out.stdout == ""
