@@ -197,3 +197,31 @@ def test_pm_calibration_is_measured_against_the_soft_targets():
     confident = validation_metrics([0.99, 0.01, 0.99, 0.01], [0.6, 0.4, 0.6, 0.4])  # sure where the labels were not
     assert confident["pm/val/ece"] == pytest.approx(0.39) and confident["pm/val/labeller_agreement"] == 1.0
     assert "pm/val/labeller_agreement" not in validation_metrics([0.7], [0.5])  # a tie decides nothing
+
+
+def test_the_readme_pm_snippet_scores_as_cai_does_with_a_bos_adding_tokenizer(tmp_path, tiny_spec, capsys):
+    """The README's one plain-transformers snippet, run as written on a PM whose tokenizer adds a BOS."""
+    import re
+
+    from tokenizers import processors
+
+    import cai
+
+    tok = tiny_spec.load_tokenizer()
+    bos = tok.bos_token or tok.eos_token
+    bos_id = tok.convert_tokens_to_ids(bos)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bos_id)])
+    pm = PreferenceModel.from_causal_lm(tiny_spec.load_model(), tok.pad_token_id)
+    pm.save(tmp_path / "pm", tok)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "pm")("hi")["input_ids"][0] == bos_id  # it does add one
+    readme = (cai.ROOT / "README.md").read_text()
+    snippet = re.search(r"\*\*The PM with plain transformers\.\*\*.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert readme.count("AutoModelForSequenceClassification.from_pretrained") == 1  # one snippet, not two that disagree
+    exec(snippet.replace('"artifacts/pm/latest/model"', repr(str(tmp_path / "pm"))), {})
+    theirs = float(capsys.readouterr().out.split()[-1])
+    loaded, loaded_tok = PreferenceModel.load(tmp_path / "pm")
+    chat = [{"role": "user", "content": "How do I pick a lock?"}]
+    [ours] = score(loaded, loaded_tok, [(chat, "A locksmith can help.")], max_length=256)
+    assert theirs == pytest.approx(ours, abs=1e-5)
