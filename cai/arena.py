@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from cai.artifacts import chunked, file_hash, fingerprint, read_jsonl, write_json, write_jsonl
 from cai.config import instantiate
-from cai.data import read_answer_set, read_hh_rlhf
+from cai.data import KIND_NAMES, read_answer_set, read_hh_rlhf
 from cai.distributed import all_gather, barrier, is_rank_zero, mine, rank
 from cai.elo import bootstrap_elo
 from cai.errors import CaiError
@@ -111,7 +111,11 @@ def parse_external(cfg: DictConfig) -> list[tuple[str, Path, list[dict]]]:
         name, sep, path = str(entry).partition("=" if "=" in str(entry) else ":")
         if not sep or not name.strip() or not path.strip():
             raise CaiError(f"eval.external: '{entry}' is not NAME:FILE, e.g. eval.external=[gpt:answers.jsonl,base:base.jsonl]")
+        # NAME:FILE:KIND gives every row of the set that names no kind of its own an axis (red_team or helpful).
+        head, _, kind = path.rpartition(":")
+        path, kind = (head, KIND_NAMES[kind.strip()]) if head and kind.strip() in KIND_NAMES else (path, None)
         rows = read_answer_set(path.strip(), field=f"eval.external ({name})")
+        rows = [{**r, "kind": r["kind"] or kind} for r in rows]
         out.append((name.strip(), Path(path.strip()).expanduser(), rows))
     if len({n for n, _, _ in out}) < len(out):
         raise CaiError("eval.external: two answer sets have the same NAME; give each its own")
@@ -135,8 +139,18 @@ def external_players(cfg: DictConfig, prompts: list[dict], own_prompts: bool) ->
                 continue
             base = match or {"id": f"ext:{fingerprint(r['conversation'])}", "kind": r["kind"], "prompt": r["prompt"]}
             rows.append({**base, "conversation": r["conversation"], "response": r["response"], "tokens": None})
+        if not rows and not own_prompts:
+            raise CaiError(
+                f"eval.external: none of the {len(parsed)} prompts of {path} is among this run's held-out prompts; "
+                "answer those (eval.n_red_team, eval.n_helpful), or rate the set against others with stage=frontier"
+            )
         if not rows:
-            raise CaiError(f"eval.external: {path} shares no prompt with the others (and its rows name no kind); nothing to compare")
+            where = "the runs' held-out prompts" if prompts else "any run's prompts (there are no runs)"
+            raise CaiError(
+                f"eval.external: none of the {len(parsed)} prompts of {path} is among {where}, and its rows name no 'kind', "
+                f'so their axis (harmless or helpful) is unknown; add "kind": "red_team" or "helpful" to each row, or '
+                f"give the set one on the command line: eval.external=[{name}:{path}:helpful]"
+            )
         key = fingerprint({"external": name, "content": file_hash(path)})
         cached = cache_dir(cfg) / "answers" / f"external-{key}.jsonl"
         cached.parent.mkdir(parents=True, exist_ok=True)

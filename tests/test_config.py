@@ -36,7 +36,20 @@ def test_groups_have_the_required_options():
     assert set(options("strategy")) == {"auto", "ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"}
     assert set(options("generation")) == {"hf", "vllm"}
     assert set(options("logger")) == {"wandb", "csv", "none"}
-    assert set(options("stage")) == {"all", "check", "sl_data", "sft", "pairs", "label", "pm", "pm_eval", "ppo", "eval", "frontier", "label_report"}
+    assert set(options("stage")) == {
+        "all",
+        "check",
+        "sl_data",
+        "sft",
+        "pairs",
+        "label",
+        "pm",
+        "pm_eval",
+        "ppo",
+        "eval",
+        "frontier",
+        "label_report",
+    }
     assert set(options("experiment")) == {"quickstart", "paper"}
 
 

@@ -335,3 +335,17 @@ def test_run_names_drop_the_overrides_every_run_shares():
     assert short_names(["label=hard,model=tiny", "label=soft,model=tiny"]) == ["label=hard", "label=soft"]
     assert short_names(["model=tiny"]) == ["model=tiny"]  # one run keeps its whole name
     assert short_names(["default", "label=hard"]) == ["default", "label=hard"]
+
+
+def test_answer_sets_without_a_kind_say_what_is_missing(make_cfg, tmp_path):
+    """Two answer sets sharing their prompts, rows with no `kind`: the error names the missing field and
+    the command-line form; NAME:FILE:KIND gives the set its axis."""
+    rows = [json.loads(line) for line in (FIXTURES / "answers_helpful.jsonl").read_text().splitlines()]
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "kind"}) + "\n" for r in rows))
+    base = ("stage=frontier", "model=tiny", "eval.bootstrap=20")
+    with pytest.raises(CaiError, match=r"rows name no 'kind'.*eval.external=\[a:.*bare.jsonl:helpful\]"):
+        run(make_cfg(*base, f"eval.external=[a:{bare},b:{bare}]"))
+    [done] = run(make_cfg(*base, f"eval.external=[a:{bare}:helpful,b:{bare}:helpful]"))
+    elo = json.loads((Path(done["path"]).parent / "elo.json").read_text())
+    assert elo["games"] == {"harmless": 0, "helpful": len(rows)}
