@@ -71,6 +71,9 @@ def code_version() -> str:
 
 # What a stage directory holds besides its output: its bookkeeping, and Lightning's resume checkpoints.
 NOT_OUTPUT = ("manifest.json", "checkpoints")
+# What later stages read (rows, models, PPO's snapshots): their digest is what a later stage is keyed by,
+# so a report or a timing in metrics.json that differs between two identical runs redoes nothing downstream.
+READ_BY_LATER_STAGES = ("shard-", "model/", "snapshots/")
 
 
 def output_digests(path: Path) -> dict[str, str]:
@@ -199,7 +202,8 @@ class StageDir:
         with the same config but other weights (another device count, GPU nondeterminism) is new.
         """
         outputs = output_digests(self.path)
-        data = self._write("complete", counts, {**(extra or {}), "outputs": outputs, "output_digest": fingerprint(outputs)})
+        read_later = {k: v for k, v in outputs.items() if k.startswith(READ_BY_LATER_STAGES)}
+        data = self._write("complete", counts, {**(extra or {}), "outputs": outputs, "output_digest": fingerprint(read_later)})
         link = self.path.parent / "latest"
         tmp = self.path.parent / f".latest.tmp{os.getpid()}"
         tmp.unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """Constitutions: load and validate principle files, and draw principles for SL rounds and RL labels.
 
 Two formats are read:
-- our YAML schema (cai/constitutions/*.yaml), documented in cai/constitutions/README.md;
+- our YAML schema (constitutions/*.yaml), documented in constitutions/README.md;
 - the paper authors' JSON files, from a folder the user gives (their own copy of the authors'
   repository): CritiqueRevisionInstructions.json + CritiqueRevisionFewShotPrompts.json for SL,
   RLMadisonInstructions.json + RLMadisonFewShotPrompts.json for RL.

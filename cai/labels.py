@@ -525,6 +525,17 @@ def labeller_from_config(cfg, constitution) -> Labeller:
     )
 
 
+def check_options(label) -> None:
+    """label.options and label.brackets, checked against the label kind (the `label` config section)."""
+    option_format(label.options, label.brackets)
+    if label.kind == "cot" and (label.options != "letters" or not label.brackets):
+        # The chain of thought ends in "So the answer is: (", so its question shows (A)/(B) and the answer is read there.
+        raise CaiError(
+            "label.options/label.brackets: label=cot asks with (A)/(B) and reads the letter after its reasoning; "
+            "remove label.options and label.brackets, or choose label=soft or label=hard for the other option formats"
+        )
+
+
 def option_format(names: str, brackets: bool) -> OptionFormat:
     """label.options (letters | numbers) and label.brackets as the question's OptionFormat."""
     check_choice("label.options", names, OPTION_NAMES)

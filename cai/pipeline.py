@@ -31,9 +31,9 @@ import cai
 from cai.artifacts import StageDir, Upstream, code_version, fingerprint
 from cai.config import check_ranges, instantiate
 from cai.data import load_prompts, read_hh_rlhf
-from cai.distributed import all_gather, barrier, is_rank_zero, launch
+from cai.distributed import all_gather, barrier, is_rank_zero, launch, world
 from cai.errors import CaiError, check_choice
-from cai.labels import ASKS, REDUCES, option_format
+from cai.labels import ASKS, REDUCES, check_options
 from cai.models import use_accelerator
 from cai.reward import check_pm_dir
 from cai.stages import Context, Stage, eval, frontier, label, label_report, pairs, pm, pm_eval, ppo, sft, sl_data
@@ -76,8 +76,6 @@ def lineage_config(cfg: DictConfig, name: str) -> dict:
         if isinstance(value, dict):
             # An unset Trainer argument (None) is Lightning's default: left out, so adding one moves no key.
             value = {k: v for k, v in value.items() if f"{field}.{k}" not in skip and not (field == "trainer" and v is None)}
-        if field == "trainer" and "precision" in value:  # what 'auto' resolves to here, not the word
-            value["precision"] = resolve_precision(value["precision"])
         picked[field] = value
     return picked
 
@@ -127,6 +125,24 @@ def require(cfg: DictConfig, name: str, needed_by: str) -> Upstream:
     return Upstream(name, path, m)
 
 
+def stage_inputs(cfg: DictConfig, stage: Stage, upstream: dict[str, Upstream]) -> dict:
+    """What a stage's output depends on beyond its config fields, for its fingerprint: the upstream
+    stages (their fingerprints and the digests of what they wrote), the models it names (by content),
+    its own inputs (prompt files, the constitution, ...), and for a training stage how it trains here.
+
+    How it trains is in the fingerprint, not the lineage key: a PM trained in float32 on a CPU is not
+    up to date for a bf16 GPU run or a 4-rank ZeRO-3 one (it is redone there, the old one moved
+    aside), while a later stage run on its own under another strategy still finds it.
+    """
+    inputs = {n: {"fingerprint": u.fingerprint, "output": u.output_digest} for n, u in upstream.items()}
+    if models := model_identities(cfg, stage):
+        inputs["models"] = models
+    if "trainer" in stage.lineage:  # precision as 'auto' resolves on this machine; the strategy; the ranks
+        strategy = OmegaConf.to_container(cfg.strategy, resolve=True)
+        inputs["training"] = {"precision": resolve_precision(cfg.trainer.precision), "strategy": strategy, "ranks": world()}
+    return {**inputs, **stage.inputs(cfg)}
+
+
 def model_identities(cfg: DictConfig, stage: Stage) -> dict:
     """The models a stage's lineage names, by content: the weights' digest of a local directory, the
     resolved commit of a hub model, the embedded file's digest (a path or a hub id alone says nothing
@@ -147,12 +163,9 @@ def run_stage(stage: Stage, cfg: DictConfig, tracker: Tracker) -> dict:
         return result
     # The fingerprint reads exactly the fields the lineage key reads, plus the content of the inputs.
     config = json.loads(_blob(lineage_config(cfg, stage.name)))
-    inputs = {
-        **{n: {"fingerprint": u.fingerprint, "output": u.output_digest} for n, u in upstream.items()},
-        **({"models": models} if (models := model_identities(cfg, stage)) else {}),
-        **stage.inputs(cfg),
-    }
-    out = StageDir(stage.name, stage_path(cfg, stage.name), config, inputs, allow_other_code=cfg.allow_other_code)
+    out = StageDir(
+        stage.name, stage_path(cfg, stage.name), config, stage_inputs(cfg, stage, upstream), allow_other_code=cfg.allow_other_code
+    )
     with stage_lock(out.path):
         return _run_locked(stage, out, Context(cfg, tracker, out, upstream))
 
@@ -277,13 +290,7 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
     instantiate(cfg.constitution)  # loads and validates every principle and example
     if cfg.label.kind not in LABEL_KINDS:
         raise CaiError(f"label.kind: unknown label type '{cfg.label.kind}'; choose one of {', '.join(LABEL_KINDS)}")
-    option_format(cfg.label.options, cfg.label.brackets)  # both raise one clear line before any model loads
-    if cfg.label.kind == "cot" and (cfg.label.options != "letters" or not cfg.label.brackets):
-        # The chain of thought ends in "So the answer is: (", so its question shows (A)/(B) and the answer is read there.
-        raise CaiError(
-            "label.options/label.brackets: label=cot asks with (A)/(B) and reads the letter after its reasoning; "
-            "remove label.options and label.brackets, or choose label=soft or label=hard for the other option formats"
-        )
+    check_options(cfg.label)  # raises one clear line before any model loads
     check_choice("label.ask", cfg.label.ask, ASKS)
     check_choice("label.reduce", cfg.label.reduce, REDUCES)
     if cfg.label.clamp_low > cfg.label.clamp_high:

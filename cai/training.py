@@ -36,10 +36,7 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("auto", "ddp", "deepspeed")
 # What a training stage's output also depends on: the Trainer arguments that are set, and the
 # callbacks (early stopping changes what trains). Those that only log are left out.
-# What decides a training stage's numbers beyond its own section: the Trainer (its precision as it
-# resolves on this machine: 'auto' is bf16-mixed on a GPU, float32 on a CPU), the callbacks and the
-# strategy (ZeRO shards and reduces differently from DDP).
-TRAINING_LINEAGE = ("trainer", "callbacks", "strategy")
+TRAINING_LINEAGE = ("trainer", "callbacks")
 TRAINING_LOGGING_ONLY = (*(f"trainer.{k}" for k in TRAINER_LOGGING_ONLY), "callbacks.lr_monitor")
 
 

@@ -86,16 +86,28 @@ def test_lineage_keys_share_upstream_stages(make_cfg, tmp_path):
     assert [lineage_key(base, s) == lineage_key(ppo, s) for s in STAGES] == [True] * 5 + [False] * 2
 
 
-def test_what_changes_a_training_stages_numbers_is_in_its_key(make_cfg, monkeypatch):
-    """The strategy, and the precision `trainer.precision=auto` resolves to on this machine, key SFT,
-    the PM and PPO: a CPU float32 PM is not 'up to date' for a GPU bf16 run."""
+def test_how_a_training_stage_trains_here_is_in_its_fingerprint(make_cfg, monkeypatch):
+    """The strategy, the number of ranks and the precision `trainer.precision=auto` resolves to on this
+    machine are in SFT's, the PM's and PPO's fingerprints: a CPU float32 PM is not up to date for a
+    GPU bf16 run (it is redone), while the lineage key, which later stages look it up by, stays."""
+    from cai.pipeline import BY_NAME, stage_inputs
+
+    def inputs(cfg, stage):
+        return stage_inputs(cfg, BY_NAME[stage], {})
+
     cfg = make_cfg("model=tiny")
-    cpu = {s: lineage_key(cfg, s) for s in ("sl_data", "sft", "pm", "ppo")}
+    cpu = {s: inputs(cfg, s) for s in ("sl_data", "sft", "pm", "ppo")}
+    training = cpu["pm"]["training"]
+    assert "training" not in cpu["sl_data"] and (training["precision"], training["strategy"]["name"], training["ranks"]) == (
+        "32-true",
+        "auto",
+        1,
+    )
     zero = make_cfg("model=tiny", "strategy=deepspeed_zero2")
-    assert lineage_key(zero, "sl_data") == cpu["sl_data"]  # generation runs no strategy
-    assert all(lineage_key(zero, s) != cpu[s] for s in ("sft", "pm", "ppo"))
+    assert inputs(zero, "sl_data") == cpu["sl_data"]  # generation runs no strategy
+    assert all(inputs(zero, s) != cpu[s] for s in ("sft", "pm", "ppo"))
+    assert all(lineage_key(zero, s) == lineage_key(cfg, s) for s in ("sft", "pm", "ppo"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert lineage_key(cfg, "sl_data") == cpu["sl_data"]
-    assert all(lineage_key(cfg, s) != cpu[s] for s in ("sft", "pm", "ppo"))  # auto is bf16-mixed there
-    assert lineage_key(make_cfg("model=tiny", "trainer.precision=32-true"), "pm") == cpu["pm"]  # what auto is on a CPU
+    assert inputs(cfg, "sl_data") == cpu["sl_data"]
+    assert all(inputs(cfg, s)["training"]["precision"] == "bf16-mixed" for s in ("sft", "pm", "ppo"))  # auto, on a GPU

@@ -52,11 +52,11 @@ def test_wandb_offline_run_logs_config_tables_and_artifacts(make_cfg, tmp_path, 
     tracker.start(cfg, name="offline-test")
     try:
         assert tracker.run is None  # opened by the first thing logged
-        tracker.log({"pm/val/accuracy": 0.5}, step=0)
+        tracker.log({"pm/val/ece": 0.5}, step=0)
         assert tracker.run.name == "offline-test"
         assert tracker.run.config["constitution.variant"] == "ensemble"  # flat: see the sweep test
         assert tracker.run.config["_meta"]["git_commit"] == git_commit()
-        tracker.log({"pm/val/accuracy": 0.5}, step=0)
+        tracker.log({"pm/val/ece": 0.5}, step=0)
         tracker.table("label/samples", ["a", "b"], [[1, 2]])
         (tmp_path / "art").mkdir()
         (tmp_path / "art" / "manifest.json").write_text("{}")
