@@ -247,7 +247,9 @@ def test_sft_stage_trains_and_writes_an_hf_checkpoint(make_cfg, tmp_path, tiny_s
     assert not torch.equal(trained.state_dict()[w], initial.state_dict()[w])  # parameters changed
     manifest = json.loads((tmp_path / "artifacts" / "sft" / "latest" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["optimizer_steps"] >= 1
-    assert manifest["inputs"]["sl_data"] == json.loads((sl_dir(tmp_path) / "manifest.json").read_text())["fingerprint"]
+    upstream = json.loads((sl_dir(tmp_path) / "manifest.json").read_text())
+    assert manifest["inputs"]["sl_data"] == {"fingerprint": upstream["fingerprint"], "output": upstream["output_digest"]}
+    assert set(manifest["outputs"]) >= {"model/model.safetensors", "model/config.json"} and manifest["code"]
     metrics = (tmp_path / "run").rglob("metrics.csv")
     text = "".join(p.read_text() for p in metrics)
     assert "sft/train/loss" in text and "sft/val/loss" in text
