@@ -62,10 +62,12 @@ def select_pairs(rows: list[dict], revision: int | str) -> list[tuple[str, str]]
     pairs: list[tuple[str, str]] = []
     kept: dict[str, str] = {}
     for r in red:
-        kept[r["id"]] = r["revision"] if (r["revision"] or "").strip() else kept.get(r["id"], r["response"])
-        pair = (r["prompt"], kept[r["id"]])
-        if (revision == "all" and pair not in pairs) or (revision != "all" and r["round"] == k):
-            pairs.append(pair)
+        kept_before = kept.get(r["id"], r["response"])
+        kept[r["id"]] = r["revision"] if (r["revision"] or "").strip() else kept_before
+        if revision == "all" and (r["round"] == 1 or kept[r["id"]] != kept_before):  # each kept answer once
+            pairs.append((r["prompt"], kept[r["id"]]))
+        elif revision != "all" and r["round"] == k:
+            pairs.append((r["prompt"], kept[r["id"]]))
     pairs += [(r["prompt"], r["response"]) for r in rows if r["kind"] == "helpful"]
     return [(p, t) for p, t in pairs if t and t.strip()]
 
