@@ -279,7 +279,7 @@ def test_ppo_on_a_model_with_dropout_and_the_reward_options(make_cfg, tmp_path, 
     cfg = make_cfg("stage=ppo", *small, *ppo)
     run(cfg)
     history = json.loads((stage_path(cfg, "ppo") / "history.json").read_text())
-    assert abs(history[0]["ppo/train/kl"]) < 1e-4  # with dropout on in the actor's passes: ~0.5 nats
+    assert abs(history[0]["ppo/train/kl"]) < 1e-4  # 0.035 nats with dropout left on in the actor's passes
     assert history[0]["ppo/train/kl_coef"] == cfg.ppo.kl_coef  # the coefficient iteration 0 was penalised with
     assert history[1]["ppo/train/kl_coef"] != cfg.ppo.kl_coef  # the adaptive controller moved it after
     assert all(0 <= h["ppo/train/truncated_rate"] <= 1 for h in history) and history[0]["ppo/train/truncated_rate"] > 0
