@@ -259,10 +259,9 @@ class FeedbackJudge(Judge):
         ident = {"model": self.spec.identity(), "template": COMPARISON_TEMPLATE, "questions": [HARMLESS_QUESTION, HELPFUL_QUESTION]}
         self.key = fingerprint({"judge": self.kind, **ident})
         self.identity = f"feedback model {self.spec.name} ({ident['model']}), zero-shot, both orders"
-        # The model that labelled the PM's data (harmlessness, and helpfulness unless pm.helpful_data is
-        # human) judging the policy the PM trained: agreement with itself, not with an outside view.
-        labeller = instantiate(cfg.feedback_model).identity() if cfg.label.kind != "human" else None
-        self.shares = ("labeller",) if ident["model"] == labeller else ()
+        # It is cfg.feedback_model, the model that labelled the PM's data (unless label=human): judging the
+        # policy that PM trained, it measures agreement with itself, not an outside view.
+        self.shares = ("labeller",) if cfg.label.kind != "human" else ()
         self._labeller = None
 
     def compare(self, pairs: list[tuple[dict, dict]]) -> list[float]:

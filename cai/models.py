@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from cai.artifacts import file_hash, fingerprint
 from cai.config import ModelConfig
 from cai.errors import CaiError
 
@@ -45,13 +46,7 @@ def weights_digest(path: Path) -> str:
         raise CaiError(f"{path}: no model files in this directory")
     key = (str(path), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
     if key not in _DIGESTS:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f.relative_to(path.parent).as_posix().encode() + b"\0")
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-        _DIGESTS[key] = h.hexdigest()[:16]
+        _DIGESTS[key] = fingerprint({f.relative_to(path.parent).as_posix(): file_hash(f) for f in files})
     return _DIGESTS[key]
 
 
