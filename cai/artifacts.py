@@ -48,12 +48,22 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+_HASHES: dict[tuple, str] = {}  # (path, inode, size, mtime) -> content hash: a file is read once per process
+
+
 def file_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    """A file's content hash. Memoised by the file's identity on disk, so checking a stage's outputs
+    where this process has just written or checked them costs nothing; another process reads the bytes."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()[:16]
+    return _HASHES[key]
 
 
 @functools.cache
@@ -87,6 +97,28 @@ def output_digests(path: Path) -> dict[str, str]:
     return out
 
 
+def damage(path: Path, manifest: dict) -> str | None:
+    """What is wrong with a finished stage's files, or None: each file recorded at completion must be
+    there with the same content, and no shard may have been added (a later stage reads every shard).
+
+    A manifest from before outputs were recorded has nothing to check against (None).
+    """
+    recorded = manifest.get("outputs")
+    if not isinstance(recorded, dict):
+        return None
+    path = Path(path)
+    for rel, digest in recorded.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        if file_hash(f) != digest:
+            return f"{f} has changed since the stage completed (damaged or edited)"
+    for f in sorted(path.glob("shard-*.jsonl")):
+        if f.name not in recorded:
+            return f"{f} was not written by the stage"
+    return None
+
+
 def stage_fingerprint(config: dict, inputs: dict, code: str | None) -> str:
     """The hash a manifest is matched by. A manifest written before code versions were recorded has none."""
     return fingerprint({"config": config, "inputs": inputs, **({"code": code} if code else {})})
@@ -104,6 +136,15 @@ def versions() -> dict[str, str]:
     }
 
 
+def read_manifest(path: Path) -> dict | None:
+    """A manifest's contents, or None if there is none or it is not a readable JSON object (torn, garbled, `[]`)."""
+    try:
+        m = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # missing, unreadable, not JSON, not UTF-8
+        return None
+    return m if isinstance(m, dict) else None
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file, fsync, rename), so neither a crash nor a power cut leaves a torn manifest."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -115,8 +156,20 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Every row of a JSONL file; a torn or garbled file is one clear line naming the file and line."""
+    rows, n = [], 0
+    try:
+        with Path(path).open(encoding="utf-8") as f:
+            for line in f:
+                n += 1
+                if line.strip():
+                    rows.append(json.loads(line))
+                    if not isinstance(rows[-1], dict):
+                        raise ValueError("not a JSON object")
+    except (json.JSONDecodeError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        where = f"line {n}" if not isinstance(err, UnicodeDecodeError) else "not UTF-8 text"
+        raise CaiError(f"{path}: {where}: cannot be read ({str(err).splitlines()[0]}); the file is damaged") from None
+    return rows
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
@@ -147,25 +200,39 @@ class StageDir:
         self.allow_other_code = allow_other_code
         self.fingerprint = stage_fingerprint(config, inputs, self.code)
         self.manifest_path = self.path / "manifest.json"
+        self.earlier: dict[str, float] = {}  # usage of the shards written by earlier runs (set by open)
+        self.damaged = False  # set by is_complete when a finished directory's files do not match its manifest
         self._started = time.time()
 
     def manifest(self) -> dict | None:
-        if not self.manifest_path.exists():
-            return None
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        m = read_manifest(self.manifest_path)
+        if m is None and self.manifest_path.exists():
             log.warning(
-                "%s: %s cannot be read (torn or not JSON); the directory will be moved aside and redone", self.stage, self.manifest_path
+                "%s: %s cannot be read (torn, or not a JSON object); the directory will be moved aside and redone",
+                self.stage,
+                self.manifest_path,
             )
-            return None
+        return m
 
     def is_complete(self) -> bool:
+        """Complete, for this fingerprint, and every file it wrote still as it was written.
+
+        A damaged one (a shard deleted, a line dropped, a weight file changed) is not: it is moved
+        aside by `open` and redone, with a warning naming the file.
+        """
         m = self.manifest()
         if not m or m.get("status") != "complete":
             return False
-        if m.get("fingerprint") == self.fingerprint:
-            return True
+        if m.get("fingerprint") != self.fingerprint and not self._other_code(m):
+            return False
+        if problem := damage(self.path, m):
+            log.warning("%s: %s; the directory will be moved aside (not deleted) and the stage redone", self.stage, problem)
+            self.damaged = True
+            self.fingerprint = stage_fingerprint(self.config, self.inputs, self.code)  # redone by this code
+            return False
+        return True
+
+    def _other_code(self, m: dict) -> bool:
         other = m.get("code")
         if self.allow_other_code and m.get("fingerprint") == stage_fingerprint(self.config, self.inputs, other):
             # Same config and inputs, other code: reused only because the user asked for it.
@@ -181,15 +248,26 @@ class StageDir:
         return False
 
     def open(self) -> StageDir:
-        """Get the directory ready: move a stale one aside, or keep a partial one to resume."""
+        """Get the directory ready: move a stale or damaged one aside, or keep a partial one to resume."""
         m = self.manifest()
-        if self.path.exists() and any(self.path.iterdir()) and (m is None or m.get("fingerprint") != self.fingerprint):
-            old = (m or {}).get("fingerprint", "unknown")
-            aside = self.path.with_name(f"{self.path.name}.stale-{old}-{int(time.time())}")
-            log.warning("%s: config or inputs changed; moving the old artifacts to %s", self.stage, aside)
+        stale = m is None or m.get("fingerprint") != self.fingerprint
+        if self.path.exists() and any(self.path.iterdir()) and (stale or self.damaged):
+            old = "damaged" if self.damaged else f"stale-{(m or {}).get('fingerprint', 'unknown')}"
+            aside = self.path.with_name(f"{self.path.name}.{old}-{int(time.time())}")
+            why = "its files were damaged" if self.damaged else "config or inputs changed"
+            log.warning("%s: %s; moving the old artifacts to %s", self.stage, why, aside)
             os.replace(self.path, aside)
+            self.damaged = False
         self.path.mkdir(parents=True, exist_ok=True)
-        for leftover in self.path.glob("*.tmp*"):  # half-written files of a run that died (the stage lock is held)
+        # What the shards already written by earlier, interrupted runs cost (tokens, seconds), so
+        # that a resumed stage's usage is the whole job's, not only this run's share.
+        self.earlier = {}
+        for f in self.path.glob(".usage-shard-*.json"):
+            if (self.path / f.name.removeprefix(".usage-").removesuffix(".json")).with_suffix(".jsonl").exists():
+                for k, v in (read_manifest(f) or {}).items():
+                    self.earlier[k] = self.earlier.get(k, 0) + v
+        # Half-written files of a run that died (the stage lock is held), a checkpoint's included.
+        for leftover in [f for f in self.path.rglob("*.tmp*") if f.is_file()]:
             leftover.unlink()
         self._write("running", {})
         return self
@@ -242,13 +320,19 @@ class StageDir:
         With several ranks, rank r writes shards r, r + N, ...; a shard's content depends on its index
         alone, so the rows are a 1-process run's. Every rank returns once all shards are written.
         """
+        from cai import usage
+
         resumed = 0
         for i in tqdm(mine(len(chunks)), desc=desc, unit="shard", disable=not is_rank_zero()):
             path = self.path / f"shard-{i:05d}.jsonl"
             if path.exists():
                 resumed += 1
                 continue
+            before, t0 = usage.counts(), time.perf_counter()
             write_jsonl(path, make(chunks[i], i))
+            # What making this shard cost, kept beside it, so a resumed stage reports the whole job's usage.
+            spent = {k: v - before[k] for k, v in usage.counts().items()} | {"seconds": round(time.perf_counter() - t0, 3)}
+            write_json(self.path / f".usage-{path.stem}.json", spent)
         resumed = sum(all_gather(resumed))  # also the barrier: every shard is on disk past this line
         if resumed:
             log.info("%s: resumed; %d of %d shards were already written", self.stage, resumed, len(chunks))

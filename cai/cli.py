@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 import cai
 import cai.config  # noqa: F401  (registers the typed schemas the YAML files build on)
-from cai.errors import CaiError
+from cai.errors import CaiError, Interrupted, raise_on_signals
 from cai.pipeline import run
 
 
@@ -16,9 +16,16 @@ from cai.pipeline import run
 @hydra.main(version_base=None, config_path=str(cai.CONF), config_name="train")
 def train(cfg: DictConfig) -> None:
     try:
-        run(cfg)
-    except CaiError as err:  # bad input: one clear line, no traceback
-        sys.exit(f"error: {err}")
+        with raise_on_signals():
+            run(cfg)
+    except CaiError as err:  # bad input, a damaged file, a full disk, an interruption: one clear line, no traceback
+        if err.exit_code == 1:
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except Interrupted as sig:  # before any stage started (the pipeline names the stage otherwise)
+        print(f"error: interrupted by {sig.name} before any stage ran; nothing was written", file=sys.stderr)
+        sys.exit(128 + sig.signum)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ object's class extends or takes them. `instantiate` builds one from its `_target
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +95,7 @@ class SamplingConfig:
 class HFGenerationConfig(SamplingConfig):
     _target_: str = "cai.generation.hf.HFGenerator"
     batch_size: int = ranged(16, ge=1)
+    truncate: bool = False  # a prompt too long for the context: cut its middle (True) or refuse it (False)
 
 
 @dataclass
@@ -105,6 +107,7 @@ class VLLMGenerationConfig(SamplingConfig):
     tensor_parallel_size: int = ranged(1, ge=1)
     max_model_len: int = ranged(2048, ge=16)
     enforce_eager: bool | None = None  # None: eager on CPUs (starts ~4x faster), CUDA graphs on GPUs
+    truncate: bool = False  # a prompt too long for the context: cut its middle (True) or refuse it (False)
 
 
 @dataclass
@@ -148,6 +151,7 @@ class DataConfig:
     helpful: str = "builtin"
     n_red_team: int = ranged(32, ge=0)  # train prompts used; 0 = all
     n_helpful: int = ranged(16, ge=0)
+    truncate: bool = False  # a prompt longer than the model's context: refuse the run (False) or cut its middle (True)
 
 
 @dataclass
@@ -388,8 +392,21 @@ BOUNDS = {
 }
 
 
+def check_finite(node: Any, where: str = "") -> None:
+    """No number anywhere in the config is inf or NaN (`ppo.kl_coef=inf` would load every model, then diverge)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            check_finite(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            check_finite(v, f"{where}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise CaiError(f"{where}: must be a finite number, got {node} (fix it in conf/ or on the command line: {where}=...)")
+
+
 def check_ranges(cfg: DictConfig) -> None:
     """Check every ranged field (counts, batch sizes, epochs, learning rates, fractions) before any model loads."""
+    check_finite({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"})
     sections = dict(RANGED_SECTIONS)
     sections["generation"] = VLLMGenerationConfig if "vllm" in str(cfg.generation.get("_target_", "")) else HFGenerationConfig
     for section, schema in sections.items():

@@ -33,21 +33,16 @@ SOURCES = ("hf", "embedded", "tiny", "hub", "local")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-_DIGESTS: dict[tuple, str] = {}  # (path, every file's size and mtime) -> digest: each file is read once per process
-
-
 def weights_digest(path: Path) -> str:
     """A digest of the files that make a model what it is: a checkpoint directory's files (weights,
-    config, tokenizer; a README or hidden file aside), or one file (a GGUF)."""
+    config, tokenizer; a README or hidden file aside), or one file (a GGUF). Each file is read once
+    per process (file_hash is memoised by the file's identity on disk)."""
     path = Path(path).expanduser().resolve()
     files = [path] if path.is_file() else [f for f in sorted(path.rglob("*")) if f.is_file()]
     files = [f for f in files if f.name != "README.md" and not any(p.startswith(".") for p in f.relative_to(path.parent).parts)]
     if not files:
         raise CaiError(f"{path}: no model files in this directory")
-    key = (str(path), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
-    if key not in _DIGESTS:
-        _DIGESTS[key] = fingerprint({f.relative_to(path.parent).as_posix(): file_hash(f) for f in files})
-    return _DIGESTS[key]
+    return fingerprint({f.relative_to(path.parent).as_posix(): file_hash(f) for f in files})
 
 
 def hub_commit(repo_id: str, revision: str | None) -> str:
@@ -300,7 +295,39 @@ class ModelSpec(ModelConfig):
             raise CaiError(f"model.path: model '{self.name}' has source={self.source} but no path; set model.path=HUB_ID or a directory")
         if self.source == "local" and not Path(self.path).expanduser().is_dir():
             raise CaiError(f"model.path: '{self.path}' is not a directory holding an HF checkpoint")
+        if self.source == "tiny":
+            self._check_tiny_shape()
         resolve_dtype(self.dtype)
+
+    def _check_tiny_shape(self) -> None:
+        """The random model's shape must be one a Llama can have, before anything is built."""
+        for name in ("tiny_layers", "tiny_hidden", "tiny_heads", "tiny_kv_heads", "tiny_intermediate"):
+            if getattr(self, name) < 1:
+                raise CaiError(f"model.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.tiny_hidden % self.tiny_heads or (self.tiny_hidden // self.tiny_heads) % 2:
+            raise CaiError(
+                f"model.tiny_hidden: {self.tiny_hidden} must split into model.tiny_heads={self.tiny_heads} heads of an even "
+                "size (rotary embeddings rotate pairs); e.g. tiny_hidden=64 with tiny_heads=4"
+            )
+        if self.tiny_heads % self.tiny_kv_heads:
+            raise CaiError(
+                f"model.tiny_kv_heads: {self.tiny_kv_heads} must divide model.tiny_heads={self.tiny_heads} (grouped-query attention)"
+            )
+
+    def check_weights(self) -> None:
+        """A local checkpoint's safetensors files open (their headers are read, not the weights), so a
+        damaged file is one line naming it before any stage starts, not a SafetensorError mid-run."""
+        where = Path(self.local_dir()) if self.source in ("hf", "local") else None
+        if where is None or not where.is_dir():
+            return
+        from safetensors import safe_open
+
+        for f in sorted(where.glob("*.safetensors")):
+            try:
+                with safe_open(str(f), framework="pt") as handle:
+                    handle.keys()
+            except Exception as err:  # SafetensorError, OSError: the file is not a whole safetensors file
+                raise CaiError(f"{f}: the weights cannot be read ({str(err).splitlines()[0]}); the file is damaged or incomplete") from None
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,18 +29,18 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 import cai
-from cai.artifacts import StageDir, Upstream, code_version, fingerprint
+from cai.artifacts import StageDir, Upstream, code_version, damage, fingerprint, read_manifest
 from cai.config import check_ranges, instantiate
 from cai.data import load_prompts, read_hh_rlhf
 from cai.distributed import all_gather, barrier, is_rank_zero, launch, world
-from cai.errors import CaiError, check_choice
+from cai.errors import CaiError, Interrupted, check_choice, disk_full
 from cai.labels import ASKS, REDUCES, check_options
 from cai.models import use_accelerator
 from cai.reward import check_pm_dir
 from cai.stages import Context, Stage, eval, frontier, label, label_report, pairs, pm, pm_eval, ppo, sft, sl_data
 from cai.tracking import Tracker
-from cai.training import drop_checkpoints, resolve_precision
-from cai.usage import measure
+from cai.training import check_trainer, drop_checkpoints, resolve_precision
+from cai.usage import including_earlier, measure
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,11 @@ def require(cfg: DictConfig, name: str, needed_by: str) -> Upstream:
     rerun = f"`python train.py stage={name}` with the same overrides as this run"
     if not manifest.exists():
         raise CaiError(f"stage '{needed_by}' needs the output of stage '{name}' under {path}; run {rerun} first (or stage=all)")
-    try:
-        m = json.loads(manifest.read_text())
-    except json.JSONDecodeError:
-        raise CaiError(f"{manifest}: the manifest is torn (not valid JSON); re-run {rerun}") from None
+    m = read_manifest(manifest)
+    if m is None:
+        raise CaiError(
+            f"{manifest}: the manifest is torn or not a JSON object; re-run {rerun} (it moves the directory aside and redoes it)"
+        )
     if m.get("status") != "complete":
         raise CaiError(f"stage '{name}' under {path} did not finish; re-run {rerun} to resume it")
     if m.get("code") != code_version():
@@ -122,6 +124,8 @@ def require(cfg: DictConfig, name: str, needed_by: str) -> Upstream:
         log.warning(
             "%s: using %s, computed by %s, not by this code (%s), because allow_other_code=true", needed_by, path, made_by, code_version()
         )
+    if problem := damage(path, m):  # nothing damaged is read: a deleted shard, a dropped line, a changed weight file
+        raise CaiError(f"stage '{name}' is damaged: {problem}; re-run {rerun} (it moves the damaged directory aside and redoes it)")
     return Upstream(name, path, m)
 
 
@@ -213,6 +217,7 @@ def _run_locked(stage: Stage, out: StageDir, ctx: Context) -> dict:
         barrier()
         with measure() as usage:
             counts = stage.build(ctx)
+        usage = including_earlier(usage, out.earlier)  # a resumed stage: the whole job's time and tokens
         ctx.extra["usage"] = usage  # time, tokens and peak memory: benchmarks/bench_main.py prints them
         log.info("%s: %s", stage.name, ", ".join(f"{k} {v}" for k, v in usage.items()))
         publish = is_rank_zero() and counts is not None
@@ -272,13 +277,8 @@ def check_writable(root: Path) -> None:
         ) from None
 
 
-def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
-    """Check the inputs every stage relies on before any model loads, so bad input costs nothing.
-
-    Ranges of every count, size, rate and fraction; every input file named by the config, opened and
-    parsed; the artifacts root writable; then each selected stage's own checks.
-    """
-    check_ranges(cfg)
+def check_models(cfg: DictConfig) -> None:
+    """The policy is a real model; every model's source, path, dtype and shape are valid and its weight files open."""
     try:
         OmegaConf.to_container(cfg.model, resolve=True)
     except InterpolationResolutionError:
@@ -286,7 +286,20 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
             "model: 'policy' is an option for model@feedback_model= and model@pm_model= (follow the policy); give the policy a real model"
         ) from None
     for key in ("model", "feedback_model", "pm_model"):
-        instantiate(cfg[key])  # source, path and dtype are checked when the spec is built
+        instantiate(cfg[key]).check_weights()  # the spec checks its fields when it is built
+
+
+def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
+    """Check the inputs every stage relies on before any model loads, so bad input costs nothing.
+
+    Ranges of every count, size, rate and fraction; every input file named by the config, opened and
+    parsed; the artifacts root writable; then each selected stage's own checks.
+    """
+    for field, value in cfg.paths.items():  # '' would put artifacts or the cache in the current directory
+        if value is not None and not str(value).strip():
+            raise CaiError(f"paths.{field}: is empty; set it to a directory (or unset it for the default under paths.root)")
+    check_ranges(cfg)
+    check_models(cfg)
     instantiate(cfg.constitution)  # loads and validates every principle and example
     if cfg.label.kind not in LABEL_KINDS:
         raise CaiError(f"label.kind: unknown label type '{cfg.label.kind}'; choose one of {', '.join(LABEL_KINDS)}")
@@ -317,6 +330,7 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
         check_pm_dir(cfg.pm.checkpoint)
     check_writable(Path(cfg.paths.artifacts).expanduser())
     instantiate(cfg.strategy)
+    check_trainer(cfg)  # Lightning's own rules for every trainer.* set (here: it sees this machine's accelerators)
     if cfg.strategy.name == "deepspeed" and (cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()):
         raise CaiError(
             "strategy: DeepSpeed runs only on CUDA GPUs (Lightning's DeepSpeedStrategy), and this run has none; "
@@ -347,7 +361,10 @@ def run(cfg: DictConfig) -> list[dict]:
     try:
         for name in names:
             log.info("stage %s: %s", name, BY_NAME[name].description)
-            summaries.append({"stage": name, **run_stage(BY_NAME[name], cfg, tracker)})
+            try:
+                summaries.append({"stage": name, **run_stage(BY_NAME[name], cfg, tracker)})
+            except (CaiError, Interrupted, OSError) as err:
+                raise stopped(cfg, name, names, err) from None
         if not all(s.get("cached") for s in summaries):  # no W&B run for a job that only found its stages cached
             tracker.summary({f"{s['stage']}/{k}": v for s in summaries for k, v in s.items() if k not in ("stage", "cached")})
     finally:
@@ -355,6 +372,28 @@ def run(cfg: DictConfig) -> list[dict]:
     if is_rank_zero():
         print_summary(summaries)
     return summaries
+
+
+def stopped(cfg: DictConfig, name: str, names: tuple[str, ...], err: BaseException) -> BaseException:
+    """A stage stopped: one line saying why, what to do, and which of the run's stages did not run.
+
+    Whatever it had written stays: a rerun of the same command resumes it. An OSError other than a
+    full disk is a fault of its own and keeps its traceback.
+    """
+    later = names[names.index(name) + 1 :]
+    not_run = f" (not run: {', '.join(later)})" if later else ""
+    if isinstance(err, Interrupted):
+        return CaiError(f"{name}: interrupted by {err.name}; run the same command again to resume{not_run}", exit_code=128 + err.signum)
+    if disk_full(err):
+        where = f" while writing {err.filename}" if err.filename else ""
+        free = shutil.disk_usage(Path(cfg.paths.artifacts).expanduser()).free / 2**20
+        return CaiError(
+            f"{name}: the disk is full{where} ({free:.0f} MiB free under {cfg.paths.artifacts}); free some space and run "
+            f"the same command again to resume (what was written is kept){not_run}"
+        )
+    if isinstance(err, CaiError):
+        return CaiError(f"{err}{not_run}", exit_code=err.exit_code) if not_run else err
+    return err
 
 
 def print_summary(summaries: list[dict]) -> None:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ import random
 import shutil
 import time
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -144,8 +146,60 @@ class FileCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        torch.save(checkpoint, tmp)
+        try:
+            with tmp.open("wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename: a power cut leaves the old checkpoint, not a torn one
+        except (OSError, RuntimeError) as err:
+            tmp.unlink(missing_ok=True)
+            # torch's zip writer reports a failed write as "RuntimeError: ... unexpected pos": say what it was.
+            if isinstance(err, RuntimeError) and shutil.disk_usage(path.parent).free < 2 * tmp_size_hint(checkpoint):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path)) from err
+            if isinstance(err, OSError) and not err.filename:
+                raise OSError(err.errno, err.strerror, str(path)) from err
+            raise
         os.replace(tmp, path)
+
+
+def tmp_size_hint(checkpoint: dict) -> int:
+    """About how many bytes a checkpoint takes on disk: its tensors' bytes (weights and optimizer state)."""
+    total = 0
+    stack: list[Any] = [checkpoint]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def usable_checkpoint(ckpt_dir: Path, stage: str) -> Path | None:
+    """The checkpoint to resume from: `last.ckpt` if it reads whole, else the newest other one that does.
+
+    A kill while a checkpoint was being copied or a damaged disk can leave a `last.ckpt` that is not a
+    whole zip archive; resuming from it would fail on every rerun. A damaged one is renamed
+    `*.damaged` (kept until the stage completes), with a warning, and the next one is tried; with none
+    left, the stage restarts from its first step.
+    """
+    candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda f: (f.name != "last.ckpt", -f.stat().st_mtime))
+    for ckpt in candidates:
+        try:
+            with zipfile.ZipFile(ckpt) as z:  # torch.save's format; testzip checks every member's CRC
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError) as err:
+            bad = str(err)
+        if bad is None:
+            return ckpt
+        aside = ckpt.with_name(ckpt.name + ".damaged")
+        os.replace(ckpt, aside)
+        log.warning("%s: checkpoint %s is damaged (%s); moved it to %s and trying the previous one", stage, ckpt, bad, aside.name)
+    if candidates:
+        log.warning("%s: no readable checkpoint left in %s; the stage restarts from its first step", stage, ckpt_dir)
+    return None
 
 
 class HeapTrim(L.Callback):
@@ -291,11 +345,11 @@ def fit(
     if isinstance(strategy, str) and not args.get("plugins"):  # 'auto' or 'ddp'; a DeepSpeedStrategy writes its own checkpoints
         args["plugins"] = [FileCheckpointIO()]
     trainer = L.Trainer(strategy=strategy, logger=logger, callbacks=own, **args)
-    resume = ckpt_dir / "last.ckpt"
+    resume = usable_checkpoint(ckpt_dir, stage) if isinstance(strategy, str) else (ckpt_dir / "last.ckpt")
     # SamplerResume makes our mid-epoch resume exact; Lightning cannot see that and would warn otherwise.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     t0 = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume.exists() else None)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume and resume.exists() else None)
     if trainer.global_step == 0:  # completion means work was done
         raise CaiError(f"{stage}: training took no optimizer step (no training batches); give it more data or a smaller {stage}.batch_size")
     return trainer, time.perf_counter() - t0
@@ -329,6 +383,36 @@ def trainer_args(cfg: DictConfig, ours: dict[str, Any], manual: bool = False) ->
             log.warning("trainer.%s does not apply to PPO (it steps by hand; see ppo.* instead): PPO ignores it", key)
             user.pop(key)
     return {**ours, **user}
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Every `trainer.*` the user set, by Lightning's own rules, before any model loads.
+
+    Each argument is given to a bare Trainer on its own (then all of them together), so the one
+    Lightning refuses is named: `trainer.max_steps=-5`, `trainer.precision=bogus`.
+    """
+    user = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
+    user["precision"] = resolve_precision(user.get("precision", "auto"))
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    chatter = logging.getLogger("lightning.pytorch")  # the bare Trainers' info lines (GPU available: ..., tips)
+    level = chatter.level
+    chatter.setLevel(logging.WARNING)
+    try:
+        for key, value in [*user.items(), (None, None)]:
+            _try_trainer(key, value, {key: value} if key else user, quiet)
+    finally:
+        chatter.setLevel(level)
+
+
+def _try_trainer(key: str | None, value: Any, args: dict, quiet: dict) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            L.Trainer(**quiet, **args)
+    except Exception as err:  # MisconfigurationException, ValueError, TypeError: Lightning's refusal
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        field, what = (f"trainer.{key}", repr(value)) if key else ("trainer", "these Trainer arguments together")
+        raise CaiError(f"{field}: Lightning refuses {what}: {first} (fix {field} in conf/ or on the command line)") from None
 
 
 def configured_callbacks(cfg: DictConfig, has_logger: bool) -> list[L.Callback]:

@@ -29,6 +29,11 @@ MIN_VOCAB = 4096  # an embedding with this many rows or more is a token embeddin
 _counts = {"generated_tokens": 0, "forward_tokens": 0}
 
 
+def counts() -> dict[str, int]:
+    """The tokens generated and forwarded so far in this process."""
+    return dict(_counts)
+
+
 def add_generated(n: int) -> None:
     """Called by the generation backends with the number of new tokens they returned."""
     _counts["generated_tokens"] += n
@@ -115,3 +120,20 @@ def measure() -> Iterator[dict]:
             peak_rss_gb=round(peak_rss_bytes() / 2**30, 2),
             peak_rss_scope="stage" if per_stage else "process",
         )
+
+
+def including_earlier(result: dict, earlier: dict[str, float]) -> dict:
+    """A resumed stage's usage: this run's plus what the shards written by its earlier runs cost.
+
+    Rates are recomputed over the sum; `earlier_runs` keeps the earlier share, so nothing is double-counted.
+    """
+    if not earlier:
+        return result
+    out = dict(result)
+    for k in ("seconds", "generated_tokens", "forward_tokens"):
+        out[k] = round(result.get(k, 0) + earlier.get(k, 0), 1 if k == "seconds" else None)
+    seconds = max(out["seconds"], 1e-9)
+    out["forward_tokens_per_s"] = round(out["forward_tokens"] / seconds, 1)
+    out["generated_tokens_per_s"] = round(out["generated_tokens"] / seconds, 1)
+    out["earlier_runs"] = {k: round(v, 1) for k, v in earlier.items()}
+    return out

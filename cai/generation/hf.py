@@ -21,8 +21,8 @@ class HFGenerator(Generator):
     trained, with its tokenizer. `sampling`: the default SamplingParams fields.
     """
 
-    def __init__(self, model: Any, tokenizer: Any = None, batch_size: int = 16, **sampling: Any) -> None:
-        super().__init__(batch_size, **sampling)
+    def __init__(self, model: Any, tokenizer: Any = None, batch_size: int = 16, truncate: bool = False, **sampling: Any) -> None:
+        super().__init__(batch_size, truncate, **sampling)
         if isinstance(model, LoadableModel):
             tokenizer = tokenizer or model.load_tokenizer()
             model = model.load_model()
@@ -34,6 +34,10 @@ class HFGenerator(Generator):
     @property
     def tokenizer(self):
         return self._tokenizer
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
 
     @torch.no_grad()
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generating") -> list[Completion]:

