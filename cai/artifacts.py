@@ -21,6 +21,7 @@ A later stage reads a finished one through an `Upstream` handle: its rows, or it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -28,7 +29,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,14 +146,30 @@ def read_manifest(path: Path) -> dict | None:
     return m if isinstance(m, dict) else None
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file, fsync, rename), so neither a crash nor a power cut leaves a torn manifest."""
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[Any]:
+    """A text file written whole or not at all (temp file, fsync, rename), so neither a crash nor a
+    power cut leaves a torn one. A failed write (a full disk) removes the temp file and names the file."""
+    path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically, so a manifest is never torn."""
+    with atomic_write(path) as f:
+        f.write(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -174,13 +191,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     """Write a whole shard atomically: it either exists complete or not at all."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("w") as f:
+    with atomic_write(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def shard_rows(path: Path) -> list[dict]:

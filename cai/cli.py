@@ -19,13 +19,23 @@ def train(cfg: DictConfig) -> None:
         with raise_on_signals():
             run(cfg)
     except CaiError as err:  # bad input, a damaged file, a full disk, an interruption: one clear line, no traceback
+        close_progress_bars()
         if err.exit_code == 1:
             sys.exit(f"error: {err}")
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except Interrupted as sig:  # before any stage started (the pipeline names the stage otherwise)
+        close_progress_bars()
         print(f"error: interrupted by {sig.name} before any stage ran; nothing was written", file=sys.stderr)
         sys.exit(128 + sig.signum)
+
+
+def close_progress_bars() -> None:
+    """Close the bars an error left open now, so the error line is the last line printed (not a bar's clean-up)."""
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def main() -> None:

@@ -9,30 +9,18 @@ from __future__ import annotations
 
 import gzip
 import json
-import runpy
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import HH_SMALL
-
-import cai
+from conftest import HH_SMALL, train_in_process
 
 TINY = ("model=tiny", "logger=none", "data.n_red_team=4", "data.n_helpful=2", "sl.max_new_tokens=8", "generation.batch_size=8")
 
 
 def train(root: Path, *overrides: str) -> object:
     """Run `python train.py` with these overrides; return what it exited with (None if it did not exit)."""
-    argv = sys.argv
-    sys.argv = ["train.py", *TINY, f"paths.root={root}", f"paths.output={root}/out", *overrides]
-    try:
-        runpy.run_path(str(cai.ROOT / "train.py"), run_name="__main__")
-    except SystemExit as done:
-        return done.code
-    finally:
-        sys.argv = argv
-    return None
+    return train_in_process(*TINY, f"paths.root={root}", f"paths.output={root}/out", *overrides)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

@@ -53,27 +53,29 @@ class HFGenerator(Generator):
         self.model.eval()
         config = exact_sampling(params, pad_id, eos)
         bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
-        for b, start in enumerate(range(0, len(order), self.batch_size)):
-            idx = order[start : start + self.batch_size]
-            ids, mask = pad([prompts[i] for i in idx], pad_id, side="left")  # every prompt ends at the same column
-            width = ids.shape[1]
-            torch.manual_seed(derive_seed(params.seed, "batch", b))  # same seed and same prompts -> same text
-            with own_config_hidden(self.model):
-                out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-            sequences = out.sequences if params.logprobs else out
-            for row, i in enumerate(idx):
-                new = sequences[row, width:].tolist()
-                finished = eos in new
-                if finished:
-                    new = new[: new.index(eos) + 1]  # keep eos, drop the padding after it
-                text = tok.decode(new, skip_special_tokens=True).strip()
-                results[i] = Completion(text=text, token_ids=new, prompt_token_ids=list(prompts[i]), finished=finished)
-                if params.logprobs:  # the scores are the logits after temperature and top-p: what was sampled from
-                    steps = torch.stack([s[row].float() for s in out.scores[: len(new)]])  # (T, V)
-                    chosen = torch.log_softmax(steps, -1).gather(1, torch.tensor(new, device=steps.device)[:, None])
-                    results[i].logprobs = chosen.squeeze(1).tolist()
-            bar.update(len(idx))
-        bar.close()
+        try:  # closed on the way out of an interruption too, so the error line is the last thing printed
+            for b, start in enumerate(range(0, len(order), self.batch_size)):
+                idx = order[start : start + self.batch_size]
+                ids, mask = pad([prompts[i] for i in idx], pad_id, side="left")  # every prompt ends at the same column
+                width = ids.shape[1]
+                torch.manual_seed(derive_seed(params.seed, "batch", b))  # same seed and same prompts -> same text
+                with own_config_hidden(self.model):
+                    out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+                sequences = out.sequences if params.logprobs else out
+                for row, i in enumerate(idx):
+                    new = sequences[row, width:].tolist()
+                    finished = eos in new
+                    if finished:
+                        new = new[: new.index(eos) + 1]  # keep eos, drop the padding after it
+                    text = tok.decode(new, skip_special_tokens=True).strip()
+                    results[i] = Completion(text=text, token_ids=new, prompt_token_ids=list(prompts[i]), finished=finished)
+                    if params.logprobs:  # the scores are the logits after temperature and top-p: what was sampled from
+                        steps = torch.stack([s[row].float() for s in out.scores[: len(new)]])  # (T, V)
+                        chosen = torch.log_softmax(steps, -1).gather(1, torch.tensor(new, device=steps.device)[:, None])
+                        results[i].logprobs = chosen.squeeze(1).tolist()
+                bar.update(len(idx))
+        finally:
+            bar.close()
         self.model.train(was_training)
         return results  # type: ignore[return-value]
 
