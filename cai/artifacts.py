@@ -9,7 +9,9 @@ hashes of its inputs, counts, versions and times, the version of cai's code that
 digest of every file it wrote. The *fingerprint* is a hash of the same config fields as the lineage
 key, of the inputs (the contents of prompt files, the constitution, the weights of the models named
 by path, the upstream fingerprints and output digests) and of the code version. On a re-run:
-- a complete manifest with the same fingerprint: the stage is skipped;
+- a complete manifest with the same fingerprint, and every file it recorded still there with the
+  same digest: the stage is skipped (a damaged one is moved aside to `<key>.damaged-<time>` and
+  redone; a later stage that reads it refuses it with one line naming the file);
 - the same but for the code version: redone, unless `allow_other_code=true`, which reuses it with
   a warning naming the code version it came from;
 - the same fingerprint but not complete (interrupted): the stage resumes from what is there;
@@ -39,6 +41,7 @@ from tqdm.auto import tqdm
 import cai
 from cai.distributed import all_gather, is_rank_zero, mine
 from cai.errors import CaiError
+from cai.usage import counts as usage_counts
 
 log = logging.getLogger(__name__)
 
@@ -333,18 +336,16 @@ class StageDir:
         With several ranks, rank r writes shards r, r + N, ...; a shard's content depends on its index
         alone, so the rows are a 1-process run's. Every rank returns once all shards are written.
         """
-        from cai import usage
-
         resumed = 0
         for i in tqdm(mine(len(chunks)), desc=desc, unit="shard", disable=not is_rank_zero()):
             path = self.path / f"shard-{i:05d}.jsonl"
             if path.exists():
                 resumed += 1
                 continue
-            before, t0 = usage.counts(), time.perf_counter()
+            before, t0 = usage_counts(), time.perf_counter()
             write_jsonl(path, make(chunks[i], i))
             # What making this shard cost, kept beside it, so a resumed stage reports the whole job's usage.
-            spent = {k: v - before[k] for k, v in usage.counts().items()} | {"seconds": round(time.perf_counter() - t0, 3)}
+            spent = {k: v - before[k] for k, v in usage_counts().items()} | {"seconds": round(time.perf_counter() - t0, 3)}
             write_json(self.path / f".usage-{path.stem}.json", spent)
         resumed = sum(all_gather(resumed))  # also the barrier: every shard is on disk past this line
         if resumed:
