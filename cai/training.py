@@ -408,7 +408,7 @@ def _try_trainer(key: str | None, value: Any, args: dict, quiet: dict) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            L.Trainer(**quiet, **args)
+            L.Trainer(**{**quiet, **args})
     except Exception as err:  # MisconfigurationException, ValueError, TypeError: Lightning's refusal
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         field, what = (f"trainer.{key}", repr(value)) if key else ("trainer", "these Trainer arguments together")
