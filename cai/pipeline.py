@@ -2,7 +2,7 @@
 
 The method's order is declared once, in PIPELINE. For each stage the pipeline does the same steps,
 here and nowhere else:
-  require   the stages it reads must be complete (else: which stage to run, with which overrides);
+  require   the stages it reads must be complete and undamaged (else: which stage to run, with which overrides);
   key       its directory is `${paths.artifacts}/<stage>/<lineage key>`: a hash of the config fields
             it and every stage before it read, so runs that differ in one axis share what is upstream;
   skip      a complete manifest whose fingerprint matches (the same fields, the same input content)

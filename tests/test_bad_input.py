@@ -97,7 +97,10 @@ CASES = [
     (("model.dtype=fp8",), "model.dtype"),
     (("trainer.max_steps=-5",), "trainer.max_steps: Lightning refuses -5"),
     (("trainer.precision=bogus",), "trainer.precision: Lightning refuses 'bogus'"),
-    (("trainer.precision=bogus", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"), "trainer.precision: Lightning refuses"),
+    (
+        ("trainer.precision=bogus", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"),
+        "trainer.precision: Lightning refuses",
+    ),
     (("model.tiny_heads=3",), "model.tiny_hidden: 64 must split into model.tiny_heads=3 heads"),
     (("model.tiny_kv_heads=3",), "model.tiny_kv_heads: 3 must divide model.tiny_heads=4"),
     (("model.tiny_layers=0",), "model.tiny_layers: must be >= 1"),
