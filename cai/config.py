@@ -293,7 +293,9 @@ class PPOConfig:
     missing_eos_penalty: float = ranged(0.0, ge=0)  # subtracted from the score of an answer cut at max_new_tokens (0 = off)
     reward_clip: float = ranged(5.0, gt=0)
     max_grad_norm: float = ranged(1.0, gt=0)  # gradient clipping (DeepSpeed applies it in its engine)
-    value_model: str = "head"  # head | critic
+    value_model: str = "head"  # head | critic (ppo.advantage=gae only)
+    advantage: str = "gae"  # gae (a critic) | grpo | rloo (critic-free: each answer against the others to its prompt)
+    samples_per_prompt: int = ranged(1, ge=1)  # answers per prompt in an iteration (grpo and rloo need >= 2)
     frozen_dtype: str = "bfloat16"  # bfloat16 | float32: how the frozen ref and reward model store their weights
     checkpoint_every: int = ranged(4, ge=0)
     table_every: int = ranged(4, ge=0)

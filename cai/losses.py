@@ -93,6 +93,26 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+def group_advantages(rewards: torch.Tensor, k: int, kind: str, eps: float = 1e-4) -> torch.Tensor:
+    """Critic-free advantages: each answer against the other answers to its prompt. rewards: (B,) -> (B,).
+
+    The batch holds B/k groups of k answers to one prompt, each group contiguous.
+    grpo: (r_i - mean_g) / (std_g + eps), the group's mean and (unbiased) std: GRPO (Shao et al., 2024; TRL's default).
+    rloo: r_i - mean_{j != i} r_j = k/(k-1) * (r_i - mean_g), the leave-one-out baseline (Ahmadian et al., 2024).
+    """
+    if k < 2 or rewards.shape[0] % k:
+        raise ValueError(f"group_advantages: need k >= 2 answers per prompt and B divisible by k, got B={rewards.shape[0]}, k={k}")
+    groups = rewards.view(-1, k)  # (B/k, k)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if kind == "grpo":
+        out = centred / (groups.std(dim=1, keepdim=True) + eps)
+    elif kind == "rloo":
+        out = centred * k / (k - 1)
+    else:
+        raise ValueError(f"group_advantages: unknown kind '{kind}' (grpo | rloo)")
+    return out.reshape(-1)
+
+
 def ppo_policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

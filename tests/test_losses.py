@@ -176,3 +176,22 @@ def test_running_moments_equal_the_moments_of_everything_seen():
     again = RunningMoments()
     again.load_state_dict(m.state_dict())
     assert again.update([5.0]) == m.update([5.0])
+
+
+def test_group_advantages_hand_computed():
+    from cai.losses import group_advantages
+
+    # Two prompts, two answers each. GRPO: (r - mean) / (std + 1e-4), unbiased std of [1, 3] = sqrt(2).
+    rewards = torch.tensor([1.0, 3.0, 0.0, 0.0])
+    grpo = group_advantages(rewards, 2, "grpo")
+    assert grpo.tolist() == pytest.approx([-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4), 0.0, 0.0], abs=1e-6)
+    # RLOO: each answer minus the mean of the others: 1 - 3, 3 - 1; a group of equal scores learns nothing.
+    assert group_advantages(rewards, 2, "rloo").tolist() == pytest.approx([-2.0, 2.0, 0.0, 0.0])
+    # Three answers: 1 - mean(2, 6) = -3, 2 - mean(1, 6) = -1.5, 6 - mean(1, 2) = 4.5; GRPO's std is sqrt(7).
+    three = torch.tensor([1.0, 2.0, 6.0])
+    assert group_advantages(three, 3, "rloo").tolist() == pytest.approx([-3.0, -1.5, 4.5])
+    assert group_advantages(three, 3, "grpo").tolist() == pytest.approx([x / (math.sqrt(7) + 1e-4) for x in (-2, -1, 3)], abs=1e-6)
+    with pytest.raises(ValueError, match="k >= 2"):
+        group_advantages(three, 1, "grpo")
+    with pytest.raises(ValueError, match="divisible"):
+        group_advantages(rewards, 3, "rloo")

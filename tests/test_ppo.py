@@ -7,11 +7,13 @@ import collections
 import copy
 import json
 import math
+import shutil
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_RUN
+from conftest import TINY_RUN, train_in_process
 from omegaconf import OmegaConf
 
 from cai.config import PPOConfig
@@ -304,3 +306,33 @@ def test_the_critic_refuses_a_pm_with_another_tokenizer(make_cfg, tmp_path, tiny
     with pytest.raises(CaiError, match="ppo.value_model=critic: the PM backbone .* has another tokenizer than the policy"):
         run(cfg)
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("manifest.json"))
+
+
+@pytest.fixture(scope="module")
+def upstream_of_ppo(tmp_path_factory) -> Path:
+    """An artifacts root with every stage before PPO, on the tiny model, made through `python train.py`."""
+    root = tmp_path_factory.mktemp("ppo-root")
+    for stage in ("sl_data", "sft", "pairs", "label", "pm"):
+        assert train_in_process(*TINY_RUN, "logger=none", f"paths.root={root}", f"paths.output={root}/out", f"stage={stage}") is None
+    return root
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_critic_free_ppo_through_the_cli(upstream_of_ppo, tmp_path, advantage):
+    """`python train.py stage=ppo ppo.advantage=grpo|rloo ppo.samples_per_prompt=4`: no critic is built, each
+    prompt is answered 4 times in a row, and the policy moves away from SFT (the KL grows from 0)."""
+    root = tmp_path / "root"
+    shutil.copytree(upstream_of_ppo / "artifacts", root / "artifacts", symlinks=True)
+    ppo = ("ppo.iterations=3", "ppo.rollouts=8", "ppo.samples_per_prompt=4", "ppo.max_new_tokens=8", "ppo.minibatch_size=4")
+    ppo += ("ppo.table_every=1", "ppo.lr=1e-3", f"ppo.advantage={advantage}", "logger=csv", f"logger.dir={tmp_path}/log")
+    assert train_in_process(*TINY_RUN, f"paths.root={root}", f"paths.output={root}/out", "stage=ppo", *ppo) is None
+    [out] = [p for p in (root / "artifacts" / "ppo").iterdir() if p.is_dir() and not p.is_symlink()]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and "critic" not in manifest["models"] and "actor" in manifest["models"]
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 3 and "ppo/train/value_loss" not in history[-1]
+    assert all(math.isfinite(h["ppo/train/policy_loss"]) for h in history)
+    assert abs(history[0]["ppo/train/kl"]) < 1e-4 and abs(history[-1]["ppo/train/kl"]) > 1e-4
+    rows = [json.loads(r) for r in (tmp_path / "log" / "tables" / "ppo_rollouts.jsonl").read_text().splitlines()]
+    first = [r["prompt"] for r in rows if r["iteration"] == 0]
+    assert len(first) == 8 and all(len(set(first[g : g + 4])) == 1 for g in (0, 4))  # two groups of 4 answers to one prompt

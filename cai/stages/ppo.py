@@ -4,7 +4,8 @@ Roles, named as in verl (the rollout, critic and reward roles are in cai/rl.py):
 - actor (the policy): initialised from SFT, trained;
 - ref: a frozen copy of SFT, for the KL penalty;
 - critic: the value model, a value head on the actor's backbone (`ppo.value_model=head`) or a
-  separate backbone with a head, initialised from the PM (`ppo.value_model=critic`);
+  separate backbone with a head, initialised from the PM (`ppo.value_model=critic`); none with the
+  critic-free advantages (`ppo.advantage=grpo|rloo`), whose baseline is the other answers to the prompt;
 - reward: the frozen PM (any `reward_fn(conversations, completions) -> scores`, e.g. a synthetic one in tests);
 - rollout: the generation backend that samples the actor's answers.
 
@@ -12,7 +13,8 @@ One PPO iteration is one Lightning "epoch" of one step, so Lightning's checkpoin
 iteration, the optimizer state and (through on_save_checkpoint) the KL controller:
   1. rollout: `ppo.rollouts` prompts, answered by the actor through the generation backend (batched);
   2. score: PM reward (whitened, clipped) minus beta * KL(actor || ref) per token;
-  3. GAE advantages and returns;
+  3. advantages: GAE with the critic's values (`ppo.advantage=gae`), or each answer against the
+     other `ppo.samples_per_prompt - 1` answers to its prompt (`grpo`, `rloo`);
   4. `ppo.ppo_epochs` passes of minibatch updates on the clipped policy loss + clipped value loss
      (+ optional entropy bonus); when that is one step on every rollout (`one_step`), the step's
      forward, run before scoring, also gives the sampling-time log-probs and values;
@@ -45,6 +47,7 @@ from cai.losses import (
     AdaptiveKLController,
     RunningMoments,
     gae,
+    group_advantages,
     kl_estimate,
     masked_mean,
     ppo_policy_loss,
@@ -70,6 +73,7 @@ from cai.training import (
 
 log = logging.getLogger(__name__)
 VALUE_MODELS = ("head", "critic")
+ADVANTAGES = ("gae", "grpo", "rloo")
 REWARD_NORMS = ("batch", "running", "none")
 FROZEN_DTYPES = ("bfloat16", "float32")
 VLLM = "cai.generation.vllm.VLLMGenerator"
@@ -105,7 +109,9 @@ class PPOModule(L.LightningModule):
             for p in actor.parameters():  # (a no-op on a GPU, where SFT saved bf16 weights)
                 p.copy_(p.to(storage))
         self.ref = frozen(copy.deepcopy(actor), storage, ref_dtype)
-        self.critic = critic if critic is not None else ValueHead(actor.config.hidden_size)
+        # grpo and rloo need no critic: the other answers to the same prompt are the baseline.
+        self.critic_free = ppo.advantage != "gae"
+        self.critic = None if self.critic_free else critic if critic is not None else ValueHead(actor.config.hidden_size)
         self.tok = tokenizer
         self.reward_fn = reward_fn
         self.rollout_role = Rollout(actor, tokenizer, generation_batch_size, engine)  # engine: vLLM, or None for HF on the actor
@@ -117,7 +123,8 @@ class PPOModule(L.LightningModule):
         # Log-probs, KL and values are computed in train mode (Lightning's), sampling in eval mode: with
         # dropout on, the ratio and the KL would measure dropout noise. TRL and OpenRLHF turn it off too.
         disable_dropout(self.actor)
-        disable_dropout(self.critic)
+        if self.critic is not None:
+            disable_dropout(self.critic)
         self.tracker = tracker
         self.snapshot_dir = snapshot_dir
         self.history: list[dict[str, float]] = []
@@ -126,13 +133,15 @@ class PPOModule(L.LightningModule):
     def actor_forward(
         self, batch: dict[str, torch.Tensor], with_entropy: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Log-probs of the taken tokens, entropies (if asked) and the critic's values, each (B, L-1).
+        """Log-probs of the taken tokens, entropies (if asked) and the critic's values (0 without one), each (B, L-1).
 
         The LM head runs on response positions only (`response_logprobs`); elsewhere logp and
         entropy are 0, and every use of them is masked by action_mask.
         """
         # The entropy only enters the loss with an entropy bonus; otherwise it is logged, and kept out of the graph.
         logp, entropy, hidden = response_logprobs(self.actor, batch, with_entropy, entropy_grad=self.cfg.entropy_coef != 0)
+        if self.critic is None:
+            return logp, entropy, torch.zeros_like(logp)
         values = self.critic(batch, hidden if self.critic.shares_actor else None)
         return logp, entropy, values.float()
 
@@ -156,14 +165,16 @@ class PPOModule(L.LightningModule):
         self.log_iteration(iteration, conversations, completions, experience, stats, times)
 
     def rollout(self, iteration: int) -> tuple[list[list[Message]], list[Completion]]:
-        """`ppo.rollouts` prompts per rank, drawn with a seed per (iteration, rank), answered by the actor.
+        """`ppo.rollouts` answers per rank: rollouts / samples_per_prompt prompts, drawn with a seed per
+        (iteration, rank), each answered samples_per_prompt times by the actor (a group, contiguous).
 
         Each rank rolls out its own prompts (data parallelism); rank 0's draws are those of a
         1-process run, and a resumed run repeats an uninterrupted one.
         """
-        r = rank()
+        r, k = rank(), self.cfg.samples_per_prompt
         rng = random.Random(f"{self.seed}/ppo/{iteration}" + (f"/rank{r}" if r else ""))
-        conversations = [self.prompts[rng.randrange(len(self.prompts))] for _ in range(self.cfg.rollouts)]
+        drawn = [self.prompts[rng.randrange(len(self.prompts))] for _ in range(self.cfg.rollouts // k)]
+        conversations = [conv for conv in drawn for _ in range(k)]
         # PPO needs samples from the policy itself: temperature 1, no nucleus truncation.
         seed = derive_seed(self.seed, "ppo", iteration, r)
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=1.0, top_p=1.0, seed=seed)
@@ -187,7 +198,12 @@ class PPOModule(L.LightningModule):
     def make_experience(
         self, conversations: list[list[Message]], completions: list[Completion], batch: dict[str, torch.Tensor], actor_out=None
     ) -> Experience:
-        """Score the rollouts: PM reward (whitened, clipped) minus beta * KL per token, then GAE.
+        """Score the rollouts: PM reward (normalised, clipped) minus beta * KL, then the advantages.
+
+        gae: the KL per token, the score at the last token, GAE with the critic's values, whitened.
+        grpo / rloo: the KL summed over the answer comes off its score (as RLOO does; GRPO's paper
+        puts it in the loss instead), then each answer is compared with the others to its prompt
+        (`group_advantages`), one advantage for all its tokens.
 
         actor_out: the actor's (logp, entropy, values) on `batch` when the update's forward ran already.
         """
@@ -201,6 +217,10 @@ class PPOModule(L.LightningModule):
         kl = kl_estimate(old_logp, ref_logp, "k1") * mask  # (B, L-1)
         shaped = self.normalise(scores - cfg.missing_eos_penalty * truncated).to(self.device)
         shaped = shaped.clamp(-cfg.reward_clip, cfg.reward_clip)
+        if self.critic_free:
+            sequence = shaped - self.kl_ctl.beta * kl.sum(1)  # (B,)
+            advantages = group_advantages(sequence, cfg.samples_per_prompt, cfg.advantage)[:, None] * mask  # (B, L-1)
+            return Experience(batch, old_logp, old_values, kl, advantages, torch.zeros_like(advantages), scores, truncated)
         rewards = token_rewards(shaped, kl, mask, self.kl_ctl.beta)
         advantages, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
         return Experience(batch, old_logp, old_values, kl, whiten(advantages, mask), returns, scores, truncated)
@@ -220,7 +240,8 @@ class PPOModule(L.LightningModule):
         actor_out: the actor's (logp, entropy, values) on the whole batch, with their graph, for the one step of `one_step`.
         """
         cfg, opt = self.cfg, self.optimizers()
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")}
+        keys = ("policy_loss", "entropy", "clipfrac", "approx_kl") + (() if self.critic is None else ("value_loss",))
+        stats: dict[str, list[float]] = {k: [] for k in keys}
         rng = random.Random(f"{self.seed}/ppo/{iteration}/minibatches")
         n = len(experience.scores)
         for _ in range(cfg.ppo_epochs):
@@ -234,7 +255,10 @@ class PPOModule(L.LightningModule):
                     logp, entropy, values = self.actor_forward(minibatch.batch)
                 mask = minibatch.mask
                 policy_loss, info = ppo_policy_loss(logp, minibatch.old_logp, minibatch.advantages, mask, cfg.clip_range)
-                critic_loss = value_loss(values, minibatch.old_values, minibatch.returns, mask, cfg.value_clip)
+                no_critic = self.critic is None
+                critic_loss = (
+                    torch.zeros(()) if no_critic else value_loss(values, minibatch.old_values, minibatch.returns, mask, cfg.value_clip)
+                )
                 mean_entropy = masked_mean(entropy, mask)
                 loss = policy_loss + cfg.value_coef * critic_loss - cfg.entropy_coef * mean_entropy
                 check_finite("ppo", iteration, "PPO loss", float(loss.detach()))
@@ -358,6 +382,16 @@ def check(cfg: DictConfig) -> None:
     check_choice("ppo.value_model", cfg.ppo.value_model, VALUE_MODELS)
     check_choice("ppo.frozen_dtype", cfg.ppo.frozen_dtype, FROZEN_DTYPES)
     check_choice("ppo.reward_norm", cfg.ppo.reward_norm, REWARD_NORMS)
+    check_choice("ppo.advantage", cfg.ppo.advantage, ADVANTAGES)
+    k = cfg.ppo.samples_per_prompt
+    if cfg.ppo.advantage != "gae" and k < 2:
+        raise CaiError(
+            f"ppo.samples_per_prompt: ppo.advantage={cfg.ppo.advantage} compares answers to one prompt, so it needs >= 2, got {k}"
+        )
+    if cfg.ppo.rollouts % k:
+        raise CaiError(
+            f"ppo.rollouts: {cfg.ppo.rollouts} answers must split into groups of ppo.samples_per_prompt={k}; make it a multiple of {k}"
+        )
     if cfg.ppo.value_model == "critic" and not same_tokenizer(instantiate(cfg.model), instantiate(cfg.pm_model)):
         # The critic starts from the PM and reads the actor's token ids: another vocabulary would read other words.
         raise CaiError(
@@ -374,7 +408,7 @@ def build(ctx: Context) -> dict | None:
     actor.train()
     # The PM is loaded once: the reward, and the critic's start. A critic is trained, so it is copied
     # in float32; the reward is frozen and runs in the inference dtype.
-    critic_start = cfg.ppo.value_model == "critic"
+    critic_start = cfg.ppo.value_model == "critic" and cfg.ppo.advantage == "gae"
     pm, pm_tok = PreferenceModel.load(ctx.upstream["pm"].model_dir, dtype=torch.float32 if critic_start else None)
     critic = CriticModel(copy.deepcopy(pm.backbone), copy.deepcopy(pm.head)) if critic_start else None
     frozen_dtype = DTYPES[cfg.ppo.frozen_dtype]
@@ -403,7 +437,7 @@ def build(ctx: Context) -> dict | None:
     ctx.extra["models"] = {
         "actor": trained_placement(trainer, actor),
         "ref": trained_placement(trainer, module.ref),  # frozen, but moved and autocast by the trainer like the actor
-        "critic": trained_placement(trainer, module.critic),
+        **({"critic": trained_placement(trainer, module.critic)} if module.critic is not None else {}),
         "reward": placement(pm),
         **({"rollout": engine.placement()} if engine is not None else {}),
     }
