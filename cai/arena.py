@@ -33,7 +33,7 @@ from cai.generation import derive_seed
 from cai.metrics import human_agreement
 from cai.models import ModelSpec, placement
 from cai.plots import plot_frontier
-from cai.reward import check_pm_dir, pm_identity
+from cai.reward import pm_identity, resolve_pm_dir
 from cai.templates import COMPARISON_TEMPLATE, HARMLESS_QUESTION, HARMLESSNESS, HELPFUL_QUESTION, HELPFULNESS
 
 log = logging.getLogger(__name__)
@@ -319,7 +319,7 @@ def check_judge(cfg: DictConfig) -> None:
     if cfg.eval.judge not in JUDGES:
         raise CaiError(f"eval.judge: choose one of {', '.join(JUDGES)}, got '{cfg.eval.judge}'")
     if cfg.eval.judge == "pm" and cfg.eval.judge_pm:
-        check_pm_dir(cfg.eval.judge_pm, field="eval.judge_pm")
+        resolve_pm_dir(cfg.eval.judge_pm, field="eval.judge_pm")  # a directory or a hub id
     elif cfg.eval.judge == "pm" and not cfg.eval.judge_own_pm:
         raise CaiError(
             "eval.judge=pm: this run's PM is the reward PPO optimised, so reward hacking would score as progress; "
@@ -328,21 +328,30 @@ def check_judge(cfg: DictConfig) -> None:
         )
 
 
+def reward_dir(cfg: DictConfig, pm=None) -> Path | None:
+    """The reward model PPO optimised: `ppo.reward_model` if set, else this run's PM (`pm`, its finished stage)."""
+    if cfg.ppo.reward_model:
+        return resolve_pm_dir(cfg.ppo.reward_model, "ppo.reward_model")
+    return pm.model_dir if pm is not None else None
+
+
 def make_judge(cfg: DictConfig, pm=None) -> Judge:
     """The judge `eval.judge` names. `pm` is this run's finished pm stage (an artifacts.Upstream), for eval.judge_own_pm."""
     check_judge(cfg)
     if cfg.eval.judge == "feedback":
         return FeedbackJudge(cfg)
+    reward = reward_dir(cfg, pm)
     if cfg.eval.judge_pm:
         # The same weights as this run's reward model, under another path, are not independent either.
-        identity = pm_identity(cfg.eval.judge_pm)  # hashes every weight file: once
-        is_reward = pm is not None and identity == pm_identity(pm.model_dir)
+        judge_dir = resolve_pm_dir(cfg.eval.judge_pm, field="eval.judge_pm")
+        identity = pm_identity(judge_dir)  # hashes every weight file: once
+        is_reward = reward is not None and identity == pm_identity(reward)
         if is_reward and not cfg.eval.judge_own_pm:
             raise CaiError(
                 f"eval.judge_pm: '{cfg.eval.judge_pm}' is this run's own PM, the reward PPO optimised; give another PM, or set eval.judge_own_pm=true"
             )
-        return PMJudge(cfg, cfg.eval.judge_pm, is_reward=is_reward, identity=identity)
-    return PMJudge(cfg, pm.model_dir, is_reward=True)
+        return PMJudge(cfg, judge_dir, is_reward=is_reward, identity=identity)
+    return PMJudge(cfg, reward, is_reward=True)
 
 
 def judge_quality(cfg: DictConfig, judge: Judge) -> dict[str, dict]:

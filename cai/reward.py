@@ -147,6 +147,31 @@ def check_pm_dir(path: str | Path, field: str = "pm.checkpoint") -> None:
         )
 
 
+def resolve_pm_dir(name: str, field: str) -> Path:
+    """A reward model named by a directory or a hub id, as a checked local directory.
+
+    A hub id is read from the local Hugging Face cache (downloaded first where the hub can be
+    reached): any `AutoModelForSequenceClassification` with one label, the format of RewardBench
+    and TRL, in which cai saves its own PMs.
+    """
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            try:
+                path = Path(snapshot_download(name, local_files_only=True))
+            except Exception:  # not cached: the hub, unless offline
+                path = Path(snapshot_download(name))
+        except Exception as err:
+            raise CaiError(
+                f"{field}: '{name}' is neither a directory nor a hub model this machine has or can download "
+                f"({type(err).__name__}); give a directory holding an AutoModelForSequenceClassification with one label"
+            ) from None
+    check_pm_dir(path, field=field)
+    return path
+
+
 def pm_identity(path: str | Path) -> str:
     """What makes a PM directory score what it scores: the content of its config and weights."""
     path = Path(path).expanduser()

@@ -336,3 +336,30 @@ def test_critic_free_ppo_through_the_cli(upstream_of_ppo, tmp_path, advantage):
     rows = [json.loads(r) for r in (tmp_path / "log" / "tables" / "ppo_rollouts.jsonl").read_text().splitlines()]
     first = [r["prompt"] for r in rows if r["iteration"] == 0]
     assert len(first) == 8 and all(len(set(first[g : g + 4])) == 1 for g in (0, 4))  # two groups of 4 answers to one prompt
+
+
+def test_your_own_reward_model_replaces_the_pm(upstream_of_ppo, tmp_path, tiny_spec):
+    """`ppo.reward_model=DIR`: any one-label AutoModelForSequenceClassification is PPO's reward (and eval's
+    reference reward); this run's PM is not needed. It is keyed by its content: changed, PPO is redone."""
+    from cai.reward import PreferenceModel
+
+    root = tmp_path / "root"
+    shutil.copytree(upstream_of_ppo / "artifacts", root / "artifacts", symlinks=True)
+    shutil.rmtree(root / "artifacts" / "pm")  # not read: the reward is yours
+    torch.manual_seed(7)
+    mine = tmp_path / "my-rm"
+    PreferenceModel.from_causal_lm(tiny_spec.load_model(), tiny_spec.load_tokenizer().pad_token_id).save(mine, tiny_spec.load_tokenizer())
+    args = (*TINY_RUN, "logger=none", f"paths.root={root}", f"paths.output={root}/out", f"ppo.reward_model={mine}")
+    args += ("ppo.iterations=2", "ppo.rollouts=4", "ppo.max_new_tokens=6", "ppo.minibatch_size=4", "ppo.snapshot_every=2")
+    assert train_in_process(*args, "stage=ppo") is None
+    [out] = [p for p in (root / "artifacts" / "ppo").iterdir() if p.is_dir() and not p.is_symlink()]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and "reward_model" in manifest["inputs"] and "pm" not in manifest["inputs"]
+    assert train_in_process(*args, "stage=eval", "eval.n_red_team=2", "eval.n_helpful=2") is None  # no PM stage needed either
+    # Another reward model at the same path is another run: PPO is redone, the old one moved aside.
+    weights = mine / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-100] ^= 0x01
+    weights.write_bytes(bytes(blob))
+    assert train_in_process(*args, "stage=ppo") is None
+    assert len(list((root / "artifacts" / "ppo").glob("*.stale-*"))) == 1

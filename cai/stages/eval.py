@@ -44,6 +44,7 @@ from cai.arena import (
     parse_external,
     rate,
     report,
+    reward_dir,
 )
 from cai.artifacts import Upstream, file_hash, fingerprint, write_json, write_jsonl
 from cai.config import instantiate
@@ -117,7 +118,7 @@ def build(ctx: Context) -> dict | None:
     snaps = snapshots(cfg, ctx.upstream["sft"], ctx.upstream["ppo"])
     prompts = eval_prompts(cfg)
     ctx.extra["prompt_ids"] = {kind: [p["id"] for p in prompts if p["kind"] == kind] for kind in ("red_team", "helpful")}
-    judge = make_judge(cfg, ctx.upstream["pm"])
+    judge = make_judge(cfg, ctx.upstream.get("pm"))
     judge_info = {**judge.describe(), "quality": judge_quality(cfg, judge)}
     externals, external_answers = external_players(cfg, prompts, own_prompts=False)
     answers = {**answer(cfg, snaps, prompts), **external_answers}
@@ -126,7 +127,7 @@ def build(ctx: Context) -> dict | None:
     if not is_rank_zero():  # the answers and verdicts are on disk; rank 0 alone scores, writes the report and logs
         return None  # (several ranks writing frontier.png at once let rank 0 read a half-written one)
     # This run's PM scores every answer; when it is also the judge, the copy the judge loaded serves.
-    pm = judge.model() if isinstance(judge, PMJudge) and judge.is_reward else PreferenceModel.load(ctx.upstream["pm"].model_dir)
+    pm = judge.model() if isinstance(judge, PMJudge) and judge.is_reward else PreferenceModel.load(reward_dir(cfg, ctx.upstream.get("pm")))
     metrics = {s.key: absolute_metrics(cfg, answers[s.key], pm) for s in tqdm(players, desc="eval metrics", unit="snapshot")}
     run_name = tracker.name or "this run"
     title = f"{run_name}: Elo (judge: {judge.identity})"
@@ -177,7 +178,7 @@ STAGE = Stage(
     after="ppo",
     lineage=("eval",),
     logging_only=("eval.runs",),
-    reads=("sft", "ppo", "pm"),
+    reads=lambda cfg: ("sft", "ppo") if cfg.ppo.reward_model else ("sft", "ppo", "pm"),  # the PM: the reward its answers are scored by
     inputs=inputs,
     check=check_arena,
     metric=lambda c: c["summary"],

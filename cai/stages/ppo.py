@@ -57,7 +57,7 @@ from cai.losses import (
 )
 from cai.metrics import boilerplate_rate, refusal_rate
 from cai.models import DTYPES, disable_dropout, frozen, placement, resolve_dtype, same_tokenizer
-from cai.reward import PreferenceModel, pm_reward
+from cai.reward import PreferenceModel, pm_identity, pm_reward, resolve_pm_dir
 from cai.rl import Critic, CriticModel, Experience, RewardFn, Rollout, ValueHead, batch_rollouts, response_logprobs
 from cai.stages import Context, Stage
 from cai.training import (
@@ -378,6 +378,13 @@ def conversations(prompts: dict[str, list[Prompt]]) -> list[list[Message]]:
     return [[{"role": "user", "content": p.text}] for ps in prompts.values() for p in ps]
 
 
+def reward_identity(cfg: DictConfig) -> dict:
+    """Your own reward model, by the content of its config and weights (a changed one is never reused silently)."""
+    if not cfg.ppo.reward_model:
+        return {}  # this run's PM: its fingerprint and output digest are upstream inputs already
+    return {"reward_model": pm_identity(resolve_pm_dir(cfg.ppo.reward_model, "ppo.reward_model"))}
+
+
 def check(cfg: DictConfig) -> None:
     check_choice("ppo.value_model", cfg.ppo.value_model, VALUE_MODELS)
     check_choice("ppo.frozen_dtype", cfg.ppo.frozen_dtype, FROZEN_DTYPES)
@@ -391,6 +398,13 @@ def check(cfg: DictConfig) -> None:
     if cfg.ppo.rollouts % k:
         raise CaiError(
             f"ppo.rollouts: {cfg.ppo.rollouts} answers must split into groups of ppo.samples_per_prompt={k}; make it a multiple of {k}"
+        )
+    if cfg.ppo.reward_model:
+        resolve_pm_dir(cfg.ppo.reward_model, "ppo.reward_model")  # a whole one-label classifier, before any model loads
+    if cfg.ppo.value_model == "critic" and cfg.ppo.reward_model and cfg.ppo.advantage == "gae":
+        raise CaiError(
+            "ppo.value_model=critic: the critic starts from this run's PM, and ppo.reward_model replaces it; "
+            "use ppo.value_model=head (or ppo.advantage=grpo|rloo, which need no critic)"
         )
     if cfg.ppo.value_model == "critic" and not same_tokenizer(instantiate(cfg.model), instantiate(cfg.pm_model)):
         # The critic starts from the PM and reads the actor's token ids: another vocabulary would read other words.
@@ -409,7 +423,8 @@ def build(ctx: Context) -> dict | None:
     # The PM is loaded once: the reward, and the critic's start. A critic is trained, so it is copied
     # in float32; the reward is frozen and runs in the inference dtype.
     critic_start = cfg.ppo.value_model == "critic" and cfg.ppo.advantage == "gae"
-    pm, pm_tok = PreferenceModel.load(ctx.upstream["pm"].model_dir, dtype=torch.float32 if critic_start else None)
+    reward_dir = resolve_pm_dir(cfg.ppo.reward_model, "ppo.reward_model") if cfg.ppo.reward_model else ctx.upstream["pm"].model_dir
+    pm, pm_tok = PreferenceModel.load(reward_dir, dtype=torch.float32 if critic_start else None)
     critic = CriticModel(copy.deepcopy(pm.backbone), copy.deepcopy(pm.head)) if critic_start else None
     frozen_dtype = DTYPES[cfg.ppo.frozen_dtype]
     reward_fn = pm_reward(frozen(pm, frozen_dtype, resolve_dtype("auto")), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
@@ -461,8 +476,8 @@ STAGE = Stage(
     after="pm",
     lineage=("ppo", *TRAINING_LINEAGE),
     logging_only=("ppo.checkpoint_every", "ppo.table_every", *TRAINING_LOGGING_ONLY),
-    reads=("sft", "pm"),
-    inputs=lambda cfg: {"prompts": fingerprint(conversations(train_prompts(cfg)))},
+    reads=lambda cfg: ("sft",) if cfg.ppo.reward_model else ("sft", "pm"),
+    inputs=lambda cfg: {"prompts": fingerprint(conversations(train_prompts(cfg))), **reward_identity(cfg)},
     check=check,
     metric=lambda c: f"reward {c['first_reward']:.3f} -> {c['final_reward']:.3f}, KL {c['final_kl']:.2f}",
     output="model",
