@@ -297,6 +297,7 @@ class PPOConfig:
     advantage: str = "gae"  # gae (a critic) | grpo | rloo (critic-free: each answer against the others to its prompt)
     samples_per_prompt: int = ranged(1, ge=1)  # answers per prompt in an iteration (grpo and rloo need >= 2)
     reward_model: str | None = None  # a one-label sequence classifier (directory or hub id) as the reward, instead of this run's PM
+    policy: str | None = None  # a causal LM (directory or hub id) to start RL from, instead of this run's SFT model
     frozen_dtype: str = "bfloat16"  # bfloat16 | float32: how the frozen ref and reward model store their weights
     checkpoint_every: int = ranged(4, ge=0)
     table_every: int = ranged(4, ge=0)

@@ -28,6 +28,16 @@ from cai.losses import logprobs_and_entropy
 from cai.models import logits_where, rescales_logits
 from cai.training import gathered_state_dict, pad
 
+
+def own_policy(cfg) -> Any:
+    """`ppo.policy`: the policy RL starts from when it is not this run's SFT model, as a ModelSpec (None if unset)."""
+    from cai.models import ModelSpec
+
+    if not cfg.ppo.policy:
+        return None
+    return ModelSpec(name="policy", source="hf", name_or_path=cfg.ppo.policy, dtype=cfg.model.dtype, cache=cfg.paths.cache)
+
+
 RewardFn = Callable[[Sequence[list[Message]], Sequence[Completion]], list[float]]  # (conversations, answers) -> scores
 
 

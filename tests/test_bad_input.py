@@ -112,6 +112,7 @@ CASES = [
     (("ppo.value_model=bogus",), "ppo.value_model"),
     (("ppo.advantage=ppo2",), "ppo.advantage: choose gae, grpo, rloo"),
     (("ppo.reward_model={bad}/lm_not_pm",), "ppo.reward_model: "),
+    (("ppo.policy={bad}/nothing",), "ppo.policy: '"),
     (("ppo.reward_model={bad}/lm_not_pm", "ppo.value_model=critic"), "ppo.reward_model: "),
     (("ppo.advantage=grpo",), "ppo.samples_per_prompt: ppo.advantage=grpo compares answers to one prompt, so it needs >= 2"),
     (("ppo.advantage=rloo", "ppo.samples_per_prompt=3", "ppo.rollouts=16"), "ppo.rollouts: 16 answers must split into groups"),

@@ -363,3 +363,23 @@ def test_your_own_reward_model_replaces_the_pm(upstream_of_ppo, tmp_path, tiny_s
     weights.write_bytes(bytes(blob))
     assert train_in_process(*args, "stage=ppo") is None
     assert len(list((root / "artifacts" / "ppo").glob("*.stale-*"))) == 1
+
+
+def test_rl_from_your_own_policy_skips_sl_cai(upstream_of_ppo, tmp_path, tiny_spec):
+    """`ppo.policy=DIR`: PPO starts from a causal LM you already have; no SFT stage is read, and eval rates it
+    as the run's starting point ('policy'). Keyed by the policy's weights."""
+    root = tmp_path / "root"
+    shutil.copytree(upstream_of_ppo / "artifacts", root / "artifacts", symlinks=True)
+    shutil.rmtree(root / "artifacts" / "sft")  # not read: RL starts from your policy
+    mine = tmp_path / "my-policy"
+    shutil.copytree(tiny_spec.local_dir(), mine)
+    args = (*TINY_RUN, "logger=none", f"paths.root={root}", f"paths.output={root}/out", f"ppo.policy={mine}")
+    args += ("ppo.iterations=2", "ppo.rollouts=4", "ppo.max_new_tokens=6", "ppo.minibatch_size=4", "ppo.snapshot_every=2")
+    assert train_in_process(*args, "stage=ppo") is None
+    [out] = [p for p in (root / "artifacts" / "ppo").iterdir() if p.is_dir() and not p.is_symlink()]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["policy"].startswith("weights:") and "sft" not in manifest["inputs"]
+    assert train_in_process(*args, "stage=eval", "eval.n_red_team=2", "eval.n_helpful=2") is None
+    [elo] = [p for p in (root / "artifacts" / "eval").glob("*/elo.json") if not p.parent.is_symlink()]
+    labels = {s["label"] for s in json.loads(elo.read_text())["snapshots"]}
+    assert {"initial", "policy", "ppo@2"} <= labels and "sft" not in labels, labels

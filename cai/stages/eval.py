@@ -24,6 +24,7 @@ The judging and rating machinery is shared with that stage: cai/arena.py.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -53,13 +54,15 @@ from cai.distributed import is_rank_zero
 from cai.metrics import boilerplate_rate, refusal_rate
 from cai.models import placement
 from cai.reward import PreferenceModel, score
+from cai.rl import own_policy
 from cai.stages import Context, Stage
 
 log = logging.getLogger(__name__)
 
 
-def snapshots(cfg: DictConfig, sft: Upstream, ppo: Upstream) -> list[Snapshot]:
-    """The run's snapshots in training order: initial, SFT, PPO every ppo.snapshot_every and the final policy."""
+def snapshots(cfg: DictConfig, sft: Upstream | None, ppo: Upstream) -> list[Snapshot]:
+    """The run's snapshots in training order: initial, SFT (or `ppo.policy`, where RL started), PPO every
+    ppo.snapshot_every and the final policy."""
     initial = OmegaConf.to_container(cfg.model, resolve=True)
     out = [Snapshot(fingerprint({"role": "initial", "model": instantiate(cfg.model).identity()}), "initial", 0, initial)]
 
@@ -68,7 +71,10 @@ def snapshots(cfg: DictConfig, sft: Upstream, ppo: Upstream) -> list[Snapshot]:
 
     # Keyed by the weights each was saved with (the digests the manifests recorded), not by the config
     # that asked for them: a retrained policy is a new player with new answers.
-    out.append(Snapshot(fingerprint({"role": "sft", "weights": sft.digest_under(sft.model_dir)}), "sft", 1, local(sft.model_dir)))
+    if (start := own_policy(cfg)) is not None:
+        out.append(Snapshot(fingerprint({"role": "policy", "model": start.identity()}), "policy", 1, dataclasses.asdict(start)))
+    else:
+        out.append(Snapshot(fingerprint({"role": "sft", "weights": sft.digest_under(sft.model_dir)}), "sft", 1, local(sft.model_dir)))
     final = ppo.manifest["counts"]["iterations"]
     saved = [(int(p.name.split("-")[1]), p) for p in sorted((ppo.path / "snapshots").glob("iter-*"))]
     # The final iteration is the saved policy itself, whether or not a snapshot was also taken then.
@@ -115,7 +121,7 @@ def point_run_at(cfg: DictConfig, eval_dir: Path, run_name: str | None) -> None:
 
 def build(ctx: Context) -> dict | None:
     cfg, out, tracker = ctx.cfg, ctx.out, ctx.tracker
-    snaps = snapshots(cfg, ctx.upstream["sft"], ctx.upstream["ppo"])
+    snaps = snapshots(cfg, ctx.upstream.get("sft"), ctx.upstream["ppo"])
     prompts = eval_prompts(cfg)
     ctx.extra["prompt_ids"] = {kind: [p["id"] for p in prompts if p["kind"] == kind] for kind in ("red_team", "helpful")}
     judge = make_judge(cfg, ctx.upstream.get("pm"))
@@ -178,7 +184,8 @@ STAGE = Stage(
     after="ppo",
     lineage=("eval",),
     logging_only=("eval.runs",),
-    reads=lambda cfg: ("sft", "ppo") if cfg.ppo.reward_model else ("sft", "ppo", "pm"),  # the PM: the reward its answers are scored by
+    # The PM is the reward its answers are scored by; neither it nor SFT is read when you bring your own.
+    reads=lambda cfg: (() if cfg.ppo.policy else ("sft",)) + ("ppo",) + (() if cfg.ppo.reward_model else ("pm",)),
     inputs=inputs,
     check=check_arena,
     metric=lambda c: c["summary"],

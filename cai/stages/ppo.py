@@ -58,7 +58,7 @@ from cai.losses import (
 from cai.metrics import boilerplate_rate, refusal_rate
 from cai.models import DTYPES, disable_dropout, frozen, placement, resolve_dtype, same_tokenizer
 from cai.reward import PreferenceModel, pm_identity, pm_reward, resolve_pm_dir
-from cai.rl import Critic, CriticModel, Experience, RewardFn, Rollout, ValueHead, batch_rollouts, response_logprobs
+from cai.rl import Critic, CriticModel, Experience, RewardFn, Rollout, ValueHead, batch_rollouts, own_policy, response_logprobs
 from cai.stages import Context, Stage
 from cai.training import (
     TRAINING_LINEAGE,
@@ -385,6 +385,12 @@ def reward_identity(cfg: DictConfig) -> dict:
     return {"reward_model": pm_identity(resolve_pm_dir(cfg.ppo.reward_model, "ppo.reward_model"))}
 
 
+def policy_identity(cfg: DictConfig) -> dict:
+    """Your own starting policy, by content (a directory's weight digest, a hub model's resolved commit)."""
+    spec = own_policy(cfg)
+    return {"policy": spec.identity()} if spec is not None else {}
+
+
 def check(cfg: DictConfig) -> None:
     check_choice("ppo.value_model", cfg.ppo.value_model, VALUE_MODELS)
     check_choice("ppo.frozen_dtype", cfg.ppo.frozen_dtype, FROZEN_DTYPES)
@@ -406,7 +412,10 @@ def check(cfg: DictConfig) -> None:
             "ppo.value_model=critic: the critic starts from this run's PM, and ppo.reward_model replaces it; "
             "use ppo.value_model=head (or ppo.advantage=grpo|rloo, which need no critic)"
         )
-    if cfg.ppo.value_model == "critic" and not same_tokenizer(instantiate(cfg.model), instantiate(cfg.pm_model)):
+    if cfg.ppo.policy and str(cfg.ppo.policy).startswith(("/", ".", "~")) and not Path(cfg.ppo.policy).expanduser().is_dir():
+        raise CaiError(f"ppo.policy: '{cfg.ppo.policy}' is not a directory; give a checkpoint directory or a hub id of a causal LM")
+    policy = own_policy(cfg) or instantiate(cfg.model)
+    if cfg.ppo.value_model == "critic" and cfg.ppo.advantage == "gae" and not same_tokenizer(policy, instantiate(cfg.pm_model)):
         # The critic starts from the PM and reads the actor's token ids: another vocabulary would read other words.
         raise CaiError(
             f"ppo.value_model=critic: the PM backbone (pm_model={cfg.pm_model.name}) has another tokenizer than the policy "
@@ -417,7 +426,7 @@ def check(cfg: DictConfig) -> None:
 
 def build(ctx: Context) -> dict | None:
     cfg, out = ctx.cfg, ctx.out
-    spec = ctx.upstream["sft"].model_spec(f"sft({cfg.model.name})", cfg.model.dtype, cfg.paths.cache)
+    spec = own_policy(cfg) or ctx.upstream["sft"].model_spec(f"sft({cfg.model.name})", cfg.model.dtype, cfg.paths.cache)
     actor, tok = spec.load_model(train=True), spec.load_tokenizer()
     actor.train()
     # The PM is loaded once: the reward, and the critic's start. A critic is trained, so it is copied
@@ -476,8 +485,8 @@ STAGE = Stage(
     after="pm",
     lineage=("ppo", *TRAINING_LINEAGE),
     logging_only=("ppo.checkpoint_every", "ppo.table_every", *TRAINING_LOGGING_ONLY),
-    reads=lambda cfg: ("sft",) if cfg.ppo.reward_model else ("sft", "pm"),
-    inputs=lambda cfg: {"prompts": fingerprint(conversations(train_prompts(cfg))), **reward_identity(cfg)},
+    reads=lambda cfg: (() if cfg.ppo.policy else ("sft",)) + (() if cfg.ppo.reward_model else ("pm",)),
+    inputs=lambda cfg: {"prompts": fingerprint(conversations(train_prompts(cfg))), **reward_identity(cfg), **policy_identity(cfg)},
     check=check,
     metric=lambda c: f"reward {c['first_reward']:.3f} -> {c['final_reward']:.3f}, KL {c['final_kl']:.2f}",
     output="model",
