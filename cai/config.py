@@ -120,6 +120,17 @@ class StrategyConfig:
 
 
 @dataclass
+class PeftConfig:
+    """How the training stages train: every weight (none) or LoRA adapters (cai/lora.py)."""
+
+    kind: str = MISSING  # none | lora
+    r: int = ranged(16, ge=1)
+    alpha: float = ranged(32.0, gt=0)
+    dropout: float = ranged(0.05, ge=0, lt=1)
+    target_modules: Any = "all-linear"  # 'all-linear' or a list of module names
+
+
+@dataclass
 class LoggerConfig:
     _target_: str = "cai.tracking.Tracker"
     backend: str = MISSING  # wandb | csv | none
@@ -328,6 +339,7 @@ class TrainConfig:
     constitution: ConstitutionConfig = MISSING
     label: LabelConfig = MISSING
     strategy: StrategyConfig = MISSING
+    peft: PeftConfig = MISSING
     generation: Any = MISSING  # typed by its option's schema (HF or vLLM)
     logger: LoggerConfig = MISSING
     stage: StageConfig = MISSING
@@ -362,6 +374,7 @@ def register() -> None:
         ("hf", HFGenerationConfig),
         ("vllm", VLLMGenerationConfig),
         ("strategy", StrategyConfig),
+        ("peft", PeftConfig),
         ("logger", LoggerConfig),
         ("stage", StageConfig),
     ]:
@@ -381,6 +394,7 @@ RANGED_SECTIONS = {
     "label": LabelConfig,
     "data": DataConfig,
     "trainer": TrainerConfig,
+    "peft": PeftConfig,
     "sl": SLConfig,
     "sft": SFTConfig,
     "pairs": PairsConfig,

@@ -35,6 +35,7 @@ from cai.data import load_prompts, read_hh_rlhf
 from cai.distributed import all_gather, barrier, is_rank_zero, launch, world
 from cai.errors import CaiError, Interrupted, check_choice, disk_full
 from cai.labels import ASKS, REDUCES, check_options
+from cai.lora import check as check_peft
 from cai.models import use_accelerator
 from cai.reward import check_pm_dir
 from cai.stages import Context, Stage, eval, frontier, label, label_report, pairs, pm, pm_eval, ppo, sft, sl_data
@@ -330,6 +331,7 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
         check_pm_dir(cfg.pm.checkpoint)
     check_writable(Path(cfg.paths.artifacts).expanduser())
     instantiate(cfg.strategy)
+    check_peft(cfg)
     check_trainer(cfg)  # Lightning's own rules for every trainer.* set (here: it sees this machine's accelerators)
     if cfg.strategy.name == "deepspeed" and (cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()):
         raise CaiError(

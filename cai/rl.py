@@ -83,12 +83,14 @@ Critic = ValueHead | CriticModel
 class Rollout:
     """Samples answers from the actor: with HF generate on the actor itself, or through a vLLM engine."""
 
-    def __init__(self, actor: nn.Module, tokenizer: Any, batch_size: int, engine: Generator | None = None) -> None:
+    def __init__(self, actor: nn.Module, tokenizer: Any, batch_size: int, engine: Generator | None = None, weights=None) -> None:
         self.actor, self.tok, self.batch_size, self.engine = actor, tokenizer, batch_size, engine
+        self.weights = weights  # () -> the actor's full state dict (LoRA merged in); None: the actor's own
 
     def __call__(self, conversations: list[list[Message]], params: SamplingParams, strategy: Any, desc: str) -> list[Completion]:
         if self.engine is not None:  # vLLM: push this iteration's weights into the engine (no disk)
-            self.engine.load_weights(gathered_state_dict(self.actor, strategy).items())
+            state = self.weights() if self.weights is not None else gathered_state_dict(self.actor, strategy)
+            self.engine.load_weights(state.items())
             return self.engine.generate(conversations, params, desc=desc)
         gen = HFGenerator(self.actor, self.tok, batch_size=self.batch_size)
         if getattr(strategy, "zero_stage_3", False):  # never generate from sharded weights

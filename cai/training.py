@@ -36,9 +36,9 @@ from cai.usage import trim_heap
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "ddp", "deepspeed")
-# What a training stage's output also depends on: the Trainer arguments that are set, and the
-# callbacks (early stopping changes what trains). Those that only log are left out.
-TRAINING_LINEAGE = ("trainer", "callbacks")
+# What a training stage's output also depends on: the Trainer arguments that are set, the callbacks
+# (early stopping changes what trains) and LoRA or not. Those that only log are left out.
+TRAINING_LINEAGE = ("trainer", "callbacks", "peft")
 TRAINING_LOGGING_ONLY = (*(f"trainer.{k}" for k in TRAINER_LOGGING_ONLY), "callbacks.lr_monitor")
 
 

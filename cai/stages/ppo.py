@@ -43,6 +43,7 @@ from cai.data import Message, Prompt, load_prompts
 from cai.distributed import all_gather, mean, rank, world
 from cai.errors import CaiError, check_choice
 from cai.generation import Completion, Generator, SamplingParams, derive_seed
+from cai.lora import add_adapters, merged_state_dict
 from cai.losses import (
     AdaptiveKLController,
     RunningMoments,
@@ -97,24 +98,30 @@ class PPOModule(L.LightningModule):
         engine: Generator | None = None,
         ref_dtype: torch.dtype | None = None,
         frozen_dtype: torch.dtype | None = None,
+        lora=None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.actor = actor  # float32 master weights (AdamW); bf16 compute comes from the trainer's autocast
+        # peft=lora: `lora` is PEFT's wrapper of the actor (adapters injected in place, the rest frozen),
+        # kept outside the module tree; the ref is then the actor with its adapter off, not a copy.
+        self.lora = [lora] if lora is not None else []
         # The frozen SFT for the KL penalty: never trained, so it runs in the inference dtype (bf16 on a
         # GPU), with its weights stored in frozen_dtype (`ppo.frozen_dtype`: bf16 halves them on a CPU too).
         ref_dtype = ref_dtype or next(actor.parameters()).dtype
         storage = frozen_dtype or ref_dtype
-        with torch.no_grad():  # the actor starts exactly where the ref is: from SFT's weights as `storage` holds them
-            for p in actor.parameters():  # (a no-op on a GPU, where SFT saved bf16 weights)
-                p.copy_(p.to(storage))
-        self.ref = frozen(copy.deepcopy(actor), storage, ref_dtype)
+        if lora is None:
+            with torch.no_grad():  # the actor starts exactly where the ref is: from SFT's weights as `storage` holds them
+                for p in actor.parameters():  # (a no-op on a GPU, where SFT saved bf16 weights)
+                    p.copy_(p.to(storage))
+        self.ref = frozen(copy.deepcopy(actor), storage, ref_dtype) if lora is None else None
         # grpo and rloo need no critic: the other answers to the same prompt are the baseline.
         self.critic_free = ppo.advantage != "gae"
         self.critic = None if self.critic_free else critic if critic is not None else ValueHead(actor.config.hidden_size)
         self.tok = tokenizer
         self.reward_fn = reward_fn
-        self.rollout_role = Rollout(actor, tokenizer, generation_batch_size, engine)  # engine: vLLM, or None for HF on the actor
+        # engine: vLLM, or None for HF on the actor; vLLM gets the actor's weights (merged, with LoRA) before each rollout
+        self.rollout_role = Rollout(actor, tokenizer, generation_batch_size, engine, weights=self.policy_state)
         self.prompts = list(prompts)
         self.cfg = ppo
         self.seed = seed
@@ -129,6 +136,23 @@ class PPOModule(L.LightningModule):
         self.snapshot_dir = snapshot_dir
         self.history: list[dict[str, float]] = []
         self.rollout_digest = ""  # this rank's last rollouts, to show that the ranks sampled different ones
+
+    def policy_state(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The policy's full weights under the plain model's names (LoRA merged in): what vLLM, snapshots and the output get.
+
+        A collective under ZeRO-3 (every rank must call it).
+        """
+        if self.lora:
+            return merged_state_dict(self.lora[0], dtype)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        return gathered_state_dict(self.actor, strategy, dtype)
+
+    def ref_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The frozen SFT policy's log-probs of the response tokens (B, L-1): its copy, or the actor with its adapter off."""
+        if not self.lora:
+            return response_logprobs(self.ref, batch)[0]
+        with self.lora[0].disable_adapter():
+            return response_logprobs(self.actor, batch)[0]
 
     def actor_forward(
         self, batch: dict[str, torch.Tensor], with_entropy: bool = True
@@ -213,7 +237,7 @@ class PPOModule(L.LightningModule):
         mask = batch["action_mask"]  # (B, L-1)
         old_logp, _, old_values = actor_out if actor_out is not None else self.actor_forward(batch, with_entropy=False)
         old_logp, old_values = old_logp.detach(), old_values.detach()
-        ref_logp = response_logprobs(self.ref, batch)[0]
+        ref_logp = self.ref_logprobs(batch)
         kl = kl_estimate(old_logp, ref_logp, "k1") * mask  # (B, L-1)
         shaped = self.normalise(scores - cfg.missing_eos_penalty * truncated).to(self.device)
         shaped = shaped.clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -303,7 +327,7 @@ class PPOModule(L.LightningModule):
             rows = [[iteration, c[-1]["content"], t, float(s)] for c, t, s in zip(conversations, texts, experience.scores)]
             self.tracker.table("ppo/rollouts", ["iteration", "prompt", "response", "reward"], rows)
         if self.snapshot_dir is not None and self.cfg.snapshot_every and done % self.cfg.snapshot_every == 0:
-            state = gathered_state_dict(self.actor, self.trainer.strategy)  # a collective under ZeRO-3: every rank calls it
+            state = self.policy_state()  # a collective under ZeRO-3: every rank calls it
             if self.trainer.is_global_zero:
                 self.actor.save_pretrained(self.snapshot_dir / f"iter-{done:05d}", state_dict=state)
                 self.tok.save_pretrained(self.snapshot_dir / f"iter-{done:05d}")
@@ -327,7 +351,8 @@ class PPOModule(L.LightningModule):
         self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
         self.score_moments.load_state_dict(checkpoint.get("score_moments", RunningMoments().state_dict()))
         self.history = checkpoint.get("ppo_history", [])
-        checkpoint["state_dict"].update({f"ref.{k}": v for k, v in self.ref.state_dict().items()})
+        if self.ref is not None:
+            checkpoint["state_dict"].update({f"ref.{k}": v for k, v in self.ref.state_dict().items()})
 
 
 def train_ppo(
@@ -435,6 +460,8 @@ def build(ctx: Context) -> dict | None:
     reward_dir = resolve_pm_dir(cfg.ppo.reward_model, "ppo.reward_model") if cfg.ppo.reward_model else ctx.upstream["pm"].model_dir
     pm, pm_tok = PreferenceModel.load(reward_dir, dtype=torch.float32 if critic_start else None)
     critic = CriticModel(copy.deepcopy(pm.backbone), copy.deepcopy(pm.head)) if critic_start else None
+    lora = add_adapters(actor, cfg.peft, "causal")  # None with peft=none
+    critic_lora = add_adapters(critic.backbone, cfg.peft, "feature") if critic is not None else None  # the critic's own adapter
     frozen_dtype = DTYPES[cfg.ppo.frozen_dtype]
     reward_fn = pm_reward(frozen(pm, frozen_dtype, resolve_dtype("auto")), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
     L.seed_everything(cfg.seed, verbose=False)
@@ -444,7 +471,9 @@ def build(ctx: Context) -> dict | None:
     # generation=vllm: one engine for the run (on a GPU it shares the device with the trainer, within
     # generation.gpu_memory_utilization); the actor's weights are pushed into it before every rollout.
     engine = instantiate(cfg.generation, model=spec, weight_sync=True) if cfg.generation._target_ == VLLM else None
-    module = PPOModule(*args, snapshot_dir=out.path / "snapshots", engine=engine, ref_dtype=spec.torch_dtype, frozen_dtype=frozen_dtype)
+    module = PPOModule(
+        *args, snapshot_dir=out.path / "snapshots", engine=engine, ref_dtype=spec.torch_dtype, frozen_dtype=frozen_dtype, lora=lora
+    )
     t0 = time.perf_counter()
     strategy, logger = instantiate(cfg.strategy), ctx.tracker.lightning_logger()
     try:
@@ -453,20 +482,25 @@ def build(ctx: Context) -> dict | None:
         if engine is not None:
             engine.close()
     seconds = time.perf_counter() - t0
-    state = gathered_state_dict(actor, trainer.strategy, spec.torch_dtype)  # a collective under ZeRO-3: every rank calls it
+    state = module.policy_state(spec.torch_dtype)  # a collective under ZeRO-3: every rank calls it
     ranks = check_ranks_agree(state, module.rollout_digest)
     if not trainer.is_global_zero:
         return None
     ctx.extra["ranks"] = ranks
     ctx.extra["models"] = {
         "actor": trained_placement(trainer, actor),
-        "ref": trained_placement(trainer, module.ref),  # frozen, but moved and autocast by the trainer like the actor
+        # frozen, but moved and autocast by the trainer like the actor; with LoRA, the actor itself with its adapter off
+        "ref": trained_placement(trainer, module.ref if module.ref is not None else actor),
         **({"critic": trained_placement(trainer, module.critic)} if module.critic is not None else {}),
         "reward": placement(pm),
         **({"rollout": engine.placement()} if engine is not None else {}),
     }
     actor.save_pretrained(out.path / "model", state_dict=state)
     tok.save_pretrained(out.path / "model")
+    if lora is not None:
+        lora.save_pretrained(out.path / "adapter")  # the policy's adapter alone, as peft loads it (on the SFT model)
+    if critic_lora is not None:
+        log.info("ppo: the critic trained its own LoRA adapter; only the policy is saved")
     history = module.history
     write_json(out.path / "history.json", history)
     return {

@@ -5,7 +5,8 @@ sequences of similar length (length bucketing) so little compute goes to padding
 AdamW with linear warmup and a cosine decay; gradient accumulation, bf16 where the hardware has it,
 and any `strategy=` come from Lightning. A Lightning checkpoint is written every
 `sft.checkpoint_every` optimizer steps, and an interrupted run resumes from the last one. The
-result is an HF safetensors checkpoint under `${paths.artifacts}/sft/<lineage key>/model` (`sft/latest/model`).
+result is an HF safetensors checkpoint under `${paths.artifacts}/sft/<lineage key>/model` (`sft/latest/model`);
+with `peft=lora` only LoRA adapters train, `model/` holds them merged and `adapter/` the adapter alone.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from cai.config import instantiate
 from cai.errors import CaiError
 from cai.generation import LoadableModel
+from cai.lora import add_adapters, merged_state_dict
 from cai.stages import Context, Stage
 from cai.training import (
     TRAINING_LINEAGE,
@@ -113,13 +115,16 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
 class SFTModule(L.LightningModule):
     """Causal-LM fine-tuning with the loss on assistant tokens only."""
 
-    def __init__(self, model_spec, lr: float, warmup_ratio: float) -> None:
+    def __init__(self, model_spec, lr: float, warmup_ratio: float, peft: DictConfig | None = None) -> None:
         super().__init__()
         # Loaded here, whole, not in configure_model: there Lightning's device context and ZeRO-3's
         # zero.Init are active, and from_pretrained (which transformers does not tell about
         # Lightning's DeepSpeed config) fills partitioned, empty parameters. DeepSpeed shards the
         # loaded model at setup instead (seen on an H200: zero.Init broke the load).
         self.model = model_spec.load_model(train=True) if isinstance(model_spec, LoadableModel) else model_spec  # float32 masters
+        # peft=lora: the model is frozen and adapters train; PEFT's wrapper is kept outside the module
+        # tree (its parameters are the model's), for saving and merging.
+        self.lora = [add_adapters(self.model, peft, "causal")] if peft is not None and peft.kind != "none" else []
         self.model.train()
         self.lr = lr
         self.warmup_ratio = warmup_ratio
@@ -145,7 +150,8 @@ class SFTModule(L.LightningModule):
         self.log("sft/val/loss", self(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
-        return adamw_with_cosine(self.model.parameters(), self.lr, self.warmup_ratio, self.trainer, "sft")
+        trained = [p for p in self.model.parameters() if p.requires_grad]  # all of them, or the adapters
+        return adamw_with_cosine(trained, self.lr, self.warmup_ratio, self.trainer, "sft")
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -174,7 +180,7 @@ def build(ctx: Context) -> dict | None:
         return DataLoader(Examples(data), collate_fn=lambda b: collate(b, tokenizer.pad_token_id), **batching)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = SFTModule(spec, cfg.sft.lr, cfg.sft.warmup_ratio)
+    module = SFTModule(spec, cfg.sft.lr, cfg.sft.warmup_ratio, cfg.peft)
     trainer, seconds = fit(
         module,
         loader(train, True),
@@ -189,12 +195,17 @@ def build(ctx: Context) -> dict | None:
         logger=ctx.tracker.lightning_logger(),
     )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    state = gathered_state_dict(module.model, trainer.strategy, spec.torch_dtype)  # a collective: every rank calls it
+    if module.lora:  # the adapters merged in: a model plain transformers loads
+        state = merged_state_dict(module.lora[0], spec.torch_dtype)
+    else:
+        state = gathered_state_dict(module.model, trainer.strategy, spec.torch_dtype)  # a collective: every rank calls it
     if not trainer.is_global_zero:
         return None
     ctx.extra["models"] = {"policy": trained_placement(trainer, module.model)}
     module.model.save_pretrained(out.path / "model", state_dict=state)
     tokenizer.save_pretrained(out.path / "model")
+    if module.lora:
+        module.lora[0].save_pretrained(out.path / "adapter")  # the adapter alone, as peft loads it
     train_tokens = sum(len(e["input_ids"]) for e in train) * cfg.sft.epochs
     return {
         "train_examples": len(train),
