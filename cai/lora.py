@@ -37,11 +37,13 @@ def check(cfg: DictConfig) -> None:
         )
 
 
-def add_adapters(model: torch.nn.Module, peft: DictConfig | None, task: str = "causal") -> Any:
+def add_adapters(model: torch.nn.Module, peft: DictConfig | None, task: str = "causal", seed: int = 0) -> Any:
     """Freeze `model` and inject LoRA adapters into its linear layers, in place; PEFT's wrapper, or None for peft=none.
 
     task: "causal" (SFT, PPO's actor), "seq_cls" (the PM: its scalar `score` head is trained in full)
-    or "feature" (PPO's separate critic backbone).
+    or "feature" (PPO's separate critic backbone). The adapters' random start comes from `seed`
+    alone, on a forked generator: the same in a resumed or stand-alone stage as under stage=all,
+    and the rest of the run draws the numbers it drew without LoRA.
     """
     if peft is None or peft.kind == "none":
         return None
@@ -57,7 +59,10 @@ def add_adapters(model: torch.nn.Module, peft: DictConfig | None, task: str = "c
         task_type=task_type,
         modules_to_save=["score"] if task == "seq_cls" else None,
     )
-    wrapper = get_peft_model(model, config)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []  # a model on the GPU draws from CUDA's generator
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        wrapper = get_peft_model(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("peft=lora: training %d of %d parameters (%.2f%%), rank %d", trainable, total, 100 * trainable / total, peft.r)
@@ -89,3 +94,13 @@ def merged_state_dict(wrapper: Any, dtype: torch.dtype | None = None) -> dict[st
         value = value.cpu()
         state[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
     return state
+
+
+def trained_state(model: torch.nn.Module, wrapper: Any, strategy: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """What a training stage saves: the adapters merged in (peft=lora), or the full weights gathered
+    across ZeRO-3 shards (a collective there: every rank calls it)."""
+    if wrapper is not None:
+        return merged_state_dict(wrapper, dtype)
+    from cai.training import gathered_state_dict
+
+    return gathered_state_dict(model, strategy, dtype)

@@ -24,7 +24,7 @@ from cai.artifacts import file_hash, write_json
 from cai.config import instantiate
 from cai.data import human_pairs, read_hh_rlhf
 from cai.errors import CaiError
-from cai.lora import add_adapters, merged_state_dict
+from cai.lora import add_adapters, trained_state
 from cai.losses import bradley_terry_loss
 from cai.metrics import expected_calibration_error, pairwise_accuracy
 from cai.plots import calibration_plot
@@ -36,7 +36,6 @@ from cai.training import (
     LengthBucketSampler,
     adamw_with_cosine,
     fit,
-    gathered_state_dict,
     pad,
     trained_placement,
 )
@@ -114,7 +113,7 @@ class PMModule(L.LightningModule):
     """Bradley-Terry training of a PreferenceModel; validation collects calibration statistics."""
 
     def __init__(
-        self, model_spec, lr: float, warmup_ratio: float, trainable: str = "all", pad_token_id: int | None = None, peft=None
+        self, model_spec, lr: float, warmup_ratio: float, trainable: str = "all", pad_token_id: int | None = None, peft=None, seed: int = 0
     ) -> None:
         super().__init__()
         self.pad_token_id = pad_token_id  # the tokenizer's: transformers pools on the last token that is not it
@@ -126,7 +125,7 @@ class PMModule(L.LightningModule):
         self.pm.train()
         freeze(self.pm, trainable)
         # peft=lora: adapters on the backbone, the score head trained in full; PEFT's wrapper kept outside the module tree.
-        self.lora = [add_adapters(self.pm.model, peft, "seq_cls")] if peft is not None and peft.kind != "none" else []
+        self.lora = [add_adapters(self.pm.model, peft, "seq_cls", seed)] if peft is not None and peft.kind != "none" else []
         self.val_probs: list[float] = []
         self.val_targets: list[float] = []
 
@@ -210,7 +209,7 @@ def build(ctx: Context) -> dict | None:
     rows = comparisons(cfg, ctx.upstream["label"].rows())
     train_loader, val_loader, n_train, n_val = loaders(cfg, tokenizer, rows)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = PMModule(spec, cfg.pm.lr, cfg.pm.warmup_ratio, cfg.pm.trainable, tokenizer.pad_token_id, cfg.peft)
+    module = PMModule(spec, cfg.pm.lr, cfg.pm.warmup_ratio, cfg.pm.trainable, tokenizer.pad_token_id, cfg.peft, cfg.seed)
     trainer, seconds = fit(
         module,
         train_loader,
@@ -224,16 +223,15 @@ def build(ctx: Context) -> dict | None:
         strategy=instantiate(cfg.strategy),
         logger=ctx.tracker.lightning_logger(),
     )
-    if module.lora:  # the adapters merged in: a PM plain transformers loads
-        state = {f"model.{k}": v for k, v in merged_state_dict(module.lora[0], spec.torch_dtype).items()}
-    else:
-        state = gathered_state_dict(module.pm, trainer.strategy, spec.torch_dtype)  # a collective: every rank calls it
+    lora = module.lora[0] if module.lora else None
+    # The adapters merged in (a PM plain transformers loads), or the full weights gathered: every rank calls it.
+    state = {f"model.{k}": v for k, v in trained_state(module.pm.model, lora, trainer.strategy, spec.torch_dtype).items()}
     if not trainer.is_global_zero:
         return None
     ctx.extra["models"] = {"pm": trained_placement(trainer, module.pm)}
     module.pm.save(out.path / "model", tokenizer, state)
-    if module.lora:
-        module.lora[0].save_pretrained(out.path / "adapter")  # the adapter and the score head, as peft loads them
+    if lora is not None:
+        lora.save_pretrained(out.path / "adapter")  # the adapter and the score head, as peft loads them
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("pm/")}
     report(ctx, module, tokenizer, metrics)
     write_json(out.path / "metrics.json", {**metrics, "train_comparisons": n_train, "val_comparisons": n_val, "seconds": round(seconds, 1)})

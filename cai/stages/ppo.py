@@ -43,7 +43,7 @@ from cai.data import Message, Prompt, load_prompts
 from cai.distributed import all_gather, mean, rank, world
 from cai.errors import CaiError, check_choice
 from cai.generation import Completion, Generator, SamplingParams, derive_seed
-from cai.lora import add_adapters, merged_state_dict
+from cai.lora import add_adapters, trained_state
 from cai.losses import (
     AdaptiveKLController,
     RunningMoments,
@@ -68,7 +68,6 @@ from cai.training import (
     check_finite,
     deepspeed_for_manual_loop,
     fit,
-    gathered_state_dict,
     trained_placement,
 )
 
@@ -142,10 +141,8 @@ class PPOModule(L.LightningModule):
 
         A collective under ZeRO-3 (every rank must call it).
         """
-        if self.lora:
-            return merged_state_dict(self.lora[0], dtype)
         strategy = self.trainer.strategy if self._trainer is not None else None
-        return gathered_state_dict(self.actor, strategy, dtype)
+        return trained_state(self.actor, self.lora[0] if self.lora else None, strategy, dtype)
 
     def ref_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The frozen SFT policy's log-probs of the response tokens (B, L-1): its copy, or the actor with its adapter off."""
@@ -449,21 +446,28 @@ def check(cfg: DictConfig) -> None:
         )
 
 
+def reward_and_critic(cfg: DictConfig, ctx: Context) -> tuple[PreferenceModel, RewardFn, CriticModel | None]:
+    """The reward model (this run's PM or `ppo.reward_model`), loaded once: PPO's reward role, and the
+    separate critic's start (`ppo.value_model=critic`). A critic is trained, so it is copied in float32
+    (with its own adapter under peft=lora); the reward is frozen and runs in the inference dtype."""
+    critic_start = cfg.ppo.value_model == "critic" and cfg.ppo.advantage == "gae"
+    reward_dir = resolve_pm_dir(cfg.ppo.reward_model, "ppo.reward_model") if cfg.ppo.reward_model else ctx.upstream["pm"].model_dir
+    pm, pm_tok = PreferenceModel.load(reward_dir, dtype=torch.float32 if critic_start else None)
+    critic = CriticModel(copy.deepcopy(pm.backbone), copy.deepcopy(pm.head)) if critic_start else None
+    if critic is not None:
+        add_adapters(critic.backbone, cfg.peft, "feature", seed=cfg.seed)  # none with peft=none
+    reward_fn = pm_reward(frozen(pm, DTYPES[cfg.ppo.frozen_dtype], resolve_dtype("auto")), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
+    return pm, reward_fn, critic
+
+
 def build(ctx: Context) -> dict | None:
     cfg, out = ctx.cfg, ctx.out
     spec = own_policy(cfg) or ctx.upstream["sft"].model_spec(f"sft({cfg.model.name})", cfg.model.dtype, cfg.paths.cache)
     actor, tok = spec.load_model(train=True), spec.load_tokenizer()
     actor.train()
-    # The PM is loaded once: the reward, and the critic's start. A critic is trained, so it is copied
-    # in float32; the reward is frozen and runs in the inference dtype.
-    critic_start = cfg.ppo.value_model == "critic" and cfg.ppo.advantage == "gae"
-    reward_dir = resolve_pm_dir(cfg.ppo.reward_model, "ppo.reward_model") if cfg.ppo.reward_model else ctx.upstream["pm"].model_dir
-    pm, pm_tok = PreferenceModel.load(reward_dir, dtype=torch.float32 if critic_start else None)
-    critic = CriticModel(copy.deepcopy(pm.backbone), copy.deepcopy(pm.head)) if critic_start else None
-    lora = add_adapters(actor, cfg.peft, "causal")  # None with peft=none
-    critic_lora = add_adapters(critic.backbone, cfg.peft, "feature") if critic is not None else None  # the critic's own adapter
+    lora = add_adapters(actor, cfg.peft, "causal", seed=cfg.seed)  # None with peft=none
+    pm, reward_fn, critic = reward_and_critic(cfg, ctx)
     frozen_dtype = DTYPES[cfg.ppo.frozen_dtype]
-    reward_fn = pm_reward(frozen(pm, frozen_dtype, resolve_dtype("auto")), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
     L.seed_everything(cfg.seed, verbose=False)
     prompts = train_prompts(cfg)
     ctx.extra["prompt_ids"] = {kind: [p.id for p in ps] for kind, ps in prompts.items()}
@@ -499,8 +503,6 @@ def build(ctx: Context) -> dict | None:
     tok.save_pretrained(out.path / "model")
     if lora is not None:
         lora.save_pretrained(out.path / "adapter")  # the policy's adapter alone, as peft loads it (on the SFT model)
-    if critic_lora is not None:
-        log.info("ppo: the critic trained its own LoRA adapter; only the policy is saved")
     history = module.history
     write_json(out.path / "history.json", history)
     return {

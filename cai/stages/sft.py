@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from cai.config import instantiate
 from cai.errors import CaiError
 from cai.generation import LoadableModel
-from cai.lora import add_adapters, merged_state_dict
+from cai.lora import add_adapters, trained_state
 from cai.stages import Context, Stage
 from cai.training import (
     TRAINING_LINEAGE,
@@ -31,7 +31,6 @@ from cai.training import (
     LengthBucketSampler,
     adamw_with_cosine,
     fit,
-    gathered_state_dict,
     pad,
     trained_placement,
 )
@@ -115,7 +114,7 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
 class SFTModule(L.LightningModule):
     """Causal-LM fine-tuning with the loss on assistant tokens only."""
 
-    def __init__(self, model_spec, lr: float, warmup_ratio: float, peft: DictConfig | None = None) -> None:
+    def __init__(self, model_spec, lr: float, warmup_ratio: float, peft: DictConfig | None = None, seed: int = 0) -> None:
         super().__init__()
         # Loaded here, whole, not in configure_model: there Lightning's device context and ZeRO-3's
         # zero.Init are active, and from_pretrained (which transformers does not tell about
@@ -124,7 +123,7 @@ class SFTModule(L.LightningModule):
         self.model = model_spec.load_model(train=True) if isinstance(model_spec, LoadableModel) else model_spec  # float32 masters
         # peft=lora: the model is frozen and adapters train; PEFT's wrapper is kept outside the module
         # tree (its parameters are the model's), for saving and merging.
-        self.lora = [add_adapters(self.model, peft, "causal")] if peft is not None and peft.kind != "none" else []
+        self.lora = [add_adapters(self.model, peft, "causal", seed)] if peft is not None and peft.kind != "none" else []
         self.model.train()
         self.lr = lr
         self.warmup_ratio = warmup_ratio
@@ -157,20 +156,22 @@ class SFTModule(L.LightningModule):
 # --- the stage -----------------------------------------------------------------------------------
 
 
+def split_examples(cfg: DictConfig, sl_data, tokenizer) -> tuple[list[dict], list[dict]]:
+    """(validation, train) examples from the SL data, shuffled by the seed; one clear line if too few."""
+    pairs = select_pairs(sl_data.rows(), cfg.sft.revision)
+    examples = [e for p, t in pairs if (e := build_example(tokenizer, p, t, cfg.sft.max_length)) is not None]
+    if len(examples) < 2:
+        raise CaiError(f"sft: only {len(examples)} usable examples in {sl_data.path}; generate more SL data (data.n_red_team)")
+    random.Random(cfg.seed).shuffle(examples)
+    n_val = max(1, int(round(cfg.sft.val_fraction * len(examples)))) if cfg.sft.val_fraction > 0 else 0
+    return examples[:n_val], examples[n_val:]
+
+
 def build(ctx: Context) -> dict | None:
     cfg, out = ctx.cfg, ctx.out
     spec = instantiate(cfg.model)
-    rows = ctx.upstream["sl_data"].rows()
-    pairs = select_pairs(rows, cfg.sft.revision)
     tokenizer = spec.load_tokenizer()
-    examples = [e for p, t in pairs if (e := build_example(tokenizer, p, t, cfg.sft.max_length)) is not None]
-    if len(examples) < 2:
-        raise CaiError(
-            f"sft: only {len(examples)} usable examples in {ctx.upstream['sl_data'].path}; generate more SL data (data.n_red_team)"
-        )
-    random.Random(cfg.seed).shuffle(examples)
-    n_val = max(1, int(round(cfg.sft.val_fraction * len(examples)))) if cfg.sft.val_fraction > 0 else 0
-    val, train = examples[:n_val], examples[n_val:]
+    val, train = split_examples(cfg, ctx.upstream["sl_data"], tokenizer)
 
     def loader(data: list[dict], shuffle: bool) -> DataLoader:
         lengths = [len(e["input_ids"]) for e in data]
@@ -180,7 +181,7 @@ def build(ctx: Context) -> dict | None:
         return DataLoader(Examples(data), collate_fn=lambda b: collate(b, tokenizer.pad_token_id), **batching)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = SFTModule(spec, cfg.sft.lr, cfg.sft.warmup_ratio, cfg.peft)
+    module = SFTModule(spec, cfg.sft.lr, cfg.sft.warmup_ratio, cfg.peft, cfg.seed)
     trainer, seconds = fit(
         module,
         loader(train, True),
@@ -195,17 +196,15 @@ def build(ctx: Context) -> dict | None:
         logger=ctx.tracker.lightning_logger(),
     )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if module.lora:  # the adapters merged in: a model plain transformers loads
-        state = merged_state_dict(module.lora[0], spec.torch_dtype)
-    else:
-        state = gathered_state_dict(module.model, trainer.strategy, spec.torch_dtype)  # a collective: every rank calls it
+    lora = module.lora[0] if module.lora else None
+    state = trained_state(module.model, lora, trainer.strategy, spec.torch_dtype)  # merged (LoRA), or gathered: every rank calls it
     if not trainer.is_global_zero:
         return None
     ctx.extra["models"] = {"policy": trained_placement(trainer, module.model)}
     module.model.save_pretrained(out.path / "model", state_dict=state)
     tokenizer.save_pretrained(out.path / "model")
-    if module.lora:
-        module.lora[0].save_pretrained(out.path / "adapter")  # the adapter alone, as peft loads it
+    if lora is not None:
+        lora.save_pretrained(out.path / "adapter")  # the adapter alone, as peft loads it
     train_tokens = sum(len(e["input_ids"]) for e in train) * cfg.sft.epochs
     return {
         "train_examples": len(train),
