@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import signal
+import threading
 from collections.abc import Iterable, Iterator
 
 
@@ -54,6 +55,30 @@ def raise_on_signals() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A stop signal that arrives inside the block is acted on when the block ends, so what the block
+    writes (a checkpoint) is written whole. Raised mid-write, the exception would surface from inside
+    torch's zip writer as a RuntimeError, and leave a torn temporary file.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:  # now, as if it had arrived here: Lightning's and cai's handlers, or the default action
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(caught[0])
 
 
 def disk_full(err: BaseException) -> bool:

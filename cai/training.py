@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Sampler
 
 from cai.config import TRAINER_LOGGING_ONLY, TRAINER_NOT_FOR_PPO, instantiate
-from cai.errors import CaiError
+from cai.errors import CaiError, signals_deferred
 from cai.models import placement
 from cai.usage import trim_heap
 
@@ -145,6 +145,11 @@ class FileCheckpointIO(TorchCheckpointIO):
             raise TypeError("FileCheckpointIO takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        with signals_deferred():  # SIGTERM mid-write stops the run once this checkpoint is whole
+            self._write(checkpoint, path)
+
+    @staticmethod
+    def _write(checkpoint: dict, path: Path) -> None:
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         try:
             with tmp.open("wb") as f:

@@ -295,3 +295,29 @@ def test_sigint_in_a_generation_stage_exits_non_zero_with_one_line(tmp_path):
     done = run_until(tmp_path, "sl_data", ("stage=sl_data", "data.n_red_team=64", "sl.max_new_tokens=64"), signal.SIGINT)
     assert done.returncode == 128 + signal.SIGINT, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1].startswith("error: sl_data: interrupted by SIGINT")
+
+
+def test_sigterm_during_a_checkpoint_write_stops_once_the_checkpoint_is_whole(world, tmp_path, monkeypatch):
+    """A signal that lands inside torch.save would surface as torch's 'unexpected pos' RuntimeError and tear
+    the file; it is held until the checkpoint is written and renamed, then stops the run with its line."""
+    import zipfile
+
+    from cai.training import FileCheckpointIO
+
+    root = copy_of(world, tmp_path)
+    shutil.rmtree(root / "artifacts" / "sft")
+    write = FileCheckpointIO._write
+
+    def signalled_mid_write(checkpoint, path):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the checkpoint is being written
+        write(checkpoint, path)
+
+    monkeypatch.setattr(FileCheckpointIO, "_write", staticmethod(signalled_mid_write))
+    code = train(root, "stage=sft", "sft.checkpoint_every=1")
+    assert code == 128 + signal.SIGTERM
+    [ckpt] = stage_dir(root, "sft").glob("checkpoints/*.ckpt")
+    with zipfile.ZipFile(ckpt) as z:
+        assert z.testzip() is None  # whole
+    assert not list(stage_dir(root, "sft").rglob("*.tmp*"))
+    monkeypatch.undo()
+    assert train(root, "stage=sft", "sft.checkpoint_every=1") is None  # and it resumes from it
