@@ -61,7 +61,7 @@ def test_vllm_weight_sync_without_disk(cache_dir):
     a = ModelSpec(name="tiny", source="tiny", seed=0, cache=cache_dir, **shape)
     b = ModelSpec(name="tiny", source="tiny", seed=1, cache=cache_dir, **shape)
     engine = VLLMGenerator(a, gpu_memory_utilization=0.1, max_model_len=512, weight_sync=True)
-    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ  # set only while the engine started
+    assert os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1"  # on while PPO's engine lives
     convs = [[{"role": "user", "content": "Hello there."}], [{"role": "user", "content": "What is two plus two?"}]]
     greedy = SamplingParams(max_new_tokens=8, temperature=0)
     before = engine.generate(convs, greedy)
@@ -73,6 +73,36 @@ def test_vllm_weight_sync_without_disk(cache_dir):
     assert [c.token_ids for c in after] == [c.token_ids for c in expected]  # the engine now runs model b
     engine.load_weights(a.load_model().state_dict().items())
     assert [c.token_ids for c in engine.generate(convs, greedy)] == [c.token_ids for c in before]
+    engine.close()
+    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ  # and off once it is closed
+
+
+def test_vllm_runs_the_lora_policy_after_a_merged_weight_sync(cache_dir):
+    """peft=lora: PPO pushes the merged weights (adapters folded in) into the engine, and the engine's
+    greedy text is HF's greedy text on the adapted policy itself."""
+    from omegaconf import OmegaConf
+
+    from cai.generation.hf import HFGenerator
+    from cai.lora import add_adapters, merged_state_dict
+    from cai.models import ModelSpec
+
+    shape = {"tiny_hidden": 128, "tiny_heads": 2, "tiny_kv_heads": 1, "tiny_intermediate": 256}
+    spec = ModelSpec(name="tiny", source="tiny", seed=0, cache=cache_dir, **shape)
+    actor, tok = spec.load_model(train=True), spec.load_tokenizer()
+    lora = add_adapters(actor, OmegaConf.create({"kind": "lora", "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "all-linear"}))
+    torch.manual_seed(0)
+    for name, p in actor.named_parameters():
+        if "lora_B" in name:  # as after training: the adapter changes what the policy says
+            p.data.normal_(0, 0.2)
+    engine = VLLMGenerator(spec, gpu_memory_utilization=0.1, max_model_len=512, weight_sync=True)
+    convs = [[{"role": "user", "content": "Hello there."}], [{"role": "user", "content": "What is two plus two?"}]]
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    before = engine.generate(convs, greedy)
+    engine.load_weights(merged_state_dict(lora).items())
+    after = engine.generate(convs, greedy)
+    expected = HFGenerator(actor.eval(), tok).generate(convs, greedy)
+    assert [c.token_ids for c in after] != [c.token_ids for c in before]
+    assert [c.token_ids for c in after] == [c.token_ids for c in expected]
     engine.close()
 
 

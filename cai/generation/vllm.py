@@ -6,7 +6,6 @@ Each request gets its own seed (derived from params.seed and its index), so a te
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from collections.abc import Iterable
@@ -57,22 +56,23 @@ class VLLMGenerator(Generator):
             enforce_eager = not torch.cuda.is_available()
         self._tokenizer = tokenizer
         self.dtype = dtype
-        with insecure_serialization(weight_sync):
-            self.llm = vllm.LLM(
-                model=path,
-                dtype=dtype,
-                seed=self.defaults.seed,
-                gpu_memory_utilization=gpu_memory_utilization,
-                tensor_parallel_size=tensor_parallel_size,
-                max_model_len=max_model_len,
-                enforce_eager=enforce_eager,
-                trust_remote_code=trust,
-                # Sample exactly what SamplingParams says, never the model's generation_config (an Instruct
-                # model's repetition penalty, top-k): PPO's recomputed log-probs must be those of the
-                # distribution it sampled from. vLLM 0.32 already ignores it when SamplingParams are given
-                # (tests/test_vllm.py passes either way); this pins it.
-                generation_config="vllm",
-            )
+        # PPO's engine (weight_sync): vLLM's pickled serialisation on while it lives, before its processes start
+        self._restore_env = allow_insecure_serialization() if weight_sync else None
+        self.llm = vllm.LLM(
+            model=path,
+            dtype=dtype,
+            seed=self.defaults.seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            trust_remote_code=trust,
+            # Sample exactly what SamplingParams says, never the model's generation_config (an Instruct
+            # model's repetition penalty, top-k): PPO's recomputed log-probs must be those of the
+            # distribution it sampled from. vLLM 0.32 already ignores it when SamplingParams are given
+            # (tests/test_vllm.py passes either way); this pins it.
+            generation_config="vllm",
+        )
         if self._tokenizer is None:
             self._tokenizer = self.llm.get_tokenizer()
 
@@ -128,12 +128,14 @@ class VLLMGenerator(Generator):
         # The tensors travel inside a pickled function (vLLM's RPC arguments would turn them into lists).
         if not self.weight_sync:
             raise RuntimeError("this engine was built without weight_sync=True; it cannot take new weights")
-        with insecure_serialization(True):
-            self.llm.collective_rpc(functools.partial(_reload_in_worker, weights))
+        self.llm.collective_rpc(functools.partial(_reload_in_worker, weights))
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
         self.llm = None
+        if self._restore_env is not None:  # the weight-sync engine is gone: its insecure serialisation goes too
+            self._restore_env()
+            self._restore_env = None
 
     def placement(self) -> dict:
         return {"device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": self.dtype, "engine": "vllm"}
@@ -144,26 +146,24 @@ def _reload_in_worker(weights: list[tuple[str, torch.Tensor]], worker) -> None:
     worker.reload_weights(weights_iterator=iter(weights))
 
 
-@contextlib.contextmanager
-def insecure_serialization(on: bool):
-    """vLLM's pickle-based serialisation between its own processes, only where PPO needs it.
+def allow_insecure_serialization():
+    """Turn on vLLM's pickle-based serialisation between its own processes; returns the function that restores the environment.
 
     Weight sync sends a function (and the tensors in it) to the engine's workers, which vLLM allows
-    only with `VLLM_ALLOW_INSECURE_SERIALIZATION=1`. It is set while the engine starts (its
-    processes read it then) and while weights are sent, and only for an engine built with
-    `weight_sync=True` (PPO's rollout engine); this process's environment is restored after. The
-    other engines (SL data, pairs, evaluation) never turn it on.
+    only with `VLLM_ALLOW_INSECURE_SERIALIZATION=1`. The engine's processes read it when they start,
+    and with it on they send every utility reply (`reset_prefix_cache`, ...) in a form this process
+    can only decode while it is on too: so it is set for the life of an engine built with
+    `weight_sync=True` (PPO's rollout engine) and restored by `close()`. The other engines (SL data,
+    pairs, evaluation) never turn it on.
     """
-    if not on:
-        yield
-        return
     key = "VLLM_ALLOW_INSECURE_SERIALIZATION"
     before = os.environ.get(key)
     os.environ[key] = "1"
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         if before is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = before
+
+    return restore
