@@ -235,7 +235,10 @@ def test_ppo_with_generation_vllm_through_the_cli(cache_dir, tmp_path):
     assert manifest["counts"]["iterations"] == 2
     sft_dir = (tmp_path / "artifacts" / "sft" / "latest" / "model").resolve()
     engine = VLLMGenerator(
-        ModelSpec(name="sft", source="local", path=str(sft_dir), dtype="float32"), gpu_memory_utilization=0.1, max_model_len=512
+        ModelSpec(name="sft", source="local", path=str(sft_dir), dtype="float32"),
+        gpu_memory_utilization=0.1,
+        max_model_len=512,
+        weight_sync=True,
     )
     convs = [[{"role": "user", "content": "Hello there."}], [{"role": "user", "content": "What is two plus two?"}]]
     greedy = SamplingParams(max_new_tokens=8, temperature=0)
