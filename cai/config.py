@@ -332,6 +332,16 @@ class EvalConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """The memory plan (cai/memory.py): what each stage needs per device, checked before any model loads."""
+
+    check: bool = True  # refuse a plan that does not fit (False: print it, warn, and run anyway)
+    device_gib: float | None = ranged(None, gt=0)  # plan for a GPU of this many GiB (None: this machine's GPU, else its memory)
+    usable: float = ranged(0.9, gt=0, le=1)  # the fraction of a device the plan may fill (the allocator fragments the rest)
+    prompt_tokens: int = ranged(512, ge=1)  # the longest prompt the plan assumes (critique and comparison prompts are long)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING  # the policy
     feedback_model: ModelConfig = MISSING
@@ -353,6 +363,7 @@ class TrainConfig:
     pm: PMConfig = field(default_factory=PMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     seed: int = 0
     run_name: str | None = None  # default: made from the command-line overrides
     allow_other_code: bool = False  # reuse finished stages computed by another version of cai's code (with a warning)
@@ -401,6 +412,7 @@ RANGED_SECTIONS = {
     "pm": PMConfig,
     "ppo": PPOConfig,
     "eval": EvalConfig,
+    "memory": MemoryConfig,
 }
 BOUNDS = {
     "ge": (">=", lambda v, b: v >= b),

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 import cai
+from cai import memory
 from cai.artifacts import StageDir, Upstream, code_version, damage, fingerprint, read_manifest
 from cai.config import check_ranges, instantiate
 from cai.data import load_prompts, read_hh_rlhf
@@ -341,6 +342,7 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
     for name in names:
         if BY_NAME[name].check:
             BY_NAME[name].check(cfg)
+    memory.check(cfg, tuple(n for n in names if BY_NAME[n].keyed))  # last: the plan reads what the checks above made sure of
 
 
 def seed_everything(seed: int) -> None:

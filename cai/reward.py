@@ -155,7 +155,9 @@ def resolve_pm_dir(name: str, field: str) -> Path:
     and TRL, in which cai saves its own PMs.
     """
     path = Path(name).expanduser()
-    if not path.is_dir():
+    if not path.is_dir() and name in _HUB_SNAPSHOTS:  # a hub id is looked up once per process (PPO's check, key, build; eval)
+        path = _HUB_SNAPSHOTS[name]
+    elif not path.is_dir():
         try:
             from huggingface_hub import snapshot_download
 
@@ -168,8 +170,12 @@ def resolve_pm_dir(name: str, field: str) -> Path:
                 f"{field}: '{name}' is neither a directory nor a hub model this machine has or can download "
                 f"({type(err).__name__}); give a directory holding an AutoModelForSequenceClassification with one label"
             ) from None
+        _HUB_SNAPSHOTS[name] = path
     check_pm_dir(path, field=field)
     return path
+
+
+_HUB_SNAPSHOTS: dict[str, Path] = {}  # hub id -> its snapshot directory in the local HF cache
 
 
 def pm_identity(path: str | Path) -> str:

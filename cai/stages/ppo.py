@@ -115,8 +115,7 @@ class PPOModule(L.LightningModule):
                     p.copy_(p.to(storage))
         self.ref = frozen(copy.deepcopy(actor), storage, ref_dtype) if lora is None else None
         # grpo and rloo need no critic: the other answers to the same prompt are the baseline.
-        self.critic_free = ppo.advantage != "gae"
-        self.critic = None if self.critic_free else critic if critic is not None else ValueHead(actor.config.hidden_size)
+        self.critic = None if ppo.advantage != "gae" else critic if critic is not None else ValueHead(actor.config.hidden_size)
         self.tok = tokenizer
         self.reward_fn = reward_fn
         # engine: vLLM, or None for HF on the actor; vLLM gets the actor's weights (merged, with LoRA) before each rollout
@@ -238,7 +237,7 @@ class PPOModule(L.LightningModule):
         kl = kl_estimate(old_logp, ref_logp, "k1") * mask  # (B, L-1)
         shaped = self.normalise(scores - cfg.missing_eos_penalty * truncated).to(self.device)
         shaped = shaped.clamp(-cfg.reward_clip, cfg.reward_clip)
-        if self.critic_free:
+        if self.critic is None:  # critic-free
             sequence = shaped - self.kl_ctl.beta * kl.sum(1)  # (B,)
             advantages = group_advantages(sequence, cfg.samples_per_prompt, cfg.advantage)[:, None] * mask  # (B, L-1)
             return Experience(batch, old_logp, old_values, kl, advantages, torch.zeros_like(advantages), scores, truncated)
