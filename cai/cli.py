@@ -8,13 +8,16 @@ from omegaconf import DictConfig
 import cai
 import cai.config  # noqa: F401  (registers the typed schemas the YAML files build on)
 from cai.errors import CaiError, Interrupted, raise_on_signals
-from cai.pipeline import run
 
 
 # conf/ at the top of a checkout, or inside the package in a wheel (cai.CONF). A user adds their own
 # options with `--config-dir DIR` or `hydra.searchpath=[file://DIR]`, without editing this one.
 @hydra.main(version_base=None, config_path=str(cai.CONF), config_name="train")
 def train(cfg: DictConfig) -> None:
+    # Imported here, not at the top: `--help`, `--cfg` and `--info` are answered by Hydra before this
+    # function runs, so they never pay for torch, Lightning and transformers (seconds of CPU).
+    from cai.pipeline import run
+
     try:
         with raise_on_signals():
             run(cfg)

@@ -62,8 +62,8 @@ class ConstitutionConfig:
 class LabelConfig:
     kind: str = MISSING  # hard | soft | cot | likelihood | contrastive | human
     debias: bool = True
-    clamp_low: float = ranged(0.0, ge=0, le=1)
-    clamp_high: float = ranged(1.0, ge=0, le=1)
+    clamp_low: float = ranged(0.0, ge=0, le=1)  # labels below are raised to it (label=cot: 0.4, the paper's clamp)
+    clamp_high: float = ranged(1.0, ge=0, le=1)  # labels above are lowered to it (label=cot: 0.6)
     few_shot: bool = True
     cot_max_new_tokens: int = ranged(96, ge=1)
     options: str = "letters"  # multiple choice: letters (A/B) | numbers (1/2)
@@ -145,7 +145,7 @@ class LoggerConfig:
 
 @dataclass
 class StageConfig:
-    name: str = MISSING
+    name: str = MISSING  # all | check | one stage's name | a command (pm_eval, frontier, label_report)
 
 
 @dataclass

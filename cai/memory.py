@@ -167,6 +167,8 @@ class Setup:
 
 @dataclass
 class Role:
+    """What one role of one stage needs per device, in bytes, by kind."""
+
     stage: str
     role: str
     weights: float = 0.0

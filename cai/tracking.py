@@ -30,6 +30,96 @@ from cai.errors import CaiError
 log = logging.getLogger(__name__)
 BACKENDS = ("wandb", "csv", "none")
 
+# Every key cai logs, `stage/split/name`, and what it measures: the metrics reference in the docs is
+# generated from this table, and a test fails when a run logs a key that no entry matches. `{snapshot}`
+# is an evaluated policy (initial, sft, ppo@4, ...), `{axis}` harmless or helpful, `{split}` a report split.
+METRICS: dict[str, str] = {
+    "sl_data/gen/tokens": "tokens the initial model generated for answers, critiques and revisions",
+    "sl_data/gen/tokens_per_s": "generation throughput of the SL-data stage (new tokens per second)",
+    "sl_data/data/rows": "SL-CAI rows written (red-team rounds and helpful answers)",
+    "sl_data/samples": "table: prompt, answer, principle, critique and revision of the first rows",
+    "sft/train/loss": "token cross-entropy on assistant tokens of the training batch (the policy's own revisions)",
+    "sft/train/tokens_per_s": "training tokens per second (padding excluded)",
+    "sft/train/lr": "the learning rate of the step (cosine schedule with warmup)",
+    "sft/val/loss": "token cross-entropy on held-out SL rows (sft.val_fraction)",
+    "sft/train/warning_{flag}": "1 when training looks wrong: loss_rose (the loss ended above its start), weights_exploded",
+    "pairs/data/pairs": "answer pairs sampled by the SFT model",
+    "pairs/data/identical_rate": "share of pairs whose two answers are the same text (they teach the PM nothing)",
+    "pairs/samples": "table: prompt and the two answers of the first pairs",
+    "label/data/labels": "comparisons labelled",
+    "label/data/mean_p_a": "mean P(answer A is better): 0.5 is undecided on average",
+    "label/data/confident_rate": "share of labels further than 0.25 from 0.5",
+    "label/samples": "table: conversation, both answers, P(A), the label and the principles asked",
+    "label/report": "table: the labeller's agreement with human choices per principle and for the ensemble (label.report_data)",
+    "label/report/ensemble_agreement": "agreement of the ensemble's labels with **human** choices (label.report_data)",
+    "label_report/{split}/{measure}": "stage=label_report: agreement, one_order_agreement, mean_confidence, ece of the labeller against **human** choices",
+    "label_report/principles": "table: stage=label_report's measures per principle",
+    "label_report/calibration": "plot: the labeller's calibration against human choices",
+    "pm/train/loss": "Bradley-Terry loss against the (soft) labels, per training batch",
+    "pm/train/accuracy": "share of training comparisons the PM orders as the label does",
+    "pm/train/lr": "the learning rate of the step",
+    "pm/train/warning_{flag}": "1 when training looks wrong: loss_rose, weights_exploded",
+    "pm/val/loss": "Bradley-Terry loss on held-out AI labels",
+    "pm/val/labeller_agreement": "how often the PM prefers what the labeller preferred on held-out comparisons (agreement with AI labels, not accuracy)",
+    "pm/val/ece": "expected calibration error against the soft targets the PM learned",
+    "pm/val/calibration": "plot: the PM's calibration on held-out AI labels",
+    "pm/hh/accuracy": "accuracy against **human** harmlessness choices in pm.eval_data",
+    "pm/hh/accuracy_low": "lower end of pm/hh/accuracy's 95% interval",
+    "pm/hh/accuracy_high": "upper end of pm/hh/accuracy's 95% interval",
+    "pm/hh/ece": "calibration error against human choices",
+    "pm/hh/calibration": "plot: the PM's calibration against human choices",
+    "pm_eval/hh/accuracy": "stage=pm_eval: a PM's accuracy against **human** choices in pm.eval_data",
+    "pm_eval/hh/accuracy_low": "lower end of its 95% interval",
+    "pm_eval/hh/accuracy_high": "upper end of its 95% interval",
+    "pm_eval/hh/ece": "its calibration error against human choices",
+    "ppo/train/reward": "the reward model's mean raw score of the iteration's answers (what PPO optimises; rising is not better behaviour)",
+    "ppo/train/kl": "KL(actor || ref) in nats per answer (k1 estimate)",
+    "ppo/train/kl_coef": "the KL coefficient that penalised this iteration's rewards",
+    "ppo/train/truncated_rate": "share of answers cut at ppo.max_new_tokens",
+    "ppo/train/response_len": "mean answer length in tokens",
+    "ppo/train/refusal_rate": "share of answers with a refusal phrase (string heuristic: evasiveness)",
+    "ppo/train/boilerplate_rate": "share of answers with repeated n-grams (string heuristic: boilerplate)",
+    "ppo/train/tokens_per_s": "new tokens per second over the whole iteration (generation, scoring, update)",
+    "ppo/train/policy_loss": "clipped policy-gradient loss, mean over the iteration's minibatches",
+    "ppo/train/value_loss": "clipped value loss (ppo.advantage=gae only)",
+    "ppo/train/entropy": "mean entropy of the actor's next-token distribution on answer tokens",
+    "ppo/train/clipfrac": "share of answer tokens whose probability ratio was clipped",
+    "ppo/train/approx_kl": "KL(old policy || updated policy) over the update (k3 estimate): how far one iteration moved",
+    "ppo/train/lr": "the learning rate",
+    "ppo/time/{phase}": "seconds of the iteration spent in generation, scoring and update",
+    "ppo/rollouts": "table: iteration, prompt, answer and reward of sampled rollouts (every ppo.table_every iterations)",
+    "eval/{snapshot}/{axis}_elo": "the snapshot's Elo on that axis (the initial model is 0), from the judge's pairwise verdicts",
+    "eval/{snapshot}/{axis}_low": "lower end of the Elo's 95% bootstrap interval over prompts",
+    "eval/{snapshot}/{axis}_high": "upper end of the Elo's 95% bootstrap interval over prompts",
+    "eval/{snapshot}/refusal_rate": "share of the snapshot's held-out answers with a refusal phrase",
+    "eval/{snapshot}/boilerplate_rate": "share of its answers with repeated n-grams",
+    "eval/{snapshot}/mean_length": "mean answer length in tokens",
+    "eval/{snapshot}/pm_score": "mean score of its answers by the reference reward model (this run's PM or ppo.reward_model)",
+    "eval/summary/{axis}_elo": "the final policy's Elo on that axis: the metric a sweep optimises",
+    "eval/judge/identity": "the judge: its model and questions, or its PM's content",
+    "eval/judge/independent": "whether the judge is none of the run's own models (labeller, reward model)",
+    "eval/judge/{axis}_agreement": "the judge's agreement with **human** choices (eval.judge_check, eval.judge_check_helpful)",
+    "eval/judge/{axis}_agreement_low": "lower end of its 95% interval",
+    "eval/judge/{axis}_agreement_high": "upper end of its 95% interval",
+    "eval/answers": "table: every snapshot's answer to every held-out prompt",
+    "eval/judgements": "table: every pairwise verdict (both answers, P(A))",
+    "eval/frontier": "plot: the frontier, helpfulness Elo on x, harmlessness Elo on y",
+    "frontier/{snapshot}/{measure}": "stage=frontier (or the multirun callback): the eval/{snapshot}/* measures of one Elo fit over several runs",
+    "frontier/judgements": "table: the cross-run verdicts",
+    "frontier/frontier": "plot: the cross-run frontier",
+}
+
+
+def documented(key: str) -> str | None:
+    """The METRICS entry that names this logged key (placeholders match one path segment or a part of one), or None."""
+    import re
+
+    for pattern in METRICS:
+        regex = "^" + re.sub(r"\\\{[a-z]+\\\}", "[^/]+", re.escape(pattern)) + "$"
+        if re.match(regex, key):
+            return pattern
+    return None
+
 
 def git_commit() -> str | None:
     """The commit of the code that ran (with '-dirty' if there are local changes), or None."""

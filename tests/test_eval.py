@@ -18,6 +18,7 @@ from cai.artifacts import read_jsonl
 from cai.errors import CaiError
 from cai.models import run_device
 from cai.pipeline import PIPELINE, STAGES, run, stage_path
+from cai.tracking import documented
 
 TINY = (
     *TINY_RUN,
@@ -287,12 +288,14 @@ def test_eval_before_ppo_says_what_to_run_and_writes_nothing(make_cfg, tmp_path)
 
 
 def test_multirun_shares_upstream_stages_and_draws_one_frontier(tmp_path):
-    """`python train.py -m label=hard,soft,cot`: one SL data/SFT/pairs artifact, three label/PM/PPO/eval, one frontier,
-    and in W&B (offline) one group of four runs named by what varies, linked through lineage-keyed artifacts."""
-    env = {**os.environ, "CAI_ROOT": str(tmp_path), "WANDB_MODE": "offline"}
+    """The ablation-grid recipe (`python train.py -m label=hard,soft,cot`): one SL data/SFT/pairs artifact, three
+    label/PM/PPO/eval, one frontier, and in W&B (offline) one group of four runs named by what varies, linked
+    through lineage-keyed artifacts; every key they logged is in the metrics reference."""
+    env = {**os.environ, "CAI_ROOT": str(tmp_path), "WANDB_MODE": "offline", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.setdefault("CAI_CACHE", str(tmp_path / "cache"))
-    cmd = [sys.executable, "train.py", "-m", "label=hard,soft,cot", *TINY, "label.cot_max_new_tokens=8", "logger=wandb"]
-    done = subprocess.run(cmd, cwd=cai.ROOT, env=env, capture_output=True, text=True, timeout=900)
+    own = (*TINY, "label.cot_max_new_tokens=8", "logger=wandb")
+    cmd = ["bash", "recipes/ablation_grid.sh", *own]  # LABELS defaults to hard,soft,cot
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     art = tmp_path / "artifacts"
 
@@ -322,9 +325,14 @@ def test_multirun_shares_upstream_stages_and_draws_one_frontier(tmp_path):
     assert logged.count(f"sft_model-{sft_key}") == 1  # logged by the job that trained it, under its lineage key
     users = [r for r in runs if f"sft_model-{sft_key}" in r["config"]["_meta"].get("uses", [])]
     assert len(users) == 3  # the trainer's PPO read it, and so did the two jobs that found it cached
+    keys = {k for r in runs for k in r["history_keys"]}
+    assert {"sft/train/loss", "pm/val/ece", "ppo/train/kl", "eval/summary/harmless_elo", "frontier/frontier"} <= keys
+    assert sorted(k for k in keys if not documented(k)) == []  # docs/reference/metrics.md has every key
 
     # Everything cached: the job runs no stage and opens no W&B run.
-    again = subprocess.run([*cmd[:2], "label=hard", *cmd[4:]], cwd=cai.ROOT, env=env, capture_output=True, text=True, timeout=900)
+    again = subprocess.run(
+        [sys.executable, str(cai.ROOT / "train.py"), "label=hard", *own], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(cached)" in again.stdout and not list((tmp_path / "outputs").rglob("offline-run-*"))
 

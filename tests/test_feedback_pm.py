@@ -200,7 +200,7 @@ def test_pm_calibration_is_measured_against_the_soft_targets():
 
 
 def test_the_readme_pm_snippet_scores_as_cai_does_with_a_bos_adding_tokenizer(tmp_path, tiny_spec, capsys):
-    """The README's one plain-transformers snippet, run as written on a PM whose tokenizer adds a BOS."""
+    """The training guide's one plain-transformers snippet, run as written on a PM whose tokenizer adds a BOS."""
     import re
 
     from tokenizers import processors
@@ -216,9 +216,10 @@ def test_the_readme_pm_snippet_scores_as_cai_does_with_a_bos_adding_tokenizer(tm
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(tmp_path / "pm")("hi")["input_ids"][0] == bos_id  # it does add one
-    readme = (cai.ROOT / "README.md").read_text()
-    snippet = re.search(r"\*\*The PM with plain transformers\.\*\*.*?```python\n(.*?)```", readme, re.S).group(1)
-    assert readme.count("AutoModelForSequenceClassification.from_pretrained") == 1  # one snippet, not two that disagree
+    guide = (cai.ROOT / "docs" / "guides" / "training.md").read_text()
+    snippet = re.search(r"Plain\s+transformers gives the same scores as cai:\s*```python\n(.*?)```", guide, re.S).group(1)
+    pages = [cai.ROOT / "README.md", *(cai.ROOT / "docs").rglob("*.md")]
+    assert sum(p.read_text().count("AutoModelForSequenceClassification.from_pretrained(") for p in pages) == 1  # one snippet, not two that disagree
     exec(snippet.replace('"artifacts/pm/latest/model"', repr(str(tmp_path / "pm"))), {})
     theirs = float(capsys.readouterr().out.split()[-1])
     loaded, loaded_tok = PreferenceModel.load(tmp_path / "pm")

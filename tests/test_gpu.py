@@ -88,3 +88,25 @@ def test_pm_under_deepspeed(make_cfg, tmp_path, strategy):
     run(make_cfg("stage=pm", *small, f"strategy={strategy}", "trainer.devices=1", "pm.lr=1e-3"))
     pm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "artifacts" / "pm" / "latest" / "model")
     assert pm.score.weight.shape == (1, 64) and torch.isfinite(pm.score.weight).all()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2"])
+def test_lora_through_sft_pm_and_ppo_under_a_strategy(make_cfg, tmp_path, strategy):
+    """peft=lora composes with DDP and ZeRO-2 on one GPU: adapters train, the merged models load with plain transformers."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    small = (*SMALL, "data.n_helpful=4", "pairs.max_new_tokens=12", "peft=lora")
+    for stage in ("sl_data", "pairs", "label"):
+        if stage == "pairs":
+            run(make_cfg("stage=sft", *small, f"strategy={strategy}", "trainer.devices=1", "sft.lr=1e-3"))
+        run(make_cfg(f"stage={stage}", *small))
+    run(make_cfg("stage=pm", *small, f"strategy={strategy}", "trainer.devices=1"))
+    ppo = ("ppo.iterations=2", "ppo.rollouts=8", "ppo.max_new_tokens=8", "ppo.minibatch_size=4", "ppo.lr=1e-3")
+    run(make_cfg("stage=ppo", *small, *ppo, f"strategy={strategy}", "trainer.devices=1"))
+    art = tmp_path / "artifacts"
+    sft = AutoModelForCausalLM.from_pretrained(art / "sft" / "latest" / "model")
+    policy = AutoModelForCausalLM.from_pretrained(art / "ppo" / "latest" / "model")
+    w = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(policy.state_dict()[w], sft.state_dict()[w])  # the merged adapter moved it
+    assert (art / "ppo" / "latest" / "adapter" / "adapter_config.json").is_file()
+    AutoModelForSequenceClassification.from_pretrained(art / "pm" / "latest" / "model")

@@ -59,6 +59,7 @@ class Stage:
     artifact: tuple[str, str, str] | None = None  # W&B artifact (name, type, path inside the directory)
     announce: Callable[[Context], None] | None = None  # runs after the stage is built or found cached
     keyed: bool = True
+    writes: str = ""  # what its directory holds beside manifest.json, for users (the stage reference in docs/ is made from it)
 
     def upstream_of(self, cfg: DictConfig) -> tuple[str, ...]:
         return self.reads(cfg) if callable(self.reads) else self.reads

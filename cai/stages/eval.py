@@ -179,6 +179,7 @@ def inputs(cfg: DictConfig) -> dict:
 
 STAGE = Stage(
     name="eval",
+    writes="`elo.json` (per snapshot: both Elos with intervals, refusal and boilerplate rates, length, PM score; the judge), `frontier.png`, `answers.jsonl`",
     description="Elo evaluation and the frontier",
     build=build,
     after="ppo",

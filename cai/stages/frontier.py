@@ -138,6 +138,7 @@ def build(ctx: Context) -> dict:
 
 STAGE = Stage(
     name="frontier",
+    writes="`elo.json` and `frontier.png` over every run given (`eval.runs`) or every job of a multirun",
     description="the cross-run Elo frontier",
     build=build,
     reads=lambda cfg: ("pm",) if cfg.eval.judge == "pm" and not cfg.eval.judge_pm else (),  # the run's own PM as judge

@@ -142,11 +142,12 @@ def inputs(cfg: DictConfig) -> dict:
 
 STAGE = Stage(
     name="label",
+    writes="`shard-*.jsonl`: `id, kind, conversation, response_a, response_b, p_a, label, per_principle, label_type`; `report.json` with `label.report_data`",
     description="RL-CAI AI feedback labels",
     build=build,
     after="pairs",
     lineage=("feedback_model", "constitution", "label"),
-    logging_only=("label.report_data", "label.report_n", "label.batch_size"),
+    logging_only=("label.report_data", "label.report_n", "label.report_split", "label.batch_size"),
     reads=lambda cfg: () if cfg.label.kind == "human" else ("pairs",),
     inputs=inputs,
     metric=lambda c: f"{c['labels']} {c['kind']} labels, mean p_a {c['mean_p_a']:.2f}",

@@ -84,6 +84,7 @@ def build(ctx: Context) -> dict:
 
 STAGE = Stage(
     name="label_report",
+    writes="`report.json` (agreement per principle and for the ensemble, with intervals) and `calibration.png`",
     description="the labeller measured against human choices",
     build=build,
     check=check,

@@ -71,6 +71,7 @@ def build(ctx: Context) -> dict:
 
 STAGE = Stage(
     name="pairs",
+    writes="`shard-*.jsonl`: two sampled answers per prompt: `id, kind, prompt, response_a, response_b`",
     description="RL-CAI answer pairs",
     build=build,
     after="sft",

@@ -262,6 +262,7 @@ def check(cfg: DictConfig) -> None:
 
 STAGE = Stage(
     name="pm",
+    writes="`model/`: the preference model (`AutoModelForSequenceClassification`, one label; RewardBench's format), `adapter/` under `peft=lora`, `calibration.png`, `calibration_hh.png` with `pm.eval_data`",
     description="the preference model",
     build=build,
     after="label",

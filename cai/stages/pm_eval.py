@@ -5,7 +5,7 @@
 Prints the accuracy (the chosen answer scored above the rejected one; exact ties count half) with
 its 95% Wilson interval, and writes `metrics.json` under ${paths.artifacts}/pm_eval/<file name>-<key>/,
 keyed by the PM's weights, the file's content and pm.n_eval.
-`pm.checkpoint` defaults to this run's `artifacts/pm/model`.
+`pm.checkpoint` defaults to this run's PM, `${paths.artifacts}/pm/<key>/model`.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def build(ctx: Context) -> dict:
 
 STAGE = Stage(
     name="pm_eval",
+    writes="`artifacts/pm_eval/<file>-<key>/metrics.json`: accuracy with its interval and ECE against human choices",
     description="preference-model evaluation",
     build=build,
     reads=lambda cfg: () if cfg.pm.checkpoint else ("pm",),  # this run's PM unless pm.checkpoint names one

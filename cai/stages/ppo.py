@@ -317,7 +317,10 @@ class PPOModule(L.LightningModule):
         self.history.append({"iteration": iteration, **metrics})
         # Already means over the ranks; sync_dist only tells Lightning so (the same values average to themselves).
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=False, batch_size=n, sync_dist=True)
-        self.log("reward", metrics["ppo/train/reward"], prog_bar=True, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        # The progress bar's short name only: the logger already has it as ppo/train/reward.
+        self.log(
+            "reward", metrics["ppo/train/reward"], prog_bar=True, logger=False, on_step=False, on_epoch=True, batch_size=n, sync_dist=True
+        )
         done = iteration + 1
         if self.tracker is not None and self.cfg.table_every and done % self.cfg.table_every == 0:
             rows = [[iteration, c[-1]["content"], t, float(s)] for c, t, s in zip(conversations, texts, experience.scores)]
@@ -515,6 +518,7 @@ def build(ctx: Context) -> dict | None:
 
 STAGE = Stage(
     name="ppo",
+    writes="`model/`: the final policy (plain transformers; LoRA merged in), `adapter/` under `peft=lora`, `snapshots/iter-N/`: the policies eval rates",
     description="PPO against the preference model",
     build=build,
     after="pm",

@@ -220,6 +220,7 @@ def build(ctx: Context) -> dict | None:
 
 STAGE = Stage(
     name="sft",
+    writes="`model/`: the fine-tuned policy (plain transformers; LoRA merged in), `adapter/` under `peft=lora` (peft)",
     description="SL-CAI supervised fine-tuning",
     build=build,
     after="sl_data",

@@ -175,6 +175,7 @@ def metric(counts: dict) -> str:
 
 STAGE = Stage(
     name="sl_data",
+    writes="`shard-*.jsonl`: one row per red-team round and per helpful answer: `id, kind, prompt, response, round, principle_id, critique, revision`",
     description="SL-CAI critique/revision data",
     build=build,
     lineage=("model", "constitution.path", "data", "sl", "generation", "seed"),
