@@ -341,91 +341,121 @@ def setup_of(cfg: DictConfig, devices: int, total_bytes: float, gpu: bool) -> Se
     )
 
 
-def plan(cfg: DictConfig, stages: tuple[str, ...]) -> Plan:
-    """Every role of every stage in `stages`, per device, for this config (no model is loaded)."""
-    from cai.config import instantiate
-    from cai.models import ModelSpec, resolve_dtype
-    from cai.rl import HEAD_CHUNK
+class Planner:
+    """The roles of each stage for one config: one method per stage, each returning its roles."""
 
-    devices = device_count(cfg)
-    total, device, gpu = device_budget(cfg, devices)
-    setup = setup_of(cfg, devices, total, gpu)
-    budget, device = total * cfg.memory.usable, f"{device}, {cfg.memory.usable:.0%} usable"
-    m, unknown = cfg.memory, []
+    def __init__(self, cfg: DictConfig) -> None:
+        from cai.config import instantiate
+        from cai.models import ModelSpec
 
-    def shape(key: str, override: str | None = None) -> Shape | None:
-        spec = ModelSpec(name=override, source="hf", name_or_path=override) if override else instantiate(cfg[key])
-        s = model_shape(spec)
-        if s is None:
-            unknown.append(override or spec.name)
-        return s
+        self.cfg, self.unknown = cfg, []
+        self.devices = device_count(cfg)
+        total, device, self.gpu = device_budget(cfg, self.devices)
+        self.setup = setup_of(cfg, self.devices, total, self.gpu)
+        self.budget, self.device = total * cfg.memory.usable, f"{device}, {cfg.memory.usable:.0%} usable"
 
-    def dtype_bytes(key: str) -> int:
-        name = str(resolve_dtype(cfg[key].dtype if not gpu or cfg[key].dtype != "auto" else "bfloat16")).removeprefix("torch.")
+        def shape(key: str, override: str | None = None) -> Shape | None:
+            spec = ModelSpec(name=override, source="hf", name_or_path=override) if override else instantiate(cfg[key])
+            found = model_shape(spec)
+            if found is None:
+                self.unknown.append(override or spec.name)
+            return found
+
+        self.policy, self.feedback, self.pm_shape = shape("model"), shape("feedback_model"), shape("pm_model")
+        self.actor = shape("model", cfg.ppo.policy) if cfg.ppo.policy else self.policy
+        self.reward = shape("pm_model", cfg.ppo.reward_model) if cfg.ppo.reward_model else self.pm_shape
+        self.gen, self.prompt = cfg.generation.batch_size, cfg.memory.prompt_tokens
+
+    def dtype_bytes(self, key: str) -> int:
+        """Bytes per weight of a model that only runs forward: its `dtype` ('auto' is bf16 on a planned GPU)."""
+        from cai.models import resolve_dtype
+
+        dtype = self.cfg[key].dtype
+        name = str(resolve_dtype("bfloat16" if self.gpu and dtype == "auto" else dtype)).removeprefix("torch.")
         return BYTES.get(name, 4)
 
-    def trainable(s: Shape, kind: str = "causal") -> int:
-        if setup.lora is not None:
-            return s.lora_params(int(setup.lora.r), setup.lora.target_modules) + (s.hidden if kind == "seq_cls" else 0)
-        return s.params - (s.head_params if kind == "seq_cls" else 0) + (s.hidden if kind == "seq_cls" else 0)
+    def trainable(self, s: Shape, kind: str = "causal") -> int:
+        """Trained parameters: LoRA's adapters (and a PM's score head), or every weight (a PM's LM head replaced by its score head)."""
+        head = s.hidden if kind == "seq_cls" else 0
+        if self.setup.lora is not None:
+            return s.lora_params(int(self.setup.lora.r), self.setup.lora.target_modules) + head
+        return s.params - (s.head_params if kind == "seq_cls" else 0) + head
 
-    policy, feedback, pm_shape = shape("model"), shape("feedback_model"), shape("pm_model")
-    actor = shape("model", cfg.ppo.policy) if cfg.ppo.policy else policy
-    reward = shape("pm_model", cfg.ppo.reward_model) if cfg.ppo.reward_model else pm_shape
-    gen, prompt = cfg.generation.batch_size, m.prompt_tokens
-    frozen_bytes = BYTES[cfg.ppo.frozen_dtype] if cfg.ppo.frozen_dtype in BYTES else 2
-    train_bytes = 2 if setup.zero and setup.bf16 else 4
-    roles: list[Role] = []
-    for stage in stages:
-        if stage == "sl_data" and policy:
-            roles.append(inference(stage, "rollout", policy, dtype_bytes("model"), setup, gen, prompt + cfg.sl.max_new_tokens, True))
-        elif stage == "sft" and policy:
-            b, s = cfg.sft.batch_size, cfg.sft.max_length
-            roles.append(trained(stage, "actor", policy, setup, b, s, trainable(policy), logits=b * s))
-        elif stage == "pairs" and policy:
-            roles.append(inference(stage, "rollout", policy, dtype_bytes("model"), setup, gen, prompt + cfg.pairs.max_new_tokens, True))
-        elif stage == "label" and feedback and cfg.label.kind != "human":
-            length = max(cfg.label.max_length, prompt + 2 * cfg.pairs.max_new_tokens)
-            roles.append(inference(stage, "reward", feedback, dtype_bytes("feedback_model"), setup, cfg.label.batch_size, length, False))
-            if cfg.label.kind == "cot":
-                roles[-1].kv_cache = kv_cache(
-                    feedback, cfg.label.batch_size, length + cfg.label.cot_max_new_tokens, dtype_bytes("feedback_model")
-                )
-        elif stage == "pm" and pm_shape:
-            b, s = 2 * cfg.pm.batch_size, cfg.pm.max_length  # chosen and rejected
-            n = {"head": pm_shape.hidden, "last_block": pm_shape.layer_params() + pm_shape.hidden}.get(cfg.pm.trainable)
-            roles.append(trained(stage, "critic", pm_shape, setup, b, s, n or trainable(pm_shape, "seq_cls"), logits=0))
-            roles[-1].role = "reward"
-        elif stage == "ppo" and actor:
-            length = prompt + cfg.ppo.max_new_tokens
-            mb = cfg.ppo.minibatch_size
-            logits = min(mb * cfg.ppo.max_new_tokens, HEAD_CHUNK)  # the head runs on answer positions, a chunk at a time
-            roles.append(trained(stage, "actor", actor, setup, mb, length, trainable(actor), logits=logits))
-            if setup.lora is None:
-                roles.append(Role(stage, "ref", weights=actor.params * frozen_bytes))
-            if cfg.ppo.advantage == "gae" and cfg.ppo.value_model == "critic" and reward:
-                roles.append(trained(stage, "critic", reward, setup, mb, length, trainable(reward, "seq_cls"), logits=0))
-            if reward:
-                r = Role(stage, "reward", weights=reward.params * frozen_bytes)
-                r.activations = activations(reward, setup, cfg.pm.batch_size, cfg.pm.max_length, 0, train=False)
-                roles.append(r)
-            rollout = Role(stage, "rollout")
-            if setup.vllm_gib:
-                rollout.kv_cache = setup.vllm_gib * GIB
-            else:  # HF generate on the actor itself: only its cache
-                rollout.kv_cache = kv_cache(actor, min(gen, cfg.ppo.rollouts), length, train_bytes)
-            roles.append(rollout)
-        elif stage == "eval" and policy:
-            answer = inference(stage, "rollout", policy, dtype_bytes("model"), setup, gen, prompt + cfg.eval.max_new_tokens, True)
-            # Snapshots answer first; then the judge compares and the PM scores: the larger of the two phases.
-            judge = pm_shape if cfg.eval.judge == "pm" else feedback
-            score = Role(stage, "reward")
-            if judge:
-                score.weights += judge.params * dtype_bytes("pm_model" if cfg.eval.judge == "pm" else "feedback_model")
-            if reward:
-                score.weights += reward.params * dtype_bytes("pm_model")
-            roles.append(answer if answer.total >= score.total else score)
-    return Plan(budget=budget, device=device, setup=setup, roles=roles, unknown=sorted(set(unknown)))
+    def generating(self, stage: str, shape: Shape | None, key: str, new_tokens: int) -> list[Role]:
+        if shape is None:
+            return []
+        return [inference(stage, "rollout", shape, self.dtype_bytes(key), self.setup, self.gen, self.prompt + new_tokens, True)]
+
+    def sl_data(self) -> list[Role]:
+        return self.generating("sl_data", self.policy, "model", self.cfg.sl.max_new_tokens)
+
+    def pairs(self) -> list[Role]:
+        return self.generating("pairs", self.policy, "model", self.cfg.pairs.max_new_tokens)
+
+    def sft(self) -> list[Role]:
+        if self.policy is None:
+            return []
+        b, s = self.cfg.sft.batch_size, self.cfg.sft.max_length
+        return [trained("sft", "actor", self.policy, self.setup, b, s, self.trainable(self.policy), logits=b * s)]
+
+    def label(self) -> list[Role]:
+        cfg, f = self.cfg, self.feedback
+        if f is None or cfg.label.kind == "human":
+            return []
+        length = max(cfg.label.max_length, self.prompt + 2 * cfg.pairs.max_new_tokens)
+        role = inference("label", "reward", f, self.dtype_bytes("feedback_model"), self.setup, cfg.label.batch_size, length, False)
+        if cfg.label.kind == "cot":  # it generates its reasoning first
+            role.kv_cache = kv_cache(f, cfg.label.batch_size, length + cfg.label.cot_max_new_tokens, self.dtype_bytes("feedback_model"))
+        return [role]
+
+    def pm(self) -> list[Role]:
+        s = self.pm_shape
+        if s is None:
+            return []
+        b, length = 2 * self.cfg.pm.batch_size, self.cfg.pm.max_length  # chosen and rejected
+        frozen_backbone = {"head": s.hidden, "last_block": s.layer_params() + s.hidden}.get(self.cfg.pm.trainable)
+        return [trained("pm", "reward", s, self.setup, b, length, frozen_backbone or self.trainable(s, "seq_cls"), logits=0)]
+
+    def ppo(self) -> list[Role]:
+        from cai.rl import HEAD_CHUNK
+
+        cfg, setup, actor, reward = self.cfg, self.setup, self.actor, self.reward
+        if actor is None:
+            return []
+        length, mb = self.prompt + cfg.ppo.max_new_tokens, cfg.ppo.minibatch_size
+        logits = min(mb * cfg.ppo.max_new_tokens, HEAD_CHUNK)  # the head runs on answer positions, a chunk at a time
+        roles = [trained("ppo", "actor", actor, setup, mb, length, self.trainable(actor), logits=logits)]
+        frozen_bytes = BYTES.get(cfg.ppo.frozen_dtype, 2)
+        if setup.lora is None:  # with LoRA the ref is the actor with its adapter off
+            roles.append(Role("ppo", "ref", weights=actor.params * frozen_bytes))
+        if cfg.ppo.advantage == "gae" and cfg.ppo.value_model == "critic" and reward:
+            roles.append(trained("ppo", "critic", reward, setup, mb, length, self.trainable(reward, "seq_cls"), logits=0))
+        if reward:
+            scoring = activations(reward, setup, cfg.pm.batch_size, cfg.pm.max_length, 0, train=False)
+            roles.append(Role("ppo", "reward", weights=reward.params * frozen_bytes, activations=scoring))
+        train_bytes = 2 if setup.zero and setup.bf16 else 4
+        cache = setup.vllm_gib * GIB if setup.vllm_gib else kv_cache(actor, min(self.gen, cfg.ppo.rollouts), length, train_bytes)
+        return [*roles, Role("ppo", "rollout", kv_cache=cache)]  # HF generates on the actor itself: only its cache
+
+    def eval(self) -> list[Role]:
+        if self.policy is None:
+            return []
+        [answer] = self.generating("eval", self.policy, "model", self.cfg.eval.max_new_tokens)
+        # Snapshots answer first; then the judge compares and the PM scores: the larger of the two phases.
+        by_pm = self.cfg.eval.judge == "pm"
+        judge, score = self.pm_shape if by_pm else self.feedback, Role("eval", "reward")
+        if judge:
+            score.weights += judge.params * self.dtype_bytes("pm_model" if by_pm else "feedback_model")
+        if self.reward:
+            score.weights += self.reward.params * self.dtype_bytes("pm_model")
+        return [answer if answer.total >= score.total else score]
+
+
+def plan(cfg: DictConfig, stages: tuple[str, ...]) -> Plan:
+    """Every role of every stage in `stages`, per device, for this config (no model is loaded)."""
+    planner = Planner(cfg)
+    roles = [role for stage in stages for role in getattr(planner, stage)()]
+    return Plan(budget=planner.budget, device=planner.device, setup=planner.setup, roles=roles, unknown=sorted(set(planner.unknown)))
 
 
 # The single overrides tried, in order, when a plan does not fit: the first ones that fit are named.
@@ -440,28 +470,33 @@ def candidates(cfg: DictConfig, stage: str) -> list[str]:
         out.append("strategy=deepspeed_zero3_offload")
     batch = {"sft": "sft.batch_size", "pm": "pm.batch_size", "ppo": "ppo.minibatch_size", "label": "label.batch_size"}.get(stage)
     batch = batch or "generation.batch_size"
-    value = OmegaConf.select(cfg, batch)
+    value, factor = OmegaConf.select(cfg, batch), 1
     while value and value > 1:
-        value //= 2
-        out.append(f"{batch}={value}")
+        value, factor = value // 2, factor * 2
+        if stage in ("sft", "pm"):  # a smaller micro-batch, with gradient accumulation keeping the batch each update sees
+            out.append(f"{batch}={value} {stage}.grad_accum={OmegaConf.select(cfg, f'{stage}.grad_accum') * factor}")
+        else:
+            out.append(f"{batch}={value}")
     return out
 
 
 def with_override(cfg: DictConfig, override: str) -> DictConfig:
-    """cfg with one `group=option` or `field=value` override applied (a strategy option's fields are read from conf/)."""
+    """cfg with the `group=option` or `field=value` overrides of one candidate applied (space-separated;
+    a strategy's or peft's option fields are read from conf/)."""
     import yaml
 
     import cai
 
-    key, value = override.split("=", 1)
     new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    if key in ("strategy", "peft"):
-        fields = yaml.safe_load((cai.CONF / key / f"{value}.yaml").read_text())
-        fields.pop("defaults", None)
-        for k, v in fields.items():
-            OmegaConf.update(new, f"{key}.{k}", v, force_add=True)
-    else:
-        OmegaConf.update(new, key, yaml.safe_load(value), force_add=True)
+    for one in override.split():
+        key, value = one.split("=", 1)
+        if key in ("strategy", "peft"):
+            fields = yaml.safe_load((cai.CONF / key / f"{value}.yaml").read_text())
+            fields.pop("defaults", None)
+            for k, v in fields.items():
+                OmegaConf.update(new, f"{key}.{k}", v, force_add=True)
+        else:
+            OmegaConf.update(new, key, yaml.safe_load(value), force_add=True)
     return new
 
 

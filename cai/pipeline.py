@@ -42,7 +42,7 @@ from cai.reward import check_pm_dir
 from cai.stages import Context, Stage, eval, frontier, label, label_report, pairs, pm, pm_eval, ppo, sft, sl_data
 from cai.tracking import Tracker
 from cai.training import check_trainer, drop_checkpoints, resolve_precision
-from cai.usage import including_earlier, measure
+from cai.usage import bound_heap, including_earlier, measure
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +357,7 @@ def run(cfg: DictConfig) -> list[dict]:
     if cfg.stage.name == "check":
         print(f"check: the config, its input files and the checks of {', '.join(names)} passed; nothing was run")
         return []
+    bound_heap()  # large freed tensors go back to the system at once (cai/usage.py)
     launch(cfg)  # with strategy=ddp|deepspeed_* and several devices: start the other ranks, join them
     use_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)  # every model a stage loads goes there
     seed_everything(cfg.seed)

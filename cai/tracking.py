@@ -105,8 +105,11 @@ METRICS: dict[str, str] = {
     "eval/judgements": "table: every pairwise verdict (both answers, P(A))",
     "eval/frontier": "plot: the frontier, helpfulness Elo on x, harmlessness Elo on y",
     "frontier/{snapshot}/{measure}": "stage=frontier (or the multirun callback): the eval/{snapshot}/* measures of one Elo fit over several runs",
+    "frontier/{run}/{snapshot}/{measure}": "the same, for a snapshot of one run (its PPO policies: `label=cot/ppo@4`)",
     "frontier/judgements": "table: the cross-run verdicts",
     "frontier/frontier": "plot: the cross-run frontier",
+    "trainer/global_step": "Lightning's optimizer step: the x axis of the training stages' curves",
+    "epoch": "Lightning's epoch counter (PPO: the iteration)",
 }
 
 

@@ -78,6 +78,21 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+# Tensors above this size get their own memory map, returned to the system the moment they are freed.
+# glibc's default threshold rises with every large free, up to 32 MB, after which a forward pass's
+# temporaries (a LoRA layer's dropout copy, its low-rank products) stay in the heap as fragments:
+# measured on the main job's PM with peft=lora, peak RSS 2.68 GB by default, 2.27 GB at 4 MiB
+# (1.88 GB at 1 MiB, but 43% slower: every smaller tensor would fault in fresh pages).
+MMAP_THRESHOLD = 4 * 2**20
+
+
+def bound_heap() -> None:
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD for this process (elsewhere nothing), so large freed tensors leave RSS."""
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; setting it also turns off glibc's dynamic raising
+
+
 @functools.cache
 def _glibc():
     """This process's glibc (loaded once: the trim runs after every training batch), or None where there is none."""

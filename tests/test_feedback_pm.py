@@ -219,7 +219,9 @@ def test_the_readme_pm_snippet_scores_as_cai_does_with_a_bos_adding_tokenizer(tm
     guide = (cai.ROOT / "docs" / "guides" / "training.md").read_text()
     snippet = re.search(r"Plain\s+transformers gives the same scores as cai:\s*```python\n(.*?)```", guide, re.S).group(1)
     pages = [cai.ROOT / "README.md", *(cai.ROOT / "docs").rglob("*.md")]
-    assert sum(p.read_text().count("AutoModelForSequenceClassification.from_pretrained(") for p in pages) == 1  # one snippet, not two that disagree
+    assert (
+        sum(p.read_text().count("AutoModelForSequenceClassification.from_pretrained(") for p in pages) == 1
+    )  # one snippet, not two that disagree
     exec(snippet.replace('"artifacts/pm/latest/model"', repr(str(tmp_path / "pm"))), {})
     theirs = float(capsys.readouterr().out.split()[-1])
     loaded, loaded_tok = PreferenceModel.load(tmp_path / "pm")

@@ -47,7 +47,8 @@ def recipe(tmp_path: Path, name: str, *args: str, **env: str) -> subprocess.Comp
 
 
 def finished(root: Path, stage: str) -> list[dict]:
-    return [json.loads(m.read_text()) for m in (root / "artifacts" / stage).glob("*/manifest.json")]
+    """The manifests of a stage's lineage directories (`latest` is a link to one of them)."""
+    return [json.loads(m.read_text()) for m in (root / "artifacts" / stage).glob("*/manifest.json") if m.parent.name != "latest"]
 
 
 def test_every_recipe_is_tested_and_documented():
@@ -61,14 +62,31 @@ def test_your_own_model(tmp_path, tiny_spec):
     model_dir = tiny_spec.local_dir()  # a plain HF checkpoint directory, as a user's own would be
     done = recipe(tmp_path, "your_own_model.sh", model_dir, *(a for a in TINY if a != "model=tiny"))
     assert "memory plan" in done.stdout + done.stderr
-    [ppo] = finished(tmp_path, "ppo")
-    assert ppo["status"] == "complete" and ppo["config"]["model"]["source"] == "hf"
+    [sl_data], [ppo] = finished(tmp_path, "sl_data"), finished(tmp_path, "ppo")
+    assert ppo["status"] == "complete" and sl_data["config"]["model"]["source"] == "hf"
     assert (tmp_path / "artifacts" / "eval" / "latest" / "frontier.png").is_file()
 
 
 def test_paper_scale_prepares_prompts_and_runs(tmp_path):
-    small = ("model=tiny", "generation=hf", "strategy=auto", "trainer.accelerator=cpu", "trainer.devices=1", "stage=sl_data", "data.n_red_team=3", "data.n_helpful=2")
-    recipe(tmp_path, "paper_scale.sh", str(HH_SMALL), str(HH_SMALL), *small, "sl.n_revisions=1", "sl.max_new_tokens=6", "sl.n_few_shot=1")
+    small = (
+        "model=tiny",
+        "strategy=auto",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "stage=sl_data",
+        "data.n_red_team=3",
+        "data.n_helpful=2",
+    )
+    counts = (
+        "sl.n_revisions=1",
+        "sl.max_new_tokens=6",
+        "sl.n_few_shot=1",
+        "sft.max_length=256",
+        "pm.max_length=256",
+        "ppo.rollouts=8",
+        "ppo.minibatch_size=4",
+    )
+    recipe(tmp_path, "paper_scale.sh", str(HH_SMALL), str(HH_SMALL), *small, *counts, GENERATION="hf")
     prompts = [json.loads(line) for line in (tmp_path / "prompts" / "red_team.jsonl").read_text().splitlines()]
     assert prompts and all(p["prompt"].strip() for p in prompts)
     [sl] = finished(tmp_path, "sl_data")

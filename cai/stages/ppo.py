@@ -70,6 +70,7 @@ from cai.training import (
     fit,
     trained_placement,
 )
+from cai.usage import trim_heap
 
 log = logging.getLogger(__name__)
 VALUE_MODELS = ("head", "critic")
@@ -177,6 +178,7 @@ class PPOModule(L.LightningModule):
         # step's forward is also the sampling-time log-probs and values (the same weights), so the
         # actor runs once per iteration, not twice. Its graph is kept until the update.
         shared = self.actor_forward(batch) if self.one_step else None
+        trim_heap()  # the forward's freed temporaries (~1 GB on the main job), before the ref and the PM allocate theirs
         experience = self.make_experience(conversations, completions, batch, shared)
         t2 = time.perf_counter()
         stats = self.update(experience, iteration, shared)
@@ -234,6 +236,7 @@ class PPOModule(L.LightningModule):
         old_logp, _, old_values = actor_out if actor_out is not None else self.actor_forward(batch, with_entropy=False)
         old_logp, old_values = old_logp.detach(), old_values.detach()
         ref_logp = self.ref_logprobs(batch)
+        trim_heap()  # likewise before the update's passes
         kl = kl_estimate(old_logp, ref_logp, "k1") * mask  # (B, L-1)
         shaped = self.normalise(scores - cfg.missing_eos_penalty * truncated).to(self.device)
         shaped = shaped.clamp(-cfg.reward_clip, cfg.reward_clip)
