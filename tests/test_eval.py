@@ -114,6 +114,7 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
         "sft.checkpoint_every": "7",
         "label.report_data": str(hh),
         "label.report_n": "5",
+        "label.report_split": "report",
         "label.batch_size": "3",
         "pm.checkpoint_every": "7",
         "pm.eval_data": str(hh),
