@@ -283,7 +283,9 @@ class Plan:
         extra = f"; runtime {RUNTIME_GIB:.1f} GiB per stage" + (
             f"; not planned (config not readable here): {', '.join(self.unknown)}" if self.unknown else ""
         )
-        return f"memory plan, GiB per device (budget {gib(self.budget)} GiB: {self.device}{extra}):\n" + "\n".join(lines)
+        return f"memory plan, GiB per device (budget {gib(self.budget)} GiB: {self.device}{extra}):\n" + "\n".join(
+            "  " + line for line in lines
+        )  # indented: no line of it reads as the run's summary
 
 
 def gib(b: float) -> str:

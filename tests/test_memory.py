@@ -94,9 +94,9 @@ def test_the_7b_plan_on_one_80gb_gpu_fits_with_lora_and_names_zero3_without(tmp_
     code, out = run(tmp_path, capsys, "stage=check", "peft=lora", *model)
     assert code is None, out
     assert "memory plan, GiB per device (budget 72.00 GiB: 1 x 80 GiB GPU" in out
-    ppo_total = next(line for line in out.splitlines() if line.startswith("ppo") and "= total" in line)
+    ppo_total = next(line for line in out.splitlines() if line.startswith("  ppo") and "= total" in line)
     assert ppo_total.endswith("fits") and 40 < float(ppo_total.split()[-2]) < 72
-    assert not [line for line in out.splitlines() if line.startswith("ppo") and line.split()[1] == "ref"]  # LoRA: no copy
+    assert not [line for line in out.splitlines() if line.startswith("  ppo") and line.split()[1] == "ref"]  # LoRA: no copy
 
     code, _ = run(tmp_path, capsys, "stage=check", "peft=none", *model)
     assert isinstance(code, str) and len(code.splitlines()) == 1  # sys.exit("error: ..."): exit status 1
