@@ -44,7 +44,6 @@ GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # SmolLM2-135M-Instruct, the embedded model: its shape, so planning never converts the GGUF (30 s).
 EMBEDDED_SHAPE = dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tied=True)
-EMBEDDED_VOCAB = 49152  # the embedded tokenizer's size: the tiny model's vocabulary
 RUNTIME_GIB = 1.0  # CUDA's context and kernels' workspaces on a GPU; Python, torch and the libraries on a CPU
 
 
@@ -122,8 +121,7 @@ def model_shape(spec) -> Shape | None:
     if key in _SHAPES:
         return _SHAPES[key]
     if spec.source == "tiny":
-        s = spec
-        config = llama_config(s.tiny_hidden, s.tiny_intermediate, s.tiny_layers, s.tiny_heads, s.tiny_kv_heads, EMBEDDED_VOCAB, True)
+        config = spec.tiny_config(EMBEDDED_SHAPE["vocab"])  # the tiny model has the embedded tokenizer
     elif spec.source == "embedded":
         config = llama_config(**EMBEDDED_SHAPE)
     else:
@@ -136,10 +134,12 @@ def read_config(where: str, revision: str | None = None, trust_remote_code: bool
     """A model's config.json from a directory, the local HF cache, or the hub when it can be reached; None if none of them has it."""
     from transformers import AutoConfig
 
+    from cai.models import hub_offline
+
     local = Path(where).expanduser()
     if local.is_dir():
         where = str(local)
-    attempts = [True] if local.is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") else [True, False]
+    attempts = [True] if local.is_dir() or hub_offline() else [True, False]
     for local_only in attempts:
         try:
             return AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code, local_files_only=local_only)
@@ -249,7 +249,6 @@ def inference(stage: str, role: str, shape: Shape, dtype_bytes: int, setup: Setu
 class Plan:
     budget: float  # bytes usable per device
     device: str  # what the budget is: "1 x 80.0 GiB (memory.device_gib)", "cuda:0 H100 ...", "host memory"
-    setup: Setup
     roles: list[Role]
     unknown: list[str]  # models whose config could not be read here: left out of the plan
 
@@ -457,7 +456,7 @@ def plan(cfg: DictConfig, stages: tuple[str, ...]) -> Plan:
     """Every role of every stage in `stages`, per device, for this config (no model is loaded)."""
     planner = Planner(cfg)
     roles = [role for stage in stages for role in getattr(planner, stage)()]
-    return Plan(budget=planner.budget, device=planner.device, setup=planner.setup, roles=roles, unknown=sorted(set(planner.unknown)))
+    return Plan(budget=planner.budget, device=planner.device, roles=roles, unknown=sorted(set(planner.unknown)))
 
 
 # The single overrides tried, in order, when a plan does not fit: the first ones that fit are named.

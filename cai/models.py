@@ -45,6 +45,11 @@ def weights_digest(path: Path) -> str:
     return fingerprint({f.relative_to(path.parent).as_posix(): file_hash(f) for f in files})
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: only the local HF cache may answer."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+
+
 def hub_commit(repo_id: str, revision: str | None) -> str:
     """The commit a hub id (at a branch or tag) resolves to: from the local HF cache, else from the
     hub when it can be reached; 'unresolved' when neither knows (the load will then fail anyway)."""
@@ -54,7 +59,7 @@ def hub_commit(repo_id: str, revision: str | None) -> str:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True)).name
     except Exception:  # not in the cache (or no huggingface_hub): ask the hub, unless offline
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+    if hub_offline():
         return f"{revision or 'main'} (unresolved: offline and not cached)"
     try:
         from huggingface_hub import HfApi
@@ -409,12 +414,12 @@ class ModelSpec(ModelConfig):
                 "(a hub id needs network or a populated HF cache; a local path must hold an HF checkpoint)"
             ) from None
 
-    def _build_tiny(self):
-        from transformers import LlamaConfig, LlamaForCausalLM
+    def tiny_config(self, vocab_size: int, **token_ids):
+        """The random model's LlamaConfig: what `_build_tiny` builds, and what the memory plan counts (no tokenizer needed there)."""
+        from transformers import LlamaConfig
 
-        tok = self.load_tokenizer()
-        config = LlamaConfig(
-            vocab_size=len(tok),
+        return LlamaConfig(
+            vocab_size=vocab_size,
             hidden_size=self.tiny_hidden,
             intermediate_size=self.tiny_intermediate,
             num_hidden_layers=self.tiny_layers,
@@ -422,10 +427,15 @@ class ModelSpec(ModelConfig):
             num_key_value_heads=self.tiny_kv_heads,
             max_position_embeddings=2048,
             tie_word_embeddings=True,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
+            **token_ids,
         )
+
+    def _build_tiny(self):
+        from transformers import LlamaForCausalLM
+
+        tok = self.load_tokenizer()
+        ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+        config = self.tiny_config(len(tok), **ids)
         gen = torch.Generator().manual_seed(self.seed)
         # Built on the CPU whatever device context the caller is in (Lightning's, say), so the same
         # seed gives the same weights everywhere; load_model moves it.
