@@ -78,8 +78,8 @@ def merged_state_dict(wrapper: Any, dtype: torch.dtype | None = None) -> dict[st
     from peft.tuners.lora import LoraLayer
 
     base = wrapper.get_base_model()
-    deltas = {
-        f"{name}.base_layer.weight": module.get_delta_weight(module.active_adapters[0])
+    adapted = {  # each delta is computed when its weight is merged: all of them at once would be the linear layers' size again
+        f"{name}.base_layer.weight": module
         for name, module in base.named_modules()
         if isinstance(module, LoraLayer) and hasattr(module, "get_delta_weight") and module.active_adapters
     }
@@ -88,8 +88,9 @@ def merged_state_dict(wrapper: Any, dtype: torch.dtype | None = None) -> dict[st
         if "lora_" in key or ".original_module." in key:
             continue
         value = value.detach()
-        if key in deltas:
-            value = value + deltas[key].to(value.dtype)
+        if key in adapted:
+            module = adapted[key]
+            value = value + module.get_delta_weight(module.active_adapters[0]).to(value.dtype)
         key = key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
         value = value.cpu()
         state[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,13 +71,16 @@ from cai.training import (
     fit,
     trained_placement,
 )
-from cai.usage import trim_heap
+from cai.usage import trim_after_each_layer, trim_heap
 
 log = logging.getLogger(__name__)
 VALUE_MODELS = ("head", "critic")
 ADVANTAGES = ("gae", "grpo", "rloo")
 REWARD_NORMS = ("batch", "running", "none")
 FROZEN_DTYPES = ("bfloat16", "float32")
+# The policy is saved in files of at most this size: safetensors copies a file's tensors into one
+# buffer before writing it, so one file of the whole policy was the PPO stage's peak (0.5 GB more).
+SHARD = "100MB"
 VLLM = "cai.generation.vllm.VLLMGenerator"
 
 
@@ -129,6 +133,7 @@ class PPOModule(L.LightningModule):
         # Log-probs, KL and values are computed in train mode (Lightning's), sampling in eval mode: with
         # dropout on, the ratio and the KL would measure dropout noise. TRL and OpenRLHF turn it off too.
         disable_dropout(self.actor)
+        trim_after_each_layer(self.actor)  # on a CPU: the forward's small temporaries do not pile up in the heap
         if self.critic is not None:
             disable_dropout(self.critic)
         self.tracker = tracker
@@ -142,6 +147,7 @@ class PPOModule(L.LightningModule):
         A collective under ZeRO-3 (every rank must call it).
         """
         strategy = self.trainer.strategy if self._trainer is not None else None
+        trim_heap()  # the update's freed temporaries, before a copy of the whole policy is made
         return trained_state(self.actor, self.lora[0] if self.lora else None, strategy, dtype)
 
     def ref_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -331,7 +337,7 @@ class PPOModule(L.LightningModule):
         if self.snapshot_dir is not None and self.cfg.snapshot_every and done % self.cfg.snapshot_every == 0:
             state = self.policy_state()  # a collective under ZeRO-3: every rank calls it
             if self.trainer.is_global_zero:
-                self.actor.save_pretrained(self.snapshot_dir / f"iter-{done:05d}", state_dict=state)
+                self.actor.save_pretrained(self.snapshot_dir / f"iter-{done:05d}", state_dict=state, max_shard_size=SHARD)
                 self.tok.save_pretrained(self.snapshot_dir / f"iter-{done:05d}")
 
     def configure_optimizers(self):
@@ -389,7 +395,15 @@ def check_ranks_agree(state: dict[str, torch.Tensor], rollout_digest: str) -> li
     Data-parallel PPO is only right if the gradient all-reduce kept every rank's actor identical
     while each rank sampled its own rollouts. One line per rank goes into the manifest.
     """
-    weights = fingerprint([[k, float(v.double().sum()), float(v.double().abs().sum())] for k, v in sorted(state.items())])
+
+    def sums(v: torch.Tensor) -> list[float]:  # in float64, a million values at a time (a whole copy is the embedding twice)
+        total = absolute = 0.0
+        for c in v.detach().flatten().split(1 << 20):
+            c = c.double()
+            total, absolute = total + float(c.sum()), absolute + float(c.abs().sum())
+        return [total, absolute]
+
+    weights = fingerprint([[k, *sums(v)] for k, v in sorted(state.items())])
     ranks = all_gather({"rank": rank(), "weights": weights, "rollouts": rollout_digest})
     if len({r["weights"] for r in ranks}) > 1:
         raise CaiError(f"ppo: the ranks' policies differ after training ({ranks}); the gradient all-reduce did not keep them in step")
@@ -504,8 +518,15 @@ def build(ctx: Context) -> dict | None:
         "reward": placement(pm),
         **({"rollout": engine.placement()} if engine is not None else {}),
     }
-    actor.save_pretrained(out.path / "model", state_dict=state)
-    tok.save_pretrained(out.path / "model")
+    last = out.path / "snapshots" / f"iter-{cfg.ppo.iterations:05d}"
+    if last.is_dir() and all(v.dtype == spec.torch_dtype for v in state.values() if v.is_floating_point()):
+        # The final policy was saved as the last snapshot, in the same dtype: copied, not saved again (a
+        # save holds the policy a second time in memory, the LoRA stage's peak on a CPU).
+        del state
+        shutil.copytree(last, out.path / "model", dirs_exist_ok=True)
+    else:
+        actor.save_pretrained(out.path / "model", state_dict=state, max_shard_size=SHARD)
+        tok.save_pretrained(out.path / "model")
     if lora is not None:
         lora.save_pretrained(out.path / "adapter")  # the policy's adapter alone, as peft loads it (on the SFT model)
     history = module.history
