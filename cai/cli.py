@@ -13,14 +13,15 @@ from cai.errors import CaiError, Interrupted, raise_on_signals
 # conf/ at the top of a checkout, or inside the package in a wheel (cai.CONF). A user adds their own
 # options with `--config-dir DIR` or `hydra.searchpath=[file://DIR]`, without editing this one.
 @hydra.main(version_base=None, config_path=str(cai.CONF), config_name="train")
-def train(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> float | None:
+    """One run; returns the value `objective` names (for Hydra's sweepers: `hydra/sweeper=optuna`)."""
     # Imported here, not at the top: `--help`, `--cfg` and `--info` are answered by Hydra before this
     # function runs, so they never pay for torch, Lightning and transformers (seconds of CPU).
-    from cai.pipeline import run
+    from cai.pipeline import objective, run
 
     try:
         with raise_on_signals():
-            run(cfg)
+            return objective(cfg, run(cfg))
     except CaiError as err:  # bad input, a damaged file, a full disk, an interruption: one clear line, no traceback
         close_progress_bars()
         if err.exit_code == 1:

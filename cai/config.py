@@ -366,6 +366,7 @@ class TrainConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     seed: int = 0
     run_name: str | None = None  # default: made from the command-line overrides
+    objective: str | None = "eval/summary/harmless_elo"  # returned to Hydra's sweepers: eval/summary/<elo.json field of the final policy>
     allow_other_code: bool = False  # reuse finished stages computed by another version of cai's code (with a warning)
     gradient_checkpointing: bool = True  # training stages recompute activations in backward: less memory, same numbers
 

@@ -19,10 +19,10 @@ import contextlib
 import json
 import logging
 import os
-import random
 import shutil
 from pathlib import Path
 
+import lightning as L
 import torch
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +31,7 @@ from omegaconf.errors import InterpolationResolutionError
 import cai
 from cai import memory
 from cai.artifacts import StageDir, Upstream, code_version, damage, fingerprint, read_manifest
+from cai.cards import write_cards
 from cai.config import check_ranges, instantiate
 from cai.data import load_prompts, read_hh_rlhf
 from cai.distributed import all_gather, barrier, is_rank_zero, launch, world
@@ -40,7 +41,7 @@ from cai.lora import check as check_peft
 from cai.models import use_accelerator
 from cai.reward import check_pm_dir
 from cai.stages import Context, Stage, eval, frontier, label, label_report, pairs, pm, pm_eval, ppo, sft, sl_data
-from cai.tracking import Tracker
+from cai.tracking import Tracker, sweep_context
 from cai.training import check_trainer, drop_checkpoints, resolve_precision
 from cai.usage import bound_heap, including_earlier, measure
 
@@ -224,6 +225,7 @@ def _run_locked(stage: Stage, out: StageDir, ctx: Context) -> dict:
         log.info("%s: %s", stage.name, ", ".join(f"{k} {v}" for k, v in usage.items()))
         publish = is_rank_zero() and counts is not None
         if publish:
+            write_cards(stage.name, out.path, out.config, out.inputs, counts, base_model(ctx.cfg, stage.name))
             out.complete(counts, ctx.extra)
             drop_checkpoints(out.path)  # Lightning's checkpoints only served to resume the stage
             for up in ctx.upstream.values():
@@ -239,6 +241,14 @@ def _run_locked(stage: Stage, out: StageDir, ctx: Context) -> dict:
     if stage.announce and is_rank_zero():
         stage.announce(ctx)
     return summary
+
+
+def base_model(cfg: DictConfig, name: str) -> str:
+    """What a stage's model starts from, for its model card."""
+    if name == "ppo":
+        return cfg.ppo.policy or f"this run's SL-CAI policy, artifacts/sft/{lineage_key(cfg, 'sft')}/model"
+    spec = cfg.pm_model if name == "pm" else cfg.model
+    return f"{spec.name} ({spec.source}{': ' + spec.name_or_path if spec.name_or_path else ''})"
 
 
 def declare_use(tracker: Tracker, name: str, path: Path) -> None:
@@ -301,6 +311,7 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
         if value is not None and not str(value).strip():
             raise CaiError(f"paths.{field}: is empty; set it to a directory (or unset it for the default under paths.root)")
     check_ranges(cfg)
+    check_objective(cfg)
     check_models(cfg)
     instantiate(cfg.constitution)  # loads and validates every principle and example
     if cfg.label.kind not in LABEL_KINDS:
@@ -343,11 +354,34 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
         if BY_NAME[name].check:
             BY_NAME[name].check(cfg)
     memory.check(cfg, tuple(n for n in names if BY_NAME[n].keyed))  # last: the plan reads what the checks above made sure of
+    if "eval" in names and (varied := judge_varies(cfg, sweep_context()[1] or [])):
+        log.warning(
+            "this sweep varies %s, which gives each run its own judge: the group's frontier will not be drawn (Elos on "
+            "different scales). Set eval.judge=pm with eval.judge_pm=DIR (one PM judges every run), or fix the judge's "
+            "model for every run (model@feedback_model=...)",
+            ", ".join(varied),
+        )
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+def judge_varies(cfg: DictConfig, varying: list[str]) -> list[str]:
+    """The keys a multirun or sweep varies (`label`, `model.dtype`, `model@feedback_model`) that decide its judge."""
+    if cfg.eval.judge == "feedback":
+        fields = ["feedback_model"]
+        if str(OmegaConf.to_container(cfg.feedback_model)["name_or_path"]).startswith("${model."):
+            fields.append("model")  # the labeller follows the policy (model@feedback_model=policy)
+    elif cfg.eval.judge_pm:
+        fields = ["eval.judge_pm"]
+    else:  # each run's own PM: everything its lineage reads
+        fields, stage = ["seed"], "pm"
+        while stage:
+            fields, stage = fields + list(BY_NAME[stage].lineage), BY_NAME[stage].after
+    fields.append("eval.judge")
+
+    def decides(key: str) -> bool:
+        key = key.split("@")[-1]  # model@feedback_model -> feedback_model
+        return any(key == f or key.startswith(f + ".") or f.startswith(key + ".") for f in fields)
+
+    return [k for k in varying if decides(k)]
 
 
 def run(cfg: DictConfig) -> list[dict]:
@@ -360,7 +394,7 @@ def run(cfg: DictConfig) -> list[dict]:
     bound_heap()  # large freed tensors go back to the system at once (cai/usage.py)
     launch(cfg)  # with strategy=ddp|deepspeed_* and several devices: start the other ranks, join them
     use_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)  # every model a stage loads goes there
-    seed_everything(cfg.seed)
+    L.seed_everything(cfg.seed, verbose=False)  # Python, NumPy and torch; each stage reseeds its own work from cfg.seed
     tracker: Tracker = (instantiate(cfg.logger) if is_rank_zero() else Tracker("none")).start(cfg)  # one W&B run per job
     summaries = []
     try:
@@ -370,6 +404,8 @@ def run(cfg: DictConfig) -> list[dict]:
                 summaries.append({"stage": name, **run_stage(BY_NAME[name], cfg, tracker)})
             except (CaiError, Interrupted, OSError) as err:
                 raise stopped(cfg, name, names, err) from None
+        if "eval" in names and is_rank_zero() and tracker.group:
+            refresh_group(cfg, tracker, tracker.group, next(s for s in summaries if s["stage"] == "eval"))
         if not all(s.get("cached") for s in summaries):  # no W&B run for a job that only found its stages cached
             tracker.summary({f"{s['stage']}/{k}": v for s in summaries for k, v in s.items() if k not in ("stage", "cached")})
     finally:
@@ -377,6 +413,45 @@ def run(cfg: DictConfig) -> list[dict]:
     if is_rank_zero():
         print_summary(summaries)
     return summaries
+
+
+OBJECTIVES = ("harmless_elo", "helpful_elo", "refusal_rate", "boilerplate_rate", "mean_length", "pm_score")
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """`objective` names a field of the final policy's row in elo.json, or is null."""
+    if cfg.objective is not None and cfg.objective.removeprefix("eval/summary/") not in OBJECTIVES:
+        raise CaiError(
+            f"objective: unknown '{cfg.objective}'; choose eval/summary/<{'|'.join(OBJECTIVES)}> (the final policy's, from elo.json) or null"
+        )
+
+
+def objective(cfg: DictConfig, summaries: list[dict]) -> float | None:
+    """The value `objective` names, of this run's final policy, for Hydra's sweepers (optuna minimises or maximises it).
+
+    Read from the eval stage's elo.json, so a trial whose evaluation was cached returns it too; None
+    when the run did not evaluate (stage=sft, stage=check) or has no objective.
+    """
+    evaluated = next((s for s in summaries if s["stage"] == "eval"), None)
+    if cfg.objective is None or evaluated is None:
+        return None
+    elo = json.loads((Path(evaluated["path"]).parent / "elo.json").read_text())
+    final = max((s for s in elo["snapshots"] if s["order"] >= 0), key=lambda s: s["order"])
+    value = final.get(cfg.objective.removeprefix("eval/summary/"))
+    return float(value) if value is not None else None
+
+
+def refresh_group(cfg: DictConfig, tracker: Tracker, group: str, evaluated: dict) -> None:
+    """A run of a multirun or sweep redraws its group's frontier once its evaluation is done (`frontier.refresh_group`).
+
+    A group that cannot be drawn (runs judged by different judges, or on different prompts) is a
+    warning: the run's own results stand.
+    """
+    try:
+        upstream = {n: require(cfg, n, "frontier") for n in frontier.STAGE.upstream_of(cfg)}
+        frontier.refresh_group(Context(cfg, tracker, None, upstream), group, Path(evaluated["path"]).parent, tracker.name or "")
+    except CaiError as err:
+        log.warning("the group's frontier was not drawn: %s", err)
 
 
 def stopped(cfg: DictConfig, name: str, names: tuple[str, ...], err: BaseException) -> BaseException:

@@ -104,7 +104,11 @@ METRICS: dict[str, str] = {
     "eval/answers": "table: every snapshot's answer to every held-out prompt",
     "eval/judgements": "table: every pairwise verdict (both answers, P(A))",
     "eval/frontier": "plot: the frontier, helpfulness Elo on x, harmlessness Elo on y",
-    "frontier/{snapshot}/{measure}": "stage=frontier (or the multirun callback): the eval/{snapshot}/* measures of one Elo fit over several runs",
+    "frontier/group/table": "table: the group's frontier (a multirun's or sweep's runs, one judge), redrawn by each run as its eval ends: run, snapshot, both Elos with intervals, refusal and boilerplate rates, the judge and its agreement with humans",
+    "frontier/group/plot": "plot: the group's frontier, as of this run",
+    "frontier/group/runs": "summary: how many of the group's runs the group's frontier covered when this run drew it",
+    "frontier/group/path": "summary: the directory of that frontier (elo.json, frontier.png)",
+    "frontier/{snapshot}/{measure}": "stage=frontier: the eval/{snapshot}/* measures of one Elo fit over several runs",
     "frontier/{run}/{snapshot}/{measure}": "the same, for a snapshot of one run (its PPO policies: `label=cot/ppo@4`)",
     "frontier/judgements": "table: the cross-run verdicts",
     "frontier/frontier": "plot: the cross-run frontier",
@@ -283,10 +287,11 @@ class Tracker:
         overrides = cli_overrides()
         group, varying = sweep_context()
         self.name = name or cfg.get("run_name") or run_name_from_overrides(overrides, varying)
+        self.group = self.group or group  # a multirun's or sweep's runs share it, and its frontier (frontier.refresh_group)
         meta = {"git_commit": git_commit(), "overrides": overrides, "cai_version": cai.__version__}
         self._init = {
             "name": self.name,
-            "group": self.group or group,
+            "group": self.group,
             "job_type": cfg.stage.name if "stage" in cfg else None,
             "tags": (self.tags + [r[:64] for o in overrides if (r := readable(o))])[:20],  # W&B caps tags at 64 characters
             "config": {**flat_config(cfg), "_meta": meta},

@@ -67,14 +67,6 @@ def resolve_precision(precision: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
-    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at `total` steps."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def adamw(params, lr: float, trainer: L.Trainer | None = None) -> torch.optim.AdamW:
     """AdamW without weight decay, fused where PyTorch has the kernel (CPU and CUDA), unless the trainer is AMP.
 
@@ -91,14 +83,16 @@ def adamw(params, lr: float, trainer: L.Trainer | None = None) -> torch.optim.Ad
 
 
 def adamw_with_cosine(params, lr: float, warmup_ratio: float, trainer: L.Trainer, stage: str) -> dict:
-    """AdamW with linear warmup then cosine decay over the trainer's steps, stepped every step (Lightning's format).
+    """AdamW with linear warmup then cosine decay to 0 over the trainer's steps (transformers' schedule, as TRL's
+    trainers use it), stepped every step (Lightning's format).
 
     The scheduler's name is the metric LearningRateMonitor logs: `<stage>/train/lr`.
     """
+    from transformers import get_cosine_schedule_with_warmup
+
     opt = adamw(params, lr, trainer)
     total = max(1, int(trainer.estimated_stepping_batches))
-    warmup = int(warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warmup, total))
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=int(warmup_ratio * total), num_training_steps=total)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": f"{stage}/train/lr"}}
 
 

@@ -207,9 +207,8 @@ def config_reference() -> tuple[str, list[str]]:
         comments = [{k: v for k, v in c.items() if k.startswith(section + ".")} for c in (quick, train_comments)]
         out += header + field_rows(section, cls, base.get(section, {}), comments, src.get(cls.__name__, {}), missing) + [""]
     out += ["### Top level", "", *header]
-    top = [
-        f for f in dataclasses.fields(schema.TrainConfig) if f.name in ("seed", "run_name", "allow_other_code", "gradient_checkpointing")
-    ]
+    # Fields that are values, not sections (those are MISSING, filled by a group, or built by a factory).
+    top = [f for f in dataclasses.fields(schema.TrainConfig) if f.default_factory is dataclasses.MISSING and f.default != "???"]
     sub = type("T", (), {"__dataclass_fields__": {f.name: f for f in top}})
     out += field_rows("", sub, base, [train_comments], src.get("TrainConfig", {}), missing) + [""]
     out += [
@@ -337,7 +336,7 @@ def results_pages() -> tuple[dict[str, str], list[str]]:
     return pages, incomplete
 
 
-RECIPE_ORDER = ["ablation_grid", "your_own_model", "paper_scale", "independent_judge", "wandb_sweep", "multi_gpu"]
+RECIPE_ORDER = ["ablation_grid", "your_own_model", "paper_scale", "independent_judge", "wandb_sweep", "optuna", "multi_gpu", "slurm"]
 
 
 def recipes_page() -> str:

@@ -4,9 +4,9 @@
 #   bash recipes/ablation_grid.sh [more overrides]
 #
 # One Hydra multirun: every job shares what is upstream of the axis it changes (the SL data, the SFT
-# model and the pairs are computed once), and when the last job ends the multirun callback fits one
-# Elo over every job's snapshots: artifacts/frontier/latest/frontier.png. With logger=wandb the jobs
-# and the frontier run share one W&B group.
+# model and the pairs are computed once), and as each job's evaluation ends it fits one Elo over every
+# finished job's snapshots: artifacts/frontier/latest/frontier.png. With logger=wandb the jobs share
+# one W&B group, and each logs the group's frontier into it (frontier/group/table, frontier/group/plot).
 set -euo pipefail
 CAI="$(cd "$(dirname "$0")/.." && pwd)"   # the checkout: train.py and these recipes
 LABELS="${LABELS:-hard,soft,cot}"

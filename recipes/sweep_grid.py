@@ -3,7 +3,7 @@
     python recipes/sweep_grid.py sweeps/label_x_constitution.yaml
 
 Only `method: grid` has a meaning without W&B's controller; logger.mode is left to the command line
-(a local run stays offline).
+(a local run stays offline). Overrides written into the spec's command (not `${...}`) are kept.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ def main(path: str) -> None:
             continue
         values = p["values"] if "values" in p else [p["value"]]
         print(f"{key}={','.join(str(v) for v in values)}")
+    for arg in spec.get("command", []):  # overrides the spec gives every run (model@feedback_model=...)
+        if not arg.startswith("${"):
+            print(arg)
 
 
 if __name__ == "__main__":

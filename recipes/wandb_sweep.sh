@@ -6,9 +6,9 @@
 #
 # Online, `wandb sweep` registers the spec and prints its id, and `wandb agent` runs
 # `python train.py <key=value ...>` for each of its runs (start one agent per GPU, from this folder).
-# Afterwards `python train.py stage=frontier` fits one Elo over every run on the machine holding the
-# artifacts. Without an account, a grid spec is the Hydra multirun of its values: the same runs,
-# offline, in one W&B group, with the frontier drawn when the last one ends.
+# As each run's evaluation ends it redraws the sweep's frontier over every finished run and logs it
+# into the sweep's group (frontier/group/table, frontier/group/plot). Without an account, a grid spec
+# is the Hydra multirun of its values: the same runs, offline, in one W&B group.
 set -euo pipefail
 CAI="$(cd "$(dirname "$0")/.." && pwd)"   # the checkout: train.py and these recipes
 SPEC="${1:?give a sweep spec, e.g. sweeps/label_x_constitution.yaml}"

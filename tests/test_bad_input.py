@@ -56,6 +56,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
 CASES = [
     # (overrides, what the one line must name)
     (("sft.lr=-1",), "sft.lr: must be > 0"),
+    (("objective=eval/summary/harmless",), "objective: unknown 'eval/summary/harmless'; choose eval/summary/<harmless_elo|"),
     (("experiment=paper",), "data.red_team: experiment=paper needs your own red-team prompts: set data.red_team=FILE"),
     (("experiment=paper", "data.red_team=builtin"), "data.helpful: experiment=paper needs your own helpful prompts"),
     (("ppo.max_grad_norm=0",), "ppo.max_grad_norm: must be > 0"),

@@ -102,6 +102,7 @@ def test_stage_all_end_to_end_on_tiny(make_cfg, tmp_path, monkeypatch):
         assert all(models[r]["dtype"] == "bfloat16" and models[r]["compute_dtype"] == "float32" for r in frozen), models
     assert all(s["ran_on"].startswith("cpu float32") for s in summaries)
     assert "cpu bfloat16 weights in float32: ref, reward" in next(s["ran_on"] for s in summaries if s["stage"] == "ppo")
+    assert_exports(cfg)
 
     # A second run is all cached: no stage recomputes, no question is put to the judge again.
     again = run(cfg)
@@ -288,6 +289,31 @@ def test_eval_before_ppo_says_what_to_run_and_writes_nothing(make_cfg, tmp_path)
         run(make_cfg("stage=frontier", "model=tiny"))
 
 
+def assert_exports(cfg) -> None:
+    """What SFT trained on as chat rows and the labels as preference rows, as `datasets` loads them; a card per model."""
+    from datasets import load_dataset
+
+    sft, label = stage_path(cfg, "sft"), stage_path(cfg, "label")
+    counts = {s: json.loads((stage_path(cfg, s) / "manifest.json").read_text())["counts"] for s in ("sft", "label")}
+    train = load_dataset("json", data_files=str(sft / "data" / "train.jsonl"), split="train")
+    assert len(train) == counts["sft"]["train_examples"] and train.column_names == ["messages"]
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] and r["messages"][1]["content"].strip() for r in train)
+    prefs = load_dataset("json", data_files=str(label / "preferences.jsonl"), split="train")
+    assert len(prefs) == counts["label"]["labels"]
+    assert {"prompt", "chosen", "rejected", "p_chosen", "principles", "p_chosen_by_principle"} <= set(prefs.column_names)
+    for r, row in zip(prefs, read_jsonl(label / "shard-00000.jsonl")):
+        assert 0.5 <= r["p_chosen"] <= 1 and r["prompt"] == row["conversation"] and r["chosen"][0]["role"] == "assistant"
+        assert {r["chosen"][0]["content"], r["rejected"][0]["content"]} == {row["response_a"], row["response_b"]}
+        assert len(r["principles"]) == len(r["p_chosen_by_principle"]) >= 1
+    for stage, n in (("sft", 1), ("pm", 1), ("ppo", 3)):  # ppo: the final policy and two snapshots
+        cards = sorted(stage_path(cfg, stage).rglob("README.md"))
+        assert len(cards) == n, (stage, cards)
+        for card in cards:
+            text = card.read_text()
+            assert text.startswith("---\nlibrary_name: transformers") and stage_path(cfg, stage).name in text
+            assert "## Measured when it was made" in text and "from_pretrained" in text
+
+
 def test_multirun_shares_upstream_stages_and_draws_one_frontier(tmp_path):
     """The ablation-grid recipe (`python train.py -m label=hard,soft,cot`): one SL data/SFT/pairs artifact, three
     label/PM/PPO/eval, one frontier, and in W&B (offline) one group of four runs named by what varies, linked
@@ -309,18 +335,33 @@ def test_multirun_shares_upstream_stages_and_draws_one_frontier(tmp_path):
         assert len(lineages(stage)) == 3, stage
     kinds = {json.loads((d / "manifest.json").read_text())["config"]["label"]["kind"] for d in lineages("label")}
     assert kinds == {"hard", "soft", "cot"}
-    # The callback merged the three runs: initial and SFT shared, each run's PPO snapshots its own.
-    [frontier] = lineages("frontier")
-    elo = json.loads((frontier / "elo.json").read_text())
-    assert len(elo["runs"]) == 3 and len(elo["snapshots"]) == 2 + 3 * 2
+    # Each job redrew the group's frontier as its eval ended (over 1, 2, then 3 runs): the last one merged all
+    # three, initial and SFT shared, each run's PPO snapshots its own.
+    frontiers = sorted(lineages("frontier"), key=lambda d: len(json.loads((d / "elo.json").read_text())["runs"]))
+    assert [len(json.loads((d / "elo.json").read_text())["runs"]) for d in frontiers] == [1, 2, 3]
+    elo = json.loads((frontiers[-1] / "elo.json").read_text())
+    assert len(elo["snapshots"]) == 2 + 3 * 2
     assert sum(s["label"] == "sft" for s in elo["snapshots"]) == 1
     assert set(elo["runs"]) == {"label=hard", "label=soft", "label=cot"}
-    assert_real_plot(frontier / "frontier.png")
+    assert_real_plot(frontiers[-1] / "frontier.png")
 
     runs = wandb_runs(tmp_path / "multirun")
-    assert sorted(r["name"] for r in runs) == ["frontier", "label=cot", "label=hard", "label=soft"]
+    assert sorted(r["name"] for r in runs) == ["label=cot", "label=hard", "label=soft"]
     assert len({r["group"] for r in runs}) == 1 and runs[0]["group"].startswith("multirun-")
-    assert sorted(r["job_type"] for r in runs) == ["all", "all", "all", "frontier"]
+    assert sorted(r["job_type"] for r in runs) == ["all", "all", "all"]
+    # ... and logged it into the group, as W&B wrote it: the last job's table has every job's snapshots, one judge.
+    from cai.stages.frontier import GROUP_COLUMNS
+
+    tables = [json.loads(t.read_text()) for t in tmp_path.glob("multirun/**/media/table/frontier/group/table_*.table.json")]
+    assert sorted(len(t["data"]) for t in tables) == [4, 6, 8]  # initial + sft + two PPO snapshots of 1, 2, 3 runs
+    last = max(tables, key=lambda t: len(t["data"]))
+    assert last["columns"] == GROUP_COLUMNS
+    rows = [dict(zip(GROUP_COLUMNS, r)) for r in last["data"]]
+    [shared] = [r for r in rows if r["snapshot"] == "sft"]
+    assert set(shared["run"].split(", ")) == {"label=hard", "label=soft", "label=cot"}
+    assert {r["run"] for r in rows if "ppo@" in r["snapshot"]} == {"label=hard", "label=soft", "label=cot"}
+    assert len({r["judge"] for r in rows}) == 1 and all(isinstance(r["harmless_elo"], float) for r in rows)
+    assert len(list(tmp_path.glob("multirun/**/media/images/frontier/group/plot_*.png"))) == 3
     logged = [a["name"] for r in runs for a in r["artifacts"]]
     sft_key = lineages("sft")[0].name
     assert logged.count(f"sft_model-{sft_key}") == 1  # logged by the job that trained it, under its lineage key
@@ -342,7 +383,7 @@ def test_multirun_shares_upstream_stages_and_draws_one_frontier(tmp_path):
         "width",
     }
     keys = {k.rsplit("/", 1)[0] if k.rsplit("/", 1)[-1] in fields else k for r in runs for k in r["history_keys"] if not k.startswith("_")}
-    assert {"sft/train/loss", "pm/val/ece", "ppo/train/kl", "eval/summary/harmless_elo", "frontier/frontier", "ppo/rollouts"} <= keys
+    assert {"sft/train/loss", "pm/val/ece", "ppo/train/kl", "eval/summary/harmless_elo", "frontier/group/table", "ppo/rollouts"} <= keys
     assert sorted(k for k in keys if not documented(k)) == []  # docs/reference/metrics.md has every key
 
     # Everything cached: the job runs no stage and opens no W&B run.
@@ -373,3 +414,40 @@ def test_answer_sets_without_a_kind_say_what_is_missing(make_cfg, tmp_path):
     [done] = run(make_cfg(*base, f"eval.external=[a:{bare}:helpful,b:{bare}:helpful]"))
     elo = json.loads((Path(done["path"]).parent / "elo.json").read_text())
     assert elo["games"] == {"harmless": 0, "helpful": len(rows)}
+
+
+def test_a_group_judged_by_two_judges_draws_no_frontier(tmp_path):
+    """Runs judged by different feedback models have Elos on different scales: no group frontier, and the fix named."""
+    from cai.stages.frontier import one_judge
+
+    found = {}
+    for name, judge in (("model=a", "feedback model a"), ("model=b", "feedback model b"), ("model=c", "feedback model a")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "elo.json").write_text(json.dumps({"judge": {"key": judge, "identity": judge}}))
+        found[tmp_path / name] = name
+    with pytest.raises(CaiError, match=r"group g: .*different judges \(feedback model a: model=a, model=c; feedback model b: model=b\)"):
+        one_judge(found, "g")
+    with pytest.raises(CaiError, match=r"set eval.judge=pm with eval.judge_pm=DIR .*model@feedback_model="):
+        one_judge(found, "g")
+    one_judge({p: n for p, n in found.items() if n != "model=b"}, "g")  # one judge: drawn
+
+
+def test_exports_train_with_trl(make_cfg, tmp_path):
+    """The exports are what TRL reads: the SL data trains `SFTTrainer` from cai's SFT model, the preference
+    rows train `RewardTrainer` from cai's PM (RewardBench's format), one step each, with a finite loss."""
+    pytest.importorskip("trl", reason="TRL, a peer framework: pip install -e '.[dev]' brings it")
+    from datasets import load_dataset
+    from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+
+    for stage in ("sl_data", "sft", "pairs", "label", "pm"):
+        run(make_cfg(f"stage={stage}", *TINY))
+    cfg = make_cfg(*TINY)
+    common = {"max_steps": 1, "per_device_train_batch_size": 2, "report_to": "none", "use_cpu": True, "save_strategy": "no"}
+    sft = stage_path(cfg, "sft")
+    data = load_dataset("json", data_files=str(sft / "data" / "train.jsonl"), split="train")
+    trainer = SFTTrainer(model=str(sft / "model"), args=SFTConfig(str(tmp_path / "trl_sft"), max_length=128, **common), train_dataset=data)
+    assert np.isfinite(trainer.train().training_loss)
+    prefs = load_dataset("json", data_files=str(stage_path(cfg, "label") / "preferences.jsonl"), split="train")
+    pm = stage_path(cfg, "pm") / "model"
+    trainer = RewardTrainer(model=str(pm), args=RewardConfig(str(tmp_path / "trl_rm"), max_length=128, **common), train_dataset=prefs)
+    assert np.isfinite(trainer.train().training_loss)

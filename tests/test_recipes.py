@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import HH_SMALL, TINY_RUN
 
 import cai
@@ -53,7 +54,16 @@ def finished(root: Path, stage: str) -> list[dict]:
 
 def test_every_recipe_is_tested_and_documented():
     scripts = {p.name for p in RECIPES.glob("*.sh")}
-    assert scripts == {"ablation_grid.sh", "your_own_model.sh", "paper_scale.sh", "independent_judge.sh", "wandb_sweep.sh", "multi_gpu.sh"}
+    assert scripts == {
+        "ablation_grid.sh",
+        "your_own_model.sh",
+        "paper_scale.sh",
+        "independent_judge.sh",
+        "wandb_sweep.sh",
+        "optuna.sh",
+        "multi_gpu.sh",
+        "slurm.sh",
+    }
     page = (cai.ROOT / "docs" / "recipes.md").read_text()
     assert all(s in page for s in scripts)
 
@@ -117,3 +127,30 @@ def test_multi_gpu_runs_on_two_cpu_processes(tmp_path):
     recipe(tmp_path, "multi_gpu.sh", *TINY, "trainer.accelerator=cpu", GPUS="2")
     [ppo] = finished(tmp_path, "ppo")
     assert ppo["status"] == "complete" and ppo["inputs"]["training"]["ranks"] == 2
+
+
+def test_optuna_tunes_on_the_final_policys_elo(tmp_path):
+    """Two Optuna trials over PPO's learning rate: each returns its final policy's harmlessness Elo, the best is kept."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper: pip install -e '.[sweepers]'")
+    recipe(tmp_path, "optuna.sh", *TINY, TRIALS="2", SEARCH="ppo.lr=interval(1e-5,1e-3)")
+    evals = [json.loads(m.read_text()) for m in (tmp_path / "artifacts" / "eval").glob("*/elo.json") if m.parent.name != "latest"]
+    finals = [max((s for s in e["snapshots"] if s["order"] >= 0), key=lambda s: s["order"]) for e in evals]
+    assert len(finals) == 2 and len({m["config"]["ppo"]["lr"] for m in finished(tmp_path, "ppo")}) == 2
+    assert len(finished(tmp_path, "sft")) == 1  # the trials share what is upstream of PPO
+    [result] = list((tmp_path / "multirun").rglob("optimization_results.yaml"))
+    best = yaml.safe_load(result.read_text())
+    assert best["best_value"] == pytest.approx(max(f["harmless_elo"] for f in finals))
+
+
+def test_slurm_launcher_composes(tmp_path):
+    """No SLURM here: the launcher the recipe picks composes with the recipe's settings, and the recipe parses."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher: pip install -e '.[sweepers]'")
+    assert subprocess.run(["bash", "-n", str(RECIPES / "slurm.sh")]).returncode == 0
+    args = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "trainer.devices=4"]
+    done = subprocess.run(
+        [sys.executable, str(cai.ROOT / "train.py"), *args, "--cfg", "hydra"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    launcher = yaml.safe_load(done.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher["partition"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == ("gpu", 4, 1)

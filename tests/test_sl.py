@@ -18,7 +18,7 @@ from cai.generation.hf import HFGenerator
 from cai.pipeline import run
 from cai.stages.sft import IGNORE, SFTModule, build_example, collate, select_pairs
 from cai.templates import clean
-from cai.training import LengthBucketSampler, cosine_with_warmup
+from cai.training import LengthBucketSampler, adamw_with_cosine
 
 SMALL = ("model=tiny", "data.n_red_team=8", "sl.helpful_mix=0.25", "sl.max_new_tokens=12", "generation.batch_size=8")
 
@@ -177,12 +177,18 @@ def test_length_buckets_cover_every_example_once():
     assert list(map(tuple, LengthBucketSampler(lengths, 3, 0).__iter__())) == list(map(tuple, batches))  # seeded
 
 
-def test_cosine_with_warmup():
-    assert cosine_with_warmup(0, 2, 10) == pytest.approx(0.5)
-    assert cosine_with_warmup(1, 2, 10) == pytest.approx(1.0)
-    assert cosine_with_warmup(2, 2, 10) == pytest.approx(1.0)
-    assert cosine_with_warmup(6, 2, 10) == pytest.approx(0.5)
-    assert cosine_with_warmup(10, 2, 10) == pytest.approx(0.0)
+def test_the_schedule_warms_up_then_decays_to_zero():
+    """SFT's and the PM's learning rate per step: 20% warmup over 10 steps, then cosine to 0 (hand-computed)."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(estimated_stepping_batches=10, precision_plugin=None)
+    sched = adamw_with_cosine([torch.nn.Parameter(torch.zeros(1))], 1.0, 0.2, trainer, "sft")["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(11):
+        lrs.append(sched.get_last_lr()[0])
+        sched.step()
+    assert lrs[:3] == pytest.approx([0.0, 0.5, 1.0])  # linear warmup over 2 steps
+    assert lrs[6] == pytest.approx(0.5) and lrs[10] == pytest.approx(0.0)  # half-way down at step 6, 0 at the end
 
 
 def test_select_pairs_picks_revision_k():

@@ -18,17 +18,18 @@ import json
 import logging
 from pathlib import Path
 
+from filelock import FileLock
 from omegaconf import DictConfig
 
 from cai.arena import Snapshot, check_arena, external_players, judge_quality, log_results, make_judge, rate, report
-from cai.artifacts import StageDir, fingerprint, read_jsonl
+from cai.artifacts import StageDir, fingerprint, read_jsonl, write_json
 from cai.errors import CaiError
 from cai.stages import Context, Stage
 
 log = logging.getLogger(__name__)
 
 
-def _complete_eval(path: Path) -> bool:
+def complete_eval(path: Path) -> bool:
     m = path / "manifest.json"
     if not (path / "elo.json").exists() or not m.exists() or ".stale-" in str(path):
         return False
@@ -55,7 +56,7 @@ def find_evals(cfg: DictConfig) -> dict[Path, str | None]:
             candidates.append((Path(data["eval_dir"]), data.get("run")))
         candidates += [(e.parent, None) for e in sorted(p.rglob("elo.json")) if e.parent.parent.name == "eval"]
         for path, name in candidates:
-            if _complete_eval(path):
+            if complete_eval(path):
                 key = path.resolve()
                 found[key] = found.get(key) or name
     if not found and not cfg.eval.external:
@@ -102,9 +103,13 @@ def merge_runs(found: dict[Path, str | None]) -> tuple[dict[str, Snapshot], dict
     return players, metrics, runs
 
 
-def build(ctx: Context) -> dict:
-    cfg, tracker = ctx.cfg, ctx.tracker
-    found = find_evals(cfg)
+def draw(ctx: Context, found: dict[Path, str | None]) -> tuple[Path, list[dict], list[list], dict[str, list[str]], dict]:
+    """One Elo fit over the snapshots of the evaluations `found`, judged by this config's judge.
+
+    Returns the frontier's directory (elo.json, frontier.png), its rows, the verdict table, each
+    run's snapshot keys and the judge's description (with its measured quality).
+    """
+    cfg = ctx.cfg
     manifests = [json.loads((e / "manifest.json").read_text()) for e in found]
     if len({m["inputs"]["prompts"] for m in manifests}) > 1:
         raise CaiError(
@@ -129,11 +134,86 @@ def build(ctx: Context) -> dict:
     ratings, table = rate(cfg, snaps, answers, judge)
     title = f"{len(runs)} runs and answer sets: Elo (judge: {judge.identity})"
     rows = report(snaps, ratings, metrics, runs, out.path, title, judge_info)
-    log_results(tracker, "frontier", rows, table, out.path)
     out.complete({"runs": len(runs), "snapshots": len(snaps), **ratings["games"]}, {"evals": [str(e) for e in found]})
-    log.info("frontier of %d runs: %s", len(runs), out.path / "frontier.png")
-    caveat = f" ({judge.caveat()})" if judge.caveat() else ""
-    return {"metric": f"{len(runs)} runs, {len(snaps)} snapshots{caveat}", "path": str(out.path / "frontier.png")}
+    return out.path, rows, table, runs, {**judge_info, "caveat": judge.caveat()}
+
+
+def build(ctx: Context) -> dict:
+    found = find_evals(ctx.cfg)
+    path, rows, table, runs, judge = draw(ctx, found)
+    log_results(ctx.tracker, "frontier", rows, table, path)
+    log.info("frontier of %d runs: %s", len(runs), path / "frontier.png")
+    caveat = f" ({judge['caveat']})" if judge["caveat"] else ""
+    return {"metric": f"{len(runs)} runs, {len(rows)} snapshots{caveat}", "path": str(path / "frontier.png")}
+
+
+# --- the group's frontier: refreshed by every run of a multirun or sweep as its evaluation finishes ---
+
+
+GROUP_COLUMNS = [
+    "run", "snapshot", "harmless_elo", "harmless_low", "harmless_high", "helpful_elo", "helpful_low", "helpful_high",
+    "refusal_rate", "boilerplate_rate", "judge", "judge_harmless_agreement", "judge_helpful_agreement",
+]  # fmt: skip
+
+
+def group_dir(cfg: DictConfig, group: str) -> Path:
+    """`${paths.artifacts}/groups/<group>`: which evaluations belong to the group, one file each."""
+    return Path(cfg.paths.artifacts).expanduser() / "groups" / group.replace("/", "-")
+
+
+def join_group(cfg: DictConfig, group: str, eval_dir: Path, run_name: str) -> None:
+    """Enter this run's evaluation in its group (once per evaluation: a rerun of the same config replaces its entry)."""
+    entry = group_dir(cfg, group) / f"{fingerprint(str(eval_dir.resolve()))}.json"
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    write_json(entry, {"eval_dir": str(eval_dir.resolve()), "run": run_name})
+
+
+def group_evals(cfg: DictConfig, group: str) -> dict[Path, str | None]:
+    """The group's finished evaluations, each with its run's name."""
+    found: dict[Path, str | None] = {}
+    for entry in sorted(group_dir(cfg, group).glob("*.json")):
+        data = json.loads(entry.read_text())
+        if complete_eval(Path(data["eval_dir"])):
+            found[Path(data["eval_dir"])] = data["run"]
+    return found
+
+
+def one_judge(found: dict[Path, str | None], group: str) -> None:
+    """The group's runs were all judged by one judge, or one line naming the fields that make it so."""
+    judges: dict[str, list[str]] = {}
+    for e, name in found.items():
+        judge = json.loads((e / "elo.json").read_text())["judge"]
+        judges.setdefault(judge.get("identity") or judge["key"], []).append(name or e.name)
+    if len(judges) > 1:
+        which = "; ".join(f"{j}: {', '.join(names)}" for j, names in judges.items())
+        raise CaiError(
+            f"group {group}: its runs were judged by different judges ({which}), so their Elos are not on one scale; "
+            "set eval.judge=pm with eval.judge_pm=DIR (one PM that judges every run), or one feedback model "
+            "for every run (model@feedback_model=...), then run the sweep again"
+        )
+
+
+def refresh_group(ctx: Context, group: str, eval_dir: Path, run_name: str) -> Path:
+    """Redraw the group's frontier over every finished run in it, and log it to this run as
+    `frontier/group/table` and `frontier/group/plot`, so a W&B panel of the group shows the sweep's
+    frontier while it runs. Runs finishing at once take turns (a lock); verdicts already given are reused.
+    """
+    join_group(ctx.cfg, group, eval_dir, run_name)
+    with FileLock(str(group_dir(ctx.cfg, group)) + ".lock"):
+        found = group_evals(ctx.cfg, group)
+        one_judge(found, group)
+        path, rows, _, runs, judge = draw(ctx, found)
+    quality = judge.get("quality", {})
+    agreement = [quality.get(axis, {}).get("agreement") for axis in ("harmless", "helpful")]
+    table = []
+    for r in rows:
+        in_runs = ", ".join(name for name, keys in runs.items() if r["key"] in keys)
+        table.append([in_runs, r["label"], *(r.get(c) for c in GROUP_COLUMNS[2:10]), judge["identity"], *agreement])
+    ctx.tracker.table("frontier/group/table", GROUP_COLUMNS, table)
+    ctx.tracker.image("frontier/group/plot", path / "frontier.png")
+    ctx.tracker.summary({"frontier/group/runs": len(found), "frontier/group/path": str(path)})
+    log.info("group %s: frontier of %d runs, %d snapshots: %s", group, len(found), len(rows), path / "frontier.png")
+    return path
 
 
 STAGE = Stage(

@@ -24,7 +24,7 @@ import random
 
 from omegaconf import DictConfig
 
-from cai.artifacts import chunked, file_hash, write_json
+from cai.artifacts import chunked, file_hash, write_json, write_jsonl
 from cai.config import instantiate
 from cai.constitution import Constitution
 from cai.data import human_pairs, read_hh_rlhf
@@ -121,6 +121,8 @@ def build(ctx: Context) -> dict:
 
         out.write_shards(chunked(ctx.upstream["pairs"].rows(), cfg.pairs.shard_size), make, "label shards")
     rows = out.rows()
+    if is_rank_zero():
+        write_jsonl(out.path / "preferences.jsonl", [preference_row(r) for r in rows])
     stats = log_rows(ctx.tracker, rows)
     if cfg.label.report_data and cfg.label.kind != "human" and is_rank_zero():
         write_report(ctx, labeller or labeller_from_config(cfg, constitution), constitution)
@@ -134,6 +136,27 @@ def build(ctx: Context) -> dict:
     }
 
 
+def preference_row(row: dict) -> dict:
+    """A label as a preference row (TRL's conversational format, as `datasets` and RewardTrainer read it):
+    `prompt` (the conversation), `chosen` and `rejected` (the answer the label prefers first),
+    plus `p_chosen` (the label the PM trains on, >= 0.5: the soft probability, 1.0 for a hard or human label),
+    the principles asked and each one's P(chosen)."""
+    a_first = row["label"] >= 0.5
+    each = row.get("per_principle") or {}
+    chosen, rejected = (row["response_a"], row["response_b"]) if a_first else (row["response_b"], row["response_a"])
+    return {
+        "id": row["id"],
+        "kind": row["kind"],
+        "prompt": row["conversation"],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "p_chosen": row["label"] if a_first else 1.0 - row["label"],
+        "principles": list(each),
+        "p_chosen_by_principle": [p if a_first else 1.0 - p for p in each.values()],
+        "label_type": row["label_type"],
+    }
+
+
 def inputs(cfg: DictConfig) -> dict:
     if cfg.label.kind == "human":
         return {"data": file_hash(cfg.label.data)}
@@ -142,7 +165,9 @@ def inputs(cfg: DictConfig) -> dict:
 
 STAGE = Stage(
     name="label",
-    writes="`shard-*.jsonl`: `id, kind, conversation, response_a, response_b, p_a, label, per_principle, label_type`; `report.json` with `label.report_data`",
+    writes="`shard-*.jsonl`: `id, kind, conversation, response_a, response_b, p_a, label, per_principle, label_type`; "
+    "`preferences.jsonl`: the same as preference rows (`prompt`, `chosen`, `rejected`, `p_chosen`, `principles`, `p_chosen_by_principle`; TRL's format); "
+    "`report.json` with `label.report_data`",
     description="RL-CAI AI feedback labels",
     build=build,
     after="pairs",

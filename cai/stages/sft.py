@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
+from cai.artifacts import write_jsonl
 from cai.config import instantiate
 from cai.errors import CaiError
 from cai.generation import LoadableModel
@@ -159,7 +160,10 @@ class SFTModule(L.LightningModule):
 def split_examples(cfg: DictConfig, sl_data, tokenizer) -> tuple[list[dict], list[dict]]:
     """(validation, train) examples from the SL data, shuffled by the seed; one clear line if too few."""
     pairs = select_pairs(sl_data.rows(), cfg.sft.revision)
-    examples = [e for p, t in pairs if (e := build_example(tokenizer, p, t, cfg.sft.max_length)) is not None]
+    examples = []
+    for prompt, target in pairs:
+        if (e := build_example(tokenizer, prompt, target, cfg.sft.max_length)) is not None:
+            examples.append({**e, "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": target}]})
     if len(examples) < 2:
         raise CaiError(f"sft: only {len(examples)} usable examples in {sl_data.path}; generate more SL data (data.n_red_team)")
     random.Random(cfg.seed).shuffle(examples)
@@ -205,6 +209,9 @@ def build(ctx: Context) -> dict | None:
     tokenizer.save_pretrained(out.path / "model")
     if lora is not None:
         lora.save_pretrained(out.path / "adapter")  # the adapter alone, as peft loads it
+    (out.path / "data").mkdir(exist_ok=True)
+    for split, data in (("train", train), ("val", val)):  # what it trained on, as chat rows (TRL's SFT format)
+        write_jsonl(out.path / "data" / f"{split}.jsonl", [{"messages": e["messages"]} for e in data])
     train_tokens = sum(len(e["input_ids"]) for e in train) * cfg.sft.epochs
     return {
         "train_examples": len(train),
@@ -220,7 +227,8 @@ def build(ctx: Context) -> dict | None:
 
 STAGE = Stage(
     name="sft",
-    writes="`model/`: the fine-tuned policy (plain transformers; LoRA merged in), `adapter/` under `peft=lora` (peft)",
+    writes="`model/`: the fine-tuned policy (plain transformers; LoRA merged in), `adapter/` under `peft=lora` (peft), "
+    "`data/train.jsonl`, `data/val.jsonl`: the examples it trained on as chat `messages` rows (TRL's SFT format)",
     description="SL-CAI supervised fine-tuning",
     build=build,
     after="sl_data",

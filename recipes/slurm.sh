@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Recipe: a multirun on a SLURM cluster, one SLURM job per run.
+#
+#   PARTITION=gpu bash recipes/slurm.sh label=hard,soft,cot [overrides]
+#
+# Needs `pip install -e ".[sweepers]"` (hydra-submitit-launcher) on the login node and a CAI_ROOT that
+# every node sees (a shared file system): runs share their finished stages and their group's frontier
+# there. conf/hydra/launcher/slurm.yaml holds the job's resources: one task with GPUS GPUs (cai starts
+# one process per GPU itself under strategy=ddp|deepspeed_*), a timeout and memory.
+set -euo pipefail
+CAI="$(cd "$(dirname "$0")/.." && pwd)"   # the checkout: train.py and these recipes
+GPUS="${GPUS:-1}"
+python "$CAI/train.py" -m hydra/launcher=slurm hydra.launcher.partition="${PARTITION:?set PARTITION to a SLURM partition}" \
+  hydra.launcher.gpus_per_node="$GPUS" trainer.devices="$GPUS" "$@"
