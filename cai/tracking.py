@@ -401,8 +401,10 @@ class Tracker:
         self._open()
         if self.backend == "wandb" and self.run is not None:
             self.run.summary.update(values)
-        elif self.backend == "csv":
-            (self.dir / "summary.json").write_text(json.dumps(values, indent=2, default=str))
+        elif self.backend == "csv":  # merged into what is there, as W&B's summary is
+            path = self.dir / "summary.json"
+            earlier = json.loads(path.read_text()) if path.exists() else {}
+            path.write_text(json.dumps({**earlier, **values}, indent=2, default=str))
 
     def lightning_logger(self):
         """The matching Lightning logger, so a Trainer logs into this same run."""

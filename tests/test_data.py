@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from conftest import HH_DEV, HH_SMALL, MT_BENCH, MT_BENCH_SMALL, needs_shared_data
+from conftest import HH_DEV, HH_SMALL, MT_BENCH, MT_BENCH_SMALL, TINY_RUN, needs_shared_data
 
+import cai
 from cai.data import load_prompts, read_hh_rlhf, read_prompt_file
 from cai.errors import CaiError
 
@@ -187,3 +193,41 @@ def test_a_subset_is_a_stratified_seeded_sample_in_file_order():
     assert sample_prompts(rows, 0, "0") == rows and sample_prompts(rows, 100, "0") == rows
     plain = [Prompt(id=str(i), text="t") for i in range(50)]  # no categories: a plain seeded sample
     assert sample_prompts(plain, 10, "0") != plain[:10]
+
+
+def cached_hub_dataset(cache: Path, repo_id: str, data_file: Path, data_dir: str | None = None) -> None:
+    """Put `data_file` into a datasets cache at `cache` as `load_dataset(repo_id, data_dir=data_dir)` leaves it
+    after an online load, so that an offline load by name finds it (these machines cannot reach the Hub)."""
+    import datasets
+
+    staging = cache / "staging" / repo_id.replace("/", "_")
+    datasets.load_dataset("json", data_files={"train": str(data_file)}, cache_dir=str(staging))
+    [leaf] = [p for p in (staging / "json").glob("*/*/*") if p.is_dir()]
+    config = datasets.BuilderConfig("default").create_config_id(config_kwargs={"data_dir": data_dir} if data_dir else {})
+    dest = cache / repo_id.replace("/", "___") / config / leaf.parent.name / leaf.name
+    shutil.copytree(leaf, dest)
+    for f in dest.glob("json-*"):  # the arrow files are named after the dataset
+        f.rename(f.with_name(f.name.replace("json-", repo_id.split("/")[-1] + "-", 1)))
+
+
+def test_hub_datasets_by_name_from_the_offline_cache(tmp_path):
+    """`label.data=hf:Anthropic/hh-rlhf:harmless-base:train` and `data.red_team=hf:...` through `python train.py`,
+    offline, from the local datasets cache; the label stage is keyed by the dataset's fingerprint; a dataset
+    that is neither on the (unreachable) Hub nor in the cache is one line naming the field."""
+    cache = tmp_path / "datasets"
+    cached_hub_dataset(cache, "Anthropic/hh-rlhf", HH_SMALL, data_dir="harmless-base")
+    cached_hub_dataset(cache, "someone/red-team-prompts", MT_BENCH_SMALL)
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "CAI_ROOT": str(tmp_path)}
+    hub = ["label.data=hf:Anthropic/hh-rlhf:harmless-base:train", "data.red_team=hf:someone/red-team-prompts"]
+    args = [sys.executable, str(cai.ROOT / "train.py"), *TINY_RUN, "logger=none", "stage=label", "label=human"]
+    done = subprocess.run([*args, *hub], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "artifacts" / "label" / "latest" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["labels"] == len(read_hh_rlhf(HH_SMALL))
+    assert len(manifest["inputs"]["data"]) == 16  # the dataset's fingerprint, not a file's hash
+    missing = subprocess.run([*args, "label.data=hf:nobody/nothing:train"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 1
+    [line] = missing.stderr.strip().splitlines()
+    assert line.startswith("error: label.data: could not load 'hf:nobody/nothing:train'"), line
+    with pytest.raises(CaiError, match="pm.eval_data: 'hf:a:b:c:d' is not hf:NAME"):
+        read_hh_rlhf("hf:a:b:c:d", field="pm.eval_data")

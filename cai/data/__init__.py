@@ -9,6 +9,10 @@ Read from a user's path:
 - preference comparisons: hh-rlhf transcripts or TRL's conversational/standard rows, from .jsonl(.gz),
   or .json/.parquet/.csv through `datasets` when it is installed;
 - MT-bench `question.jsonl` (first turn of each question, as a helpfulness prompt).
+
+Or from the Hugging Face Hub by name, for any of these fields: `hf:NAME[:SUBSET][:SPLIT]`
+(`hf:Anthropic/hh-rlhf:harmless-base:train`), through `datasets.load_dataset` and its cache, so a
+dataset loaded once is read offline (`HF_DATASETS_OFFLINE=1`) from then on.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai.errors import CaiError
+
+HUB = "hf:"  # data fields: hf:NAME[:SUBSET][:SPLIT] is a dataset on the Hugging Face Hub
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 KINDS = ("red_team", "helpful")
@@ -88,24 +94,82 @@ def prompt_text(row: dict) -> str | None:
     return None
 
 
+def hub_spec(spec: str, field: str) -> tuple[str, str | None, str]:
+    """'hf:NAME[:SUBSET][:SPLIT]' -> (name, subset or None, split; train by default)."""
+    parts = spec[len(HUB) :].split(":")
+    if not parts[0] or len(parts) > 3 or not all(parts):
+        raise CaiError(f"{field}: '{spec}' is not hf:NAME[:SUBSET][:SPLIT]; e.g. hf:Anthropic/hh-rlhf:harmless-base:train")
+    return parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else "train"
+
+
+def hub_dataset(spec: str, field: str):
+    """A split of a Hub dataset (`hf:NAME[:SUBSET][:SPLIT]`), through `datasets.load_dataset` and its cache.
+
+    SUBSET is the dataset's config name, or else a folder of its repository (hh-rlhf's harmless-base
+    is a folder, not a config). Offline (HF_DATASETS_OFFLINE=1) only what the local cache holds loads.
+    """
+    name, subset, split = hub_spec(spec, field)
+    if spec not in _HUB:
+        try:
+            import datasets
+        except ImportError:
+            raise CaiError(f"{field}: '{spec}' needs the `datasets` package (pip install datasets)") from None
+        error: Exception | None = None
+        for kwargs in ({"name": subset}, {"data_dir": subset}) if subset else ({},):
+            try:
+                _HUB[spec] = datasets.load_dataset(name, split=split, **kwargs)
+                break
+            except Exception as err:  # not found, no such config or split, offline and not cached: many kinds
+                error = err
+        else:
+            why = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CaiError(
+                f"{field}: could not load '{spec}' ({why}); check the name, subset and split on the Hub, or, offline, "
+                "load it once where the Hub is reachable (it is read from the datasets cache after that)"
+            )
+    return _HUB[spec]
+
+
+_HUB: dict[str, object] = {}  # spec -> the loaded split, once per process
+
+
+def source_hash(source: str | Path, field: str) -> str:
+    """What a data field's content is, for fingerprints: a file's hash, or a Hub dataset's fingerprint
+    (datasets derives it from the resolved revision and data files)."""
+    from cai.artifacts import file_hash
+
+    return hub_dataset(str(source), field)._fingerprint if str(source).startswith(HUB) else file_hash(source)
+
+
+def _source_rows(source: str | Path, field: str) -> tuple[str, Iterator[tuple[int, dict]]]:
+    """(a name for ids, numbered rows) of a file or a Hub dataset."""
+    if str(source).startswith(HUB):
+        return hub_spec(str(source), field)[0].rsplit("/", 1)[-1], enumerate(hub_dataset(str(source), field), 1)
+    p = Path(source).expanduser()
+    return p.name, _table_rows(p, field)
+
+
 def read_prompt_file(path: str | Path) -> list[Prompt]:
     """Prompts from .jsonl(.gz) (`prompt`, `text`, `messages` or MT-bench `turns`), .txt (one a line), or
-    .json/.parquet/.csv with those fields through `datasets`. All count as train."""
+    .json/.parquet/.csv with those fields through `datasets`, or a Hub dataset (`hf:...`). All count as train."""
+    hub = str(path).startswith(HUB)
     p = Path(path).expanduser()
-    if not p.is_file():
+    if not hub and not p.is_file():
         raise CaiError(f"{path}: prompt file not found")
     out: list[Prompt] = []
-    if p.suffix == ".txt":
+    if not hub and p.suffix == ".txt":
         out = [Prompt(id=f"{p.stem}-{i:05d}", text=line.strip()) for i, line in enumerate(_lines(p)) if line.strip()]
     else:
-        for n, row in _table_rows(p, "prompt file"):
+        stem, rows = _source_rows(path, "prompt file")
+        stem = stem if hub else p.stem
+        for n, row in rows:
             text = prompt_text(row)
             if not isinstance(text, str) or not text.strip():
                 raise CaiError(
                     f"{p}: line {n}: no prompt text; each row needs one of 'prompt', 'text', 'messages' "
                     "(a chat list with a user turn) or MT-bench 'turns'"
                 )
-            pid = str(row.get("id", row.get("question_id", f"{p.stem}-{n:05d}")))
+            pid = str(row.get("id", row.get("question_id", f"{stem}-{n:05d}")))
             out.append(Prompt(id=pid, text=text.strip(), category=str(row.get("category", "")), split=row.get("split", "train")))
     if not out:
         raise CaiError(f"{p}: the prompt file is empty; add at least one prompt")
@@ -304,10 +368,11 @@ def read_hh_rlhf(path: str | Path, field: str = "data") -> list[Comparison]:
     and are skipped.
     """
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise CaiError(f"{field}: '{path}' not found; give a file of preference rows: {PREFERENCE_FORMATS}")
+    if not str(path).startswith(HUB) and not p.is_file():
+        raise CaiError(f"{field}: '{path}' not found; give a file of preference rows (or hf:NAME[:SUBSET][:SPLIT]): {PREFERENCE_FORMATS}")
     out = []
-    for n, row in _table_rows(p, field):
+    name, rows = _source_rows(path, field)
+    for n, row in rows:
         turns = comparison_turns(row)
         if turns is None:
             raise CaiError(
@@ -318,7 +383,7 @@ def read_hh_rlhf(path: str | Path, field: str = "data") -> list[Comparison]:
             continue
         if chosen[:-1] != rejected[:-1] or not chosen[:-1] or chosen[-2]["role"] != "user":
             continue
-        out.append(Comparison(id=f"{p.name}:{n}", conversation=chosen[:-1], chosen=chosen[-1]["content"], rejected=rejected[-1]["content"]))
+        out.append(Comparison(id=f"{name}:{n}", conversation=chosen[:-1], chosen=chosen[-1]["content"], rejected=rejected[-1]["content"]))
     if not out:
         raise CaiError(f"{p}: no usable comparisons; the file is empty or no row has a shared conversation ending in two answers")
     return out

@@ -49,7 +49,7 @@ from cai.arena import (
 )
 from cai.artifacts import Upstream, file_hash, fingerprint, write_json, write_jsonl
 from cai.config import instantiate
-from cai.data import load_prompts
+from cai.data import load_prompts, source_hash
 from cai.distributed import is_rank_zero
 from cai.metrics import boilerplate_rate, refusal_rate
 from cai.models import placement
@@ -171,7 +171,7 @@ def quality_metrics(quality: dict[str, dict]) -> dict[str, float]:
 def inputs(cfg: DictConfig) -> dict:
     """The held-out prompts' content, the judge's identity (its model and questions, or its PM's content) and check files."""
     own_pm = cfg.eval.judge == "pm" and not cfg.eval.judge_pm  # this run's PM: its fingerprint is an input already
-    checks = {f: file_hash(cfg.eval[f]) for f in ("judge_check", "judge_check_helpful") if cfg.eval[f]}
+    checks = {f: source_hash(cfg.eval[f], f"eval.{f}") for f in ("judge_check", "judge_check_helpful") if cfg.eval[f]}
     external = {name: file_hash(path) for name, path, _ in parse_external(cfg)}
     judge = cfg.eval.judge if own_pm else make_judge(cfg).key
     return {"prompts": fingerprint(eval_prompts(cfg)), "judge": judge, **checks, **({"external": external} if external else {})}

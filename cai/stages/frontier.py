@@ -180,12 +180,12 @@ def group_evals(cfg: DictConfig, group: str) -> dict[Path, str | None]:
 
 def one_judge(found: dict[Path, str | None], group: str) -> None:
     """The group's runs were all judged by one judge, or one line naming the fields that make it so."""
-    judges: dict[str, list[str]] = {}
+    judges: dict[str, tuple[str, list[str]]] = {}  # key -> (identity, runs)
     for e, name in found.items():
         judge = json.loads((e / "elo.json").read_text())["judge"]
-        judges.setdefault(judge.get("identity") or judge["key"], []).append(name or e.name)
+        judges.setdefault(judge["key"], (judge.get("identity") or judge["key"], []))[1].append(name or e.name)
     if len(judges) > 1:
-        which = "; ".join(f"{j}: {', '.join(names)}" for j, names in judges.items())
+        which = "; ".join(f"{identity}: {', '.join(names)}" for identity, names in judges.values())
         raise CaiError(
             f"group {group}: its runs were judged by different judges ({which}), so their Elos are not on one scale; "
             "set eval.judge=pm with eval.judge_pm=DIR (one PM that judges every run), or one feedback model "

@@ -24,10 +24,10 @@ import random
 
 from omegaconf import DictConfig
 
-from cai.artifacts import chunked, file_hash, write_json, write_jsonl
+from cai.artifacts import chunked, write_json, write_jsonl
 from cai.config import instantiate
 from cai.constitution import Constitution
-from cai.data import human_pairs, read_hh_rlhf
+from cai.data import human_pairs, read_hh_rlhf, source_hash
 from cai.distributed import is_rank_zero
 from cai.labels import Item, Labeller, labeller_from_config, labeller_report, report_principles
 from cai.models import placement
@@ -159,7 +159,7 @@ def preference_row(row: dict) -> dict:
 
 def inputs(cfg: DictConfig) -> dict:
     if cfg.label.kind == "human":
-        return {"data": file_hash(cfg.label.data)}
+        return {"data": source_hash(cfg.label.data, "label.data")}
     return {"constitution": instantiate(cfg.constitution).digest()}
 
 

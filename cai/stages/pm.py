@@ -20,9 +20,9 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from cai.artifacts import file_hash, write_json
+from cai.artifacts import write_json
 from cai.config import instantiate
-from cai.data import human_pairs, read_hh_rlhf
+from cai.data import human_pairs, read_hh_rlhf, source_hash
 from cai.errors import CaiError
 from cai.lora import add_adapters, trained_state
 from cai.losses import bradley_terry_loss
@@ -269,7 +269,7 @@ STAGE = Stage(
     lineage=("pm_model", "pm", *TRAINING_LINEAGE),
     logging_only=("pm.checkpoint_every", "pm.eval_data", "pm.n_eval", "pm.checkpoint", *TRAINING_LOGGING_ONLY),
     reads=("label",),
-    inputs=lambda cfg: {"helpful_data": file_hash(cfg.pm.helpful_data)} if cfg.pm.helpful_data else {},
+    inputs=lambda cfg: {"helpful_data": source_hash(cfg.pm.helpful_data, "pm.helpful_data")} if cfg.pm.helpful_data else {},
     check=check,
     metric=metric,
     output="model",

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cai.artifacts import file_hash, fingerprint, write_json
+from cai.artifacts import fingerprint, write_json
+from cai.data import source_hash
 from cai.errors import CaiError
 from cai.reward import PreferenceModel, hh_accuracy, pm_identity
 from cai.stages import Context, Stage
@@ -36,7 +37,7 @@ def build(ctx: Context) -> dict:
     result.pop("calibration")  # the per-comparison points; metrics.json keeps the numbers
     result["checkpoint"] = str(checkpoint)
     # One directory per (PM, data file): two PMs scored on files of the same name never overwrite each other.
-    key = fingerprint({"pm": pm_identity(checkpoint), "data": file_hash(cfg.pm.eval_data), "n": cfg.pm.n_eval})
+    key = fingerprint({"pm": pm_identity(checkpoint), "data": source_hash(cfg.pm.eval_data, "pm.eval_data"), "n": cfg.pm.n_eval})
     out = Path(cfg.paths.artifacts).expanduser() / "pm_eval" / f"{Path(cfg.pm.eval_data).name.split('.')[0]}-{key}"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
