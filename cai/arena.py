@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from filelock import FileLock
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
@@ -229,18 +230,23 @@ class Judge:
         barrier()  # every rank has read the cache and chosen the same todo before anyone appends to it
         path = self.rank_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() and path.stat().st_size:
-            with path.open("rb+") as f:  # a torn last line: end it, so the next row starts on its own line
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
+        # Other runs with this judge (the jobs of a parallel sweep) append to the same file: one writer at a time.
+        lock = FileLock(str(path) + ".lock")
+        with lock:
+            if path.exists() and path.stat().st_size:
+                with path.open("rb+") as f:  # a torn last line: end it, so the next row starts on its own line
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
         chunks = chunked(todo, 32)
         for i in tqdm(mine(len(chunks)), desc=f"eval judge ({self.kind})", unit="chunk", disable=not is_rank_zero()):
             ps = self.compare([(ra, rb) for _, _, ra, rb in chunks[i]])
-            with path.open("a") as f:
-                for (a, b, ra, rb), p in zip(chunks[i], ps):
-                    row = {"verdict": verdict_key(ra, rb), "a": a, "b": b, "id": ra["id"], "kind": ra["kind"], "p_a": p}
-                    f.write(json.dumps(row) + "\n")
+            rows = [
+                {"verdict": verdict_key(ra, rb), "a": a, "b": b, "id": ra["id"], "kind": ra["kind"], "p_a": p}
+                for (a, b, ra, rb), p in zip(chunks[i], ps)
+            ]
+            with lock, path.open("a") as f:
+                f.write("".join(json.dumps(row) + "\n" for row in rows))
                 f.flush()
                 os.fsync(f.fileno())
         barrier()

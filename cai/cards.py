@@ -30,7 +30,6 @@ def card(stage: str, model_dir: Path, stage_dir: Path, config: dict, inputs: dic
     """The README.md of one model directory of a finished stage."""
     title, how, auto = WHAT.get(stage, (stage, f"stage {stage}", "AutoModel"))
     where = model_dir.relative_to(stage_dir)
-    path = f"artifacts/{stage}/{stage_dir.name}/{where}"  # under CAI_ROOT
     if where.parts[:1] == ("snapshots",):
         title += f", snapshot at PPO {where.name.replace('iter-', 'iteration ')}"
     task = "text-classification" if stage == "pm" else "text-generation"
@@ -61,16 +60,20 @@ def card(stage: str, model_dir: Path, stage_dir: Path, config: dict, inputs: dic
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in counts.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)),
         "",
-        "Its Elo against the run's other snapshots is in the run's `artifacts/eval/<key>/elo.json`. On small models",
-        "the AI feedback that trained it agrees with human choices at about chance (the paper predicts this):",
-        "read the numbers as a record of what ran, not as evidence that it is harmless.",
+        *(
+            ["Its Elo against the run's other snapshots is in the run's `eval/<key>/elo.json`."]
+            if stage != "pm"
+            else ["Its accuracy on human comparisons: `python train.py stage=pm_eval pm.checkpoint=THIS_DIR pm.eval_data=FILE`."]
+        ),
+        "On small models the AI feedback that trained it agrees with human choices at about chance (the",
+        "paper predicts this): read the numbers as a record of what ran, not as evidence that it is harmless.",
         "",
         "## Load",
         "",
         "```python",
         f"from transformers import {auto}, AutoTokenizer",
-        f'model = {auto}.from_pretrained("{path}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{path}")',
+        f'model = {auto}.from_pretrained("{model_dir}")  # where it was written',
+        f'tokenizer = AutoTokenizer.from_pretrained("{model_dir}")',
         "```",
         "",
     ]

@@ -364,7 +364,7 @@ class TrainConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=2**32 - 1)  # Lightning's seed_everything takes an unsigned 32-bit seed
     run_name: str | None = None  # default: made from the command-line overrides
     objective: str | None = "eval/summary/harmless_elo"  # returned to Hydra's sweepers: eval/summary/<elo.json field of the final policy>
     allow_other_code: bool = False  # reuse finished stages computed by another version of cai's code (with a warning)

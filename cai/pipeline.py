@@ -354,13 +354,34 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
         if BY_NAME[name].check:
             BY_NAME[name].check(cfg)
     memory.check(cfg, tuple(n for n in names if BY_NAME[n].keyed))  # last: the plan reads what the checks above made sure of
-    if "eval" in names and (varied := judge_varies(cfg, sweep_context()[1] or [])):
+    check_sweep(cfg, names)
+
+
+def check_sweep(cfg: DictConfig, names: tuple[str, ...]) -> None:
+    """In a multirun or sweep: warn when the runs would have different judges, and refuse an objective no run gives."""
+    group, varying = sweep_context()
+    if "eval" in names and (varied := judge_varies(cfg, varying or [])):
         log.warning(
             "this sweep varies %s, which gives each run its own judge: the group's frontier will not be drawn (Elos on "
             "different scales). Set eval.judge=pm with eval.judge_pm=DIR (one PM judges every run), or fix the judge's "
             "model for every run (model@feedback_model=...)",
             ", ".join(varied),
         )
+    if group and cfg.objective is not None and "eval" not in names and sweeper_needs_values():
+        raise CaiError(
+            f"objective: this sweeper optimises '{cfg.objective}', which only the eval stage gives; run stage=all or stage=eval "
+            "in each trial"
+        )
+
+
+def sweeper_needs_values() -> bool:
+    """True under a Hydra sweeper that optimises what each job returns (Optuna, Nevergrad, Ax), not the basic grid."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return "BasicSweeper" not in str(HydraConfig.get().sweeper.get("_target_", "BasicSweeper"))
+    except (ImportError, ValueError):
+        return False
 
 
 def judge_varies(cfg: DictConfig, varying: list[str]) -> list[str]:
@@ -404,8 +425,8 @@ def run(cfg: DictConfig) -> list[dict]:
                 summaries.append({"stage": name, **run_stage(BY_NAME[name], cfg, tracker)})
             except (CaiError, Interrupted, OSError) as err:
                 raise stopped(cfg, name, names, err) from None
-        if "eval" in names and is_rank_zero() and tracker.group:
-            refresh_group(cfg, tracker, tracker.group, next(s for s in summaries if s["stage"] == "eval"))
+        if "eval" in names and (group := all_gather(tracker.group)[0]):  # rank 0's group: the other ranks' trackers are silent
+            refresh_group(cfg, tracker, group, next(s for s in summaries if s["stage"] == "eval"))
         if not all(s.get("cached") for s in summaries):  # no W&B run for a job that only found its stages cached
             tracker.summary({f"{s['stage']}/{k}": v for s in summaries for k, v in s.items() if k not in ("stage", "cached")})
     finally:
@@ -444,14 +465,17 @@ def objective(cfg: DictConfig, summaries: list[dict]) -> float | None:
 def refresh_group(cfg: DictConfig, tracker: Tracker, group: str, evaluated: dict) -> None:
     """A run of a multirun or sweep redraws its group's frontier once its evaluation is done (`frontier.refresh_group`).
 
-    A group that cannot be drawn (runs judged by different judges, or on different prompts) is a
-    warning: the run's own results stand.
+    Every rank takes part (the judge shares its work out). A group that cannot be drawn (runs judged
+    by different judges, or on different prompts), or a failure while drawing it, is a warning: the
+    run's own results stand, and the next run of the group draws it again.
     """
     try:
         upstream = {n: require(cfg, n, "frontier") for n in frontier.STAGE.upstream_of(cfg)}
         frontier.refresh_group(Context(cfg, tracker, None, upstream), group, Path(evaluated["path"]).parent, tracker.name or "")
     except CaiError as err:
         log.warning("the group's frontier was not drawn: %s", err)
+    except Exception as err:  # noqa: BLE001 (a bug or a full disk while drawing must not fail a finished run)
+        log.warning("the group's frontier was not drawn: %s: %s", type(err).__name__, err, exc_info=True)
 
 
 def stopped(cfg: DictConfig, name: str, names: tuple[str, ...], err: BaseException) -> BaseException:

@@ -202,7 +202,9 @@ def sweep_context() -> tuple[str | None, list[str] | None]:
         if hc.mode != RunMode.MULTIRUN:
             return None, None
         parsed = OverridesParser.create().parse_overrides([o for o in sys.argv[1:] if "=" in o and not o.startswith("-")])
-        return multirun_group(hc.sweep.dir), [o.key_or_group for o in parsed if o.is_sweep_override()]
+        # `model@feedback_model=a,b` varies the feedback model, not the policy: its key keeps the package
+        keys = [f"{o.key_or_group}@{o.package}" if o.package else o.key_or_group for o in parsed if o.is_sweep_override()]
+        return multirun_group(hc.sweep.dir), keys
     except Exception:  # outside Hydra (ValueError), or an argv its parser cannot read: a single run
         return None, None
 

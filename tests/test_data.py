@@ -225,7 +225,9 @@ def test_hub_datasets_by_name_from_the_offline_cache(tmp_path):
     manifest = json.loads((tmp_path / "artifacts" / "label" / "latest" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["labels"] == len(read_hh_rlhf(HH_SMALL))
     assert len(manifest["inputs"]["data"]) == 16  # the dataset's fingerprint, not a file's hash
-    missing = subprocess.run([*args, "label.data=hf:nobody/nothing:train"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    missing = subprocess.run(
+        [*args, "label.data=hf:nobody/nothing:train"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert missing.returncode == 1
     [line] = missing.stderr.strip().splitlines()
     assert line.startswith("error: label.data: could not load 'hf:nobody/nothing:train'"), line

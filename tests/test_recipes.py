@@ -124,9 +124,13 @@ def test_wandb_sweep_runs_a_grid_locally(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="DDP on CPU processes")
 def test_multi_gpu_runs_on_two_cpu_processes(tmp_path):
-    recipe(tmp_path, "multi_gpu.sh", *TINY, "trainer.accelerator=cpu", GPUS="2")
+    # In a group, so that both ranks also draw the group's frontier (the judge shares its work out).
+    recipe(tmp_path, "multi_gpu.sh", *TINY, "trainer.accelerator=cpu", "logger.group=two-ranks", GPUS="2")
     [ppo] = finished(tmp_path, "ppo")
     assert ppo["status"] == "complete" and ppo["inputs"]["training"]["ranks"] == 2
+    [frontier] = finished(tmp_path, "frontier")
+    assert frontier["status"] == "complete" and frontier["counts"]["runs"] == 1
+    assert len(list((tmp_path / "artifacts" / "groups" / "two-ranks").glob("*.json"))) == 1
 
 
 def test_optuna_tunes_on_the_final_policys_elo(tmp_path):
@@ -146,11 +150,11 @@ def test_slurm_launcher_composes(tmp_path):
     """No SLURM here: the launcher the recipe picks composes with the recipe's settings, and the recipe parses."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher: pip install -e '.[sweepers]'")
     assert subprocess.run(["bash", "-n", str(RECIPES / "slurm.sh")]).returncode == 0
-    args = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "trainer.devices=4"]
+    args = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer.devices=1"]
     done = subprocess.run(
         [sys.executable, str(cai.ROOT / "train.py"), *args, "--cfg", "hydra"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
     launcher = yaml.safe_load(done.stdout)["hydra"]["launcher"]
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
-    assert (launcher["partition"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == ("gpu", 4, 1)
+    assert (launcher["partition"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == ("gpu", 1, 1)

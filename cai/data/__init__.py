@@ -96,8 +96,8 @@ def prompt_text(row: dict) -> str | None:
 
 def hub_spec(spec: str, field: str) -> tuple[str, str | None, str]:
     """'hf:NAME[:SUBSET][:SPLIT]' -> (name, subset or None, split; train by default)."""
-    parts = spec[len(HUB) :].split(":")
-    if not parts[0] or len(parts) > 3 or not all(parts):
+    parts = re.split(r":(?![^\[]*\])", spec[len(HUB) :])  # a split may be a slice: train[:1000]
+    if not parts[0] or len(parts) > 3 or not all(parts) or "\\" in parts[0]:
         raise CaiError(f"{field}: '{spec}' is not hf:NAME[:SUBSET][:SPLIT]; e.g. hf:Anthropic/hh-rlhf:harmless-base:train")
     return parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else "train"
 
@@ -114,15 +114,17 @@ def hub_dataset(spec: str, field: str):
             import datasets
         except ImportError:
             raise CaiError(f"{field}: '{spec}' needs the `datasets` package (pip install datasets)") from None
-        error: Exception | None = None
+        errors: list[str] = []
         for kwargs in ({"name": subset}, {"data_dir": subset}) if subset else ({},):
             try:
                 _HUB[spec] = datasets.load_dataset(name, split=split, **kwargs)
                 break
             except Exception as err:  # not found, no such config or split, offline and not cached: many kinds
-                error = err
+                errors.append(
+                    (str(err).splitlines()[0] if str(err) else type(err).__name__) + (f" (as {next(iter(kwargs))})" if kwargs else "")
+                )
         else:
-            why = str(error).splitlines()[0] if str(error) else type(error).__name__
+            why = "; ".join(errors)
             raise CaiError(
                 f"{field}: could not load '{spec}' ({why}); check the name, subset and split on the Hub, or, offline, "
                 "load it once where the Hub is reachable (it is read from the datasets cache after that)"

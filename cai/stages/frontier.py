@@ -14,6 +14,7 @@ evaluated on the same prompts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -23,6 +24,7 @@ from omegaconf import DictConfig
 
 from cai.arena import Snapshot, check_arena, external_players, judge_quality, log_results, make_judge, rate, report
 from cai.artifacts import StageDir, fingerprint, read_jsonl, write_json
+from cai.distributed import all_gather, is_rank_zero
 from cai.errors import CaiError
 from cai.stages import Context, Stage
 
@@ -103,11 +105,15 @@ def merge_runs(found: dict[Path, str | None]) -> tuple[dict[str, Snapshot], dict
     return players, metrics, runs
 
 
-def draw(ctx: Context, found: dict[Path, str | None]) -> tuple[Path, list[dict], list[list], dict[str, list[str]], dict]:
+def draw(
+    ctx: Context, found: dict[Path, str | None], reuse: bool = False
+) -> tuple[Path, list[dict], list[list], dict[str, list[str]], dict]:
     """One Elo fit over the snapshots of the evaluations `found`, judged by this config's judge.
 
     Returns the frontier's directory (elo.json, frontier.png), its rows, the verdict table, each
-    run's snapshot keys and the judge's description (with its measured quality).
+    run's snapshot keys and the judge's description (with its measured quality). Every rank judges
+    its share; rank 0 alone writes (the others get no rows). reuse: a frontier of these very players
+    and judge drawn before is read back, not fitted again (its verdict table is not returned then).
     """
     cfg = ctx.cfg
     manifests = [json.loads((e / "manifest.json").read_text()) for e in found]
@@ -127,20 +133,29 @@ def draw(ctx: Context, found: dict[Path, str | None]) -> tuple[Path, list[dict],
     anchor = next((k for k, s in players.items() if s.order == 0), next(iter(players)))
     snaps = [players[anchor]] + [s for k, s in players.items() if k != anchor]
     judge = make_judge(cfg, ctx.upstream.get("pm"))
-    judge_info = {**judge.describe(), "quality": judge_quality(cfg, judge)}
+    judge_info = {**judge.describe(), "quality": judge_quality(cfg, judge), "caveat": judge.caveat()}
     inputs = {"evals": sorted(m["fingerprint"] for m in manifests), "players": sorted(players), "judge": judge.key}
     path = Path(cfg.paths.artifacts).expanduser() / "frontier" / fingerprint(inputs)  # one directory per set of players and judge
-    out = StageDir("frontier", path, {"bootstrap": cfg.eval.bootstrap, "seed": cfg.seed}, inputs).open()
+    out = StageDir("frontier", path, {"bootstrap": cfg.eval.bootstrap, "seed": cfg.seed}, inputs)
+    if reuse and all_gather(out.is_complete())[0]:
+        elo = json.loads((path / "elo.json").read_text())
+        return path, elo["snapshots"], [], elo["runs"], judge_info
+    if is_rank_zero():
+        out.open()
     ratings, table = rate(cfg, snaps, answers, judge)
+    if not is_rank_zero():
+        return path, [], table, runs, judge_info
     title = f"{len(runs)} runs and answer sets: Elo (judge: {judge.identity})"
     rows = report(snaps, ratings, metrics, runs, out.path, title, judge_info)
     out.complete({"runs": len(runs), "snapshots": len(snaps), **ratings["games"]}, {"evals": [str(e) for e in found]})
-    return out.path, rows, table, runs, {**judge_info, "caveat": judge.caveat()}
+    return out.path, rows, table, runs, judge_info
 
 
 def build(ctx: Context) -> dict:
     found = find_evals(ctx.cfg)
     path, rows, table, runs, judge = draw(ctx, found)
+    if not is_rank_zero():
+        return {}
     log_results(ctx.tracker, "frontier", rows, table, path)
     log.info("frontier of %d runs: %s", len(runs), path / "frontier.png")
     caveat = f" ({judge['caveat']})" if judge["caveat"] else ""
@@ -196,13 +211,17 @@ def one_judge(found: dict[Path, str | None], group: str) -> None:
 def refresh_group(ctx: Context, group: str, eval_dir: Path, run_name: str) -> Path:
     """Redraw the group's frontier over every finished run in it, and log it to this run as
     `frontier/group/table` and `frontier/group/plot`, so a W&B panel of the group shows the sweep's
-    frontier while it runs. Runs finishing at once take turns (a lock); verdicts already given are reused.
+    frontier while it runs. Runs finishing at once take turns (a lock, held by rank 0 while every rank
+    judges its share); verdicts already given are reused, and a frontier already drawn is read back.
     """
-    join_group(ctx.cfg, group, eval_dir, run_name)
-    with FileLock(str(group_dir(ctx.cfg, group)) + ".lock"):
-        found = group_evals(ctx.cfg, group)
+    if is_rank_zero():
+        join_group(ctx.cfg, group, eval_dir, run_name)
+    with FileLock(str(group_dir(ctx.cfg, group)) + ".lock") if is_rank_zero() else contextlib.nullcontext():
+        found = all_gather(group_evals(ctx.cfg, group) if is_rank_zero() else None)[0]  # rank 0's view, for every rank
         one_judge(found, group)
-        path, rows, _, runs, judge = draw(ctx, found)
+        path, rows, _, runs, judge = draw(ctx, found, reuse=True)
+    if not is_rank_zero():
+        return path
     quality = judge.get("quality", {})
     agreement = [quality.get(axis, {}).get("agreement") for axis in ("harmless", "helpful")]
     table = []

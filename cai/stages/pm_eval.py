@@ -11,6 +11,7 @@ keyed by the PM's weights, the file's content and pm.n_eval.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -38,7 +39,8 @@ def build(ctx: Context) -> dict:
     result["checkpoint"] = str(checkpoint)
     # One directory per (PM, data file): two PMs scored on files of the same name never overwrite each other.
     key = fingerprint({"pm": pm_identity(checkpoint), "data": source_hash(cfg.pm.eval_data, "pm.eval_data"), "n": cfg.pm.n_eval})
-    out = Path(cfg.paths.artifacts).expanduser() / "pm_eval" / f"{Path(cfg.pm.eval_data).name.split('.')[0]}-{key}"
+    name = re.sub(r"[^\w-]+", "_", Path(cfg.pm.eval_data).name.split(".")[0])  # a hub spec (hf:a/b:c) too
+    out = Path(cfg.paths.artifacts).expanduser() / "pm_eval" / f"{name}-{key}"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
     low, high = result["interval_95"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import random
 import shutil
 import time
@@ -337,8 +338,7 @@ class PPOModule(L.LightningModule):
         if self.snapshot_dir is not None and self.cfg.snapshot_every and done % self.cfg.snapshot_every == 0:
             state = self.policy_state()  # a collective under ZeRO-3: every rank calls it
             if self.trainer.is_global_zero:
-                self.actor.save_pretrained(self.snapshot_dir / f"iter-{done:05d}", state_dict=state, max_shard_size=SHARD)
-                self.tok.save_pretrained(self.snapshot_dir / f"iter-{done:05d}")
+                save_policy(self.actor, self.tok, state, self.snapshot_dir / f"iter-{done:05d}")
 
     def configure_optimizers(self):
         params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("ref.")]
@@ -387,6 +387,40 @@ def train_ppo(
 
 
 # --- the stage -------------------------------------------------------------------------------------
+
+
+def save_policy(model: torch.nn.Module, tok, state: dict[str, torch.Tensor], where: Path) -> None:
+    """A plain transformers checkpoint of the policy (files of at most SHARD), written beside `where` and
+    moved into place whole: a snapshot directory that exists is complete, even after a kill mid-save."""
+    partial = where.with_name(where.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, state_dict=state, max_shard_size=SHARD)
+    tok.save_pretrained(partial)
+    move_into_place(partial, where)
+
+
+def move_into_place(source: Path, where: Path, copy: bool = False) -> None:
+    """Replace `where` by `source` (a copy of it with copy=True), never leaving a mix of both."""
+    if copy:
+        partial = where.with_name(where.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source, partial)
+        source = partial
+    shutil.rmtree(where, ignore_errors=True)
+    os.replace(source, where)
+
+
+def placements(trainer, module: PPOModule, pm, engine) -> dict:
+    """Where each PPO role ran, for the manifest."""
+    actor = module.actor
+    return {
+        "actor": trained_placement(trainer, actor),
+        # frozen, but moved and autocast by the trainer like the actor; with LoRA, the actor itself with its adapter off
+        "ref": trained_placement(trainer, module.ref if module.ref is not None else actor),
+        **({"critic": trained_placement(trainer, module.critic)} if module.critic is not None else {}),
+        "reward": placement(pm),
+        **({"rollout": engine.placement()} if engine is not None else {}),
+    }
 
 
 def check_ranks_agree(state: dict[str, torch.Tensor], rollout_digest: str) -> list[dict]:
@@ -510,23 +544,13 @@ def build(ctx: Context) -> dict | None:
     if not trainer.is_global_zero:
         return None
     ctx.extra["ranks"] = ranks
-    ctx.extra["models"] = {
-        "actor": trained_placement(trainer, actor),
-        # frozen, but moved and autocast by the trainer like the actor; with LoRA, the actor itself with its adapter off
-        "ref": trained_placement(trainer, module.ref if module.ref is not None else actor),
-        **({"critic": trained_placement(trainer, module.critic)} if module.critic is not None else {}),
-        "reward": placement(pm),
-        **({"rollout": engine.placement()} if engine is not None else {}),
-    }
+    ctx.extra["models"] = placements(trainer, module, pm, engine)
     last = out.path / "snapshots" / f"iter-{cfg.ppo.iterations:05d}"
-    if last.is_dir() and all(v.dtype == spec.torch_dtype for v in state.values() if v.is_floating_point()):
-        # The final policy was saved as the last snapshot, in the same dtype: copied, not saved again (a
-        # save holds the policy a second time in memory, the LoRA stage's peak on a CPU).
-        del state
-        shutil.copytree(last, out.path / "model", dirs_exist_ok=True)
+    if last.is_dir() and next(actor.parameters()).dtype == spec.torch_dtype:  # snapshots keep the training dtype
+        del state  # copied, not saved again: a save holds the policy twice in memory (the LoRA stage's peak on a CPU)
+        move_into_place(last, out.path / "model", copy=True)
     else:
-        actor.save_pretrained(out.path / "model", state_dict=state, max_shard_size=SHARD)
-        tok.save_pretrained(out.path / "model")
+        save_policy(actor, tok, state, out.path / "model")
     if lora is not None:
         lora.save_pretrained(out.path / "adapter")  # the policy's adapter alone, as peft loads it (on the SFT model)
     history = module.history

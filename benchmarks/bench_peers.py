@@ -1,0 +1,327 @@
+"""Benchmark cai against TRL on the same work, alternating in one run, and print each pair with its ratio.
+
+    python benchmarks/bench_peers.py [ROOT] [--repeats R]     # TRL comes with pip install -e ".[dev]" (trl==1.16.0)
+
+The same model (the embedded SmolLM2-135M-Instruct), data, lengths, batch sizes, learning rates and steps:
+  SFT  cai's sft stage vs TRL's SFTTrainer on the examples cai trains on (`sft/<key>/data/train.jsonl`, as
+       prompt-completion rows so that TRL's loss is on the answer only, as cai's): training tokens/s, peak RSS.
+  PM   cai's pm stage (label=hard) vs TRL's RewardTrainer on the same comparisons (`label/<key>/preferences.jsonl`),
+       both from the embedded model: comparisons/s, peak RSS, and both PMs' accuracy on the same held-out
+       human comparisons (the second half of the shared hh-rlhf dev split, when it is there).
+  RL   a cai PPO iteration (ppo.advantage=grpo and gae) vs a TRL GRPOTrainer step, both from cai's SFT model
+       with cai's PM as the reward, the same prompts, 4 answers per prompt, 16 answers a step, 48 new tokens:
+       seconds per iteration (cai: generation/scoring/update) and peak RSS.
+Each measured run is its own process (its peak RSS is its own, reset after the imports); cai and TRL
+alternate, R times, and the median of each is reported. Writes benchmarks/results/peers.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cai
+
+RESULTS = Path(__file__).parent / "results" / "peers.json"
+HH_DEV = Path(os.environ.get("CAI_TEST_DATA") or cai.ROOT.parent / "shared" / "data") / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
+# The work both sides do: the quickstart's data, with nothing held out (TRL's trainers here validate nothing).
+SFT = ["sft.val_fraction=0", "sft.epochs=3", "sft.batch_size=8", "sft.lr=2e-5", "sft.max_length=384"]
+PM = ["label=hard", "pm.val_fraction=0", "pm.epochs=2", "pm.batch_size=8", "pm.lr=2e-5", "pm.max_length=384"]
+RL = ["ppo.iterations=3", "ppo.rollouts=16", "ppo.samples_per_prompt=4", "ppo.max_new_tokens=48", "ppo.lr=1e-5", "ppo.kl_coef=0.05"]
+RL_STEPS, K = 3, 4
+
+
+def train(root: Path, *args: str) -> None:
+    """`python train.py ARGS` in ROOT (logger off); raises if it fails."""
+    env = {**os.environ, "CAI_ROOT": str(root)}
+    done = subprocess.run([sys.executable, str(cai.ROOT / "train.py"), "logger=none", *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"python train.py {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+
+
+def stage_dir(root: Path, stage: str, *args: str) -> Path:
+    """Where this config's stage output lives (its lineage key), without running anything."""
+    from hydra import compose, initialize_config_dir
+
+    from cai.pipeline import stage_path
+
+    with initialize_config_dir(config_dir=str(cai.CONF), version_base=None):
+        cfg = compose("train", overrides=[f"paths.root={root}", "logger=none", *args])
+    return stage_path(cfg, stage)
+
+
+def manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def cai_run(root: Path, stage: str, args: list[str]) -> dict:
+    """One timed cai stage, computed afresh (its earlier output moved away)."""
+    path = stage_dir(root, stage, *args)
+    shutil.rmtree(path, ignore_errors=True)
+    train(root, f"stage={stage}", *args)
+    m = manifest(path)
+    return {"counts": m["counts"], "usage": m["usage"], "path": str(path)}
+
+
+def trl_run(kind: str, root: Path) -> dict:
+    """One timed TRL run, in its own process (`--trl KIND`)."""
+    out = Path(tempfile.mkdtemp(prefix=f"trl-{kind}-"))
+    done = subprocess.run([sys.executable, __file__, str(root), "--trl", kind, str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"TRL {kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads((out / "result.json").read_text())
+
+
+# --- the TRL side, run in its own process ------------------------------------------------------------
+
+
+def peak_gb() -> float:
+    from cai.usage import peak_rss_bytes
+
+    return round(peak_rss_bytes() / 2**30, 2)
+
+
+def trl_common(out: Path, warmup: int, epochs: float | None = None, steps: int | None = None, schedule: str = "cosine") -> dict:
+    """Settings both sides share: fp32 on the CPU, gradient checkpointing, AdamW without weight decay, seed 0,
+    cai's schedule (cosine after int(10% of the steps) of warmup for SFT and the PM, constant for PPO)."""
+    return {
+        "output_dir": str(out),
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "seed": 0,
+        "gradient_checkpointing": True,
+        "lr_scheduler_type": schedule,
+        "warmup_steps": warmup,
+        "weight_decay": 0.0,
+        "dataloader_num_workers": 0,
+        **({"num_train_epochs": epochs} if epochs else {}),
+        **({"max_steps": steps} if steps else {}),
+    }
+
+
+def trl_sft(root: Path, out: Path) -> dict:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from cai.artifacts import read_jsonl
+    from cai.config import instantiate
+    from cai.usage import _reset_peak_rss
+
+    rows = read_jsonl(stage_dir(root, "sft", *SFT) / "data" / "train.jsonl")
+    data = Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows])
+    model = embedded_dir(instantiate)
+    _reset_peak_rss()
+    args = SFTConfig(
+        **trl_common(out, warmup=1, epochs=3), per_device_train_batch_size=8, learning_rate=2e-5, max_length=384, completion_only_loss=True
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data)
+    tokens = sum(len(x["input_ids"]) for x in trainer.train_dataset) * 3
+    t = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "train_tokens": tokens, "train_tokens_per_s": tokens / seconds, "peak_rss_gb": peak_gb()}
+
+
+def trl_pm(root: Path, out: Path) -> dict:
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    from cai.artifacts import read_jsonl
+    from cai.config import instantiate
+    from cai.usage import _reset_peak_rss
+
+    rows = read_jsonl(stage_dir(root, "label", *SFT, *PM) / "preferences.jsonl")
+    data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
+    model = embedded_dir(instantiate)
+    _reset_peak_rss()
+    args = RewardConfig(**trl_common(out, warmup=0, epochs=2), per_device_train_batch_size=8, learning_rate=2e-5, max_length=384)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=data)
+    t = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t
+    trainer.save_model(str(out / "model"))
+    trainer.processing_class.save_pretrained(str(out / "model"))
+    n = len(data) * 2  # two epochs
+    return {"seconds": seconds, "comparisons": n, "comparisons_per_s": n / seconds, "peak_rss_gb": peak_gb(), "model": str(out / "model")}
+
+
+def trl_rl(root: Path, out: Path) -> dict:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from cai.usage import _reset_peak_rss
+
+    prompts = [{"prompt": [{"role": "user", "content": p}]} for p in train_prompts()]
+    sft, pm = stage_dir(root, "sft", *SFT) / "model", stage_dir(root, "pm", *SFT, *PM) / "model"
+    _reset_peak_rss()
+    args = GRPOConfig(
+        **trl_common(out, warmup=0, steps=RL_STEPS, schedule="constant"),
+        per_device_train_batch_size=16,
+        num_generations=K,
+        max_completion_length=48,
+        learning_rate=1e-5,
+        beta=0.05,
+        temperature=1.0,
+        top_p=1.0,
+    )
+    trainer = GRPOTrainer(model=str(sft), reward_funcs=str(pm), args=args, train_dataset=Dataset.from_list(prompts))
+    t = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "steps": RL_STEPS, "seconds_per_iteration": seconds / RL_STEPS, "peak_rss_gb": peak_gb()}
+
+
+def embedded_dir(instantiate) -> str:
+    """The embedded SmolLM2-135M-Instruct as an HF checkpoint directory (cai converts it once)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(cai.CONF), version_base=None):
+        cfg = compose("train", overrides=["logger=none"])
+    return str(instantiate(cfg.model).local_dir())
+
+
+def train_prompts() -> list[str]:
+    """The quickstart's train prompts, red-team and helpful, as cai's PPO samples them."""
+    from cai.data import load_prompts
+
+    return [p.text for kind, n in (("red_team", 24), ("helpful", 8)) for p in load_prompts(kind, "builtin", "train", n, 0)]
+
+
+# --- the comparison ---------------------------------------------------------------------------------
+
+
+def held_out(root: Path) -> Path | None:
+    """The second half of the shared hh-rlhf dev split (the first is for tuning), or None without it."""
+    if not HH_DEV.exists():
+        return None
+    from cai.artifacts import read_jsonl, write_jsonl
+
+    rows = read_jsonl(HH_DEV)
+    path = root / "hh-dev-second-half.jsonl"
+    write_jsonl(path, rows[len(rows) // 2 :][:200])
+    return path
+
+
+def accuracy(pm_dir: str | Path, data: Path | None) -> float | None:
+    if data is None:
+        return None
+    from cai.reward import PreferenceModel, hh_accuracy
+
+    pm, tok = PreferenceModel.load(pm_dir)
+    return round(hh_accuracy(pm, tok, str(data), 384, 0, 8)["accuracy"], 4)
+
+
+def median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def main(root: Path, repeats: int) -> None:
+    print(f"preparing {root} (not timed): the SL data", flush=True)
+    train(root, "stage=sl_data")
+    pairs: dict[str, dict[str, list[dict]]] = {"sft": {"cai": [], "trl": []}, "pm": {"cai": [], "trl": []}}
+    for r in range(repeats):  # alternating, so a slow minute of the machine falls on both
+        print(f"round {r + 1}/{repeats}: SFT", flush=True)
+        pairs["sft"]["cai"].append(cai_run(root, "sft", SFT))
+        pairs["sft"]["trl"].append(trl_run("sft", root))
+    train(root, "stage=label", *SFT, *PM)
+    for r in range(repeats):
+        print(f"round {r + 1}/{repeats}: PM", flush=True)
+        pairs["pm"]["cai"].append(cai_run(root, "pm", [*SFT, *PM]))
+        pairs["pm"]["trl"].append(trl_run("pm", root))
+    rl: dict[str, list[dict]] = {"cai grpo": [], "cai gae": [], "trl": []}
+    for r in range(repeats):
+        print(f"round {r + 1}/{repeats}: RL", flush=True)
+        rl["cai grpo"].append(cai_run(root, "ppo", [*SFT, *PM, *RL, "ppo.advantage=grpo"]))
+        rl["trl"].append(trl_run("rl", root))
+        rl["cai gae"].append(cai_run(root, "ppo", [*SFT, *PM, *RL, "ppo.advantage=gae"]))
+    report(root, pairs, rl, held_out(root))
+
+
+def ppo_split(run: dict) -> dict[str, float]:
+    history = json.loads((Path(run["path"]) / "history.json").read_text())
+    keys = ("generation_s", "scoring_s", "update_s")
+    return {k: statistics.mean(h[f"ppo/time/{k}"] for h in history) for k in keys}
+
+
+def report(root: Path, pairs: dict, rl: dict, data: Path | None) -> None:
+    sft_cai = [{**r["counts"], "peak_rss_gb": r["usage"]["peak_rss_gb"]} for r in pairs["sft"]["cai"]]
+    pm_cai = [{**r["counts"], "peak_rss_gb": r["usage"]["peak_rss_gb"]} for r in pairs["pm"]["cai"]]
+    for r in pm_cai:
+        r["comparisons_per_s"] = r["train_comparisons"] * 2 / r["seconds"]  # two epochs
+    rows = [
+        ("SFT training tokens/s", median(sft_cai, "train_tokens_per_s"), median(pairs["sft"]["trl"], "train_tokens_per_s"), True),
+        ("SFT peak RSS GiB", median(sft_cai, "peak_rss_gb"), median(pairs["sft"]["trl"], "peak_rss_gb"), False),
+        ("PM comparisons/s", median(pm_cai, "comparisons_per_s"), median(pairs["pm"]["trl"], "comparisons_per_s"), True),
+        ("PM peak RSS GiB", median(pm_cai, "peak_rss_gb"), median(pairs["pm"]["trl"], "peak_rss_gb"), False),
+    ]
+    acc = (accuracy(pairs["pm"]["cai"][-1]["path"] + "/model", data), accuracy(pairs["pm"]["trl"][-1]["model"], data))
+    rl_cai = {
+        name: {
+            "seconds_per_iteration": statistics.median(r["counts"]["seconds"] / r["counts"]["iterations"] for r in runs),
+            "peak_rss_gb": statistics.median(r["usage"]["peak_rss_gb"] for r in runs),
+            "split": ppo_split(runs[-1]),
+        }
+        for name, runs in rl.items()
+        if name != "trl"
+    }
+    trl_it, trl_peak = median(rl["trl"], "seconds_per_iteration"), median(rl["trl"], "peak_rss_gb")
+    for name, r in rl_cai.items():
+        rows.append((f"RL s/iteration, {name} vs TRL GRPO", r["seconds_per_iteration"], trl_it, False))
+        rows.append((f"RL peak RSS GiB, {name}", r["peak_rss_gb"], trl_peak, False))
+    print(f"\n== cai vs TRL {version('trl')}, {os.cpu_count()} CPU cores, the embedded SmolLM2-135M, medians of alternating runs")
+    print(f"{'measure':44s} {'cai':>10s} {'TRL':>10s} {'cai/TRL speed':>14s}")
+    for name, c, t, higher_is_faster in rows:
+        ratio = (c / t if higher_is_faster else t / c) if "RSS" not in name else None
+        print(f"{name:44s} {c:10.2f} {t:10.2f} {'' if ratio is None else f'x{ratio:.2f}':>14s}")
+    for name, r in rl_cai.items():
+        print(f"  {name} split: " + ", ".join(f"{k} {v:.1f}" for k, v in r["split"].items()))
+    if data is not None:
+        print(f"PM accuracy on {data.name} (200 human comparisons): cai {acc[0]}, TRL {acc[1]}")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/bench_peers.py",
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{os.cpu_count()} CPU cores, the embedded SmolLM2-135M-Instruct, float32",
+                "versions": {p: version(p) for p in ("cai", "trl", "torch", "transformers", "lightning")},
+                "rows": [{"measure": n, "cai": c, "trl": t} for n, c, t, _ in rows],
+                "rl_split": rl_cai,
+                "pm_accuracy": {"data": str(data.name) if data else None, "cai": acc[0], "trl": acc[1]},
+                "runs": {"sft": pairs["sft"], "pm": pairs["pm"], "rl": rl},
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    print(f"wrote {RESULTS} (root {root})")
+
+
+def version(package: str) -> str:
+    from importlib.metadata import version as v
+
+    return v(package)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("root", nargs="?", help="artifacts root (a temp dir by default)")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating rounds of each comparison")
+    parser.add_argument("--trl", nargs=2, metavar=("KIND", "OUT"), help=argparse.SUPPRESS)  # one TRL run, in its own process
+    a = parser.parse_args()
+    root = Path(a.root or tempfile.mkdtemp(prefix="cai-peers-")).resolve()
+    if a.trl:
+        kind, out = a.trl[0], Path(a.trl[1])
+        (out / "result.json").write_text(json.dumps({"sft": trl_sft, "pm": trl_pm, "rl": trl_rl}[kind](root, out)))
+    else:
+        main(root, a.repeats)
