@@ -203,9 +203,11 @@ def held_out(root: Path) -> Path | None:
     """The second half of the shared hh-rlhf dev split (the first is for tuning), or None without it."""
     if not HH_DEV.exists():
         return None
-    from cai.artifacts import read_jsonl, write_jsonl
+    import gzip
 
-    rows = read_jsonl(HH_DEV)
+    from cai.artifacts import write_jsonl
+
+    rows = [json.loads(line) for line in gzip.open(HH_DEV, "rt", encoding="utf-8") if line.strip()]
     path = root / "hh-dev-second-half.jsonl"
     write_jsonl(path, rows[len(rows) // 2 :][:200])
     return path
@@ -232,6 +234,7 @@ def main(root: Path, repeats: int) -> None:
         print(f"round {r + 1}/{repeats}: SFT", flush=True)
         pairs["sft"]["cai"].append(cai_run(root, "sft", SFT))
         pairs["sft"]["trl"].append(trl_run("sft", root))
+    train(root, "stage=pairs", *SFT)
     train(root, "stage=label", *SFT, *PM)
     for r in range(repeats):
         print(f"round {r + 1}/{repeats}: PM", flush=True)
@@ -296,13 +299,22 @@ def report(root: Path, pairs: dict, rl: dict, data: Path | None) -> None:
                 "rows": [{"measure": n, "cai": c, "trl": t} for n, c, t, _ in rows],
                 "rl_split": rl_cai,
                 "pm_accuracy": {"data": str(data.name) if data else None, "cai": acc[0], "trl": acc[1]},
-                "runs": {"sft": pairs["sft"], "pm": pairs["pm"], "rl": rl},
+                "runs": strip_paths({"sft": pairs["sft"], "pm": pairs["pm"], "rl": rl}),
             },
             indent=1,
             default=str,
         )
     )
     print(f"wrote {RESULTS} (root {root})")
+
+
+def strip_paths(value):
+    """The runs without this machine's paths (the results file is committed)."""
+    if isinstance(value, dict):
+        return {k: strip_paths(v) for k, v in value.items() if k not in ("path", "model")}
+    if isinstance(value, list):
+        return [strip_paths(v) for v in value]
+    return value
 
 
 def version(package: str) -> str:
