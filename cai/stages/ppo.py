@@ -79,8 +79,8 @@ VALUE_MODELS = ("head", "critic")
 ADVANTAGES = ("gae", "grpo", "rloo")
 REWARD_NORMS = ("batch", "running", "none")
 FROZEN_DTYPES = ("bfloat16", "float32")
-# The policy is saved in files of at most this size: safetensors copies a file's tensors into one
-# buffer before writing it, so one file of the whole policy was the PPO stage's peak (0.5 GB more).
+# The policy is saved in files of at most this size (with an index): safetensors serialises a file's
+# tensors into one buffer before writing it, so smaller files bound that buffer.
 SHARD = "100MB"
 VLLM = "cai.generation.vllm.VLLMGenerator"
 
