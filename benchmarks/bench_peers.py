@@ -1,6 +1,6 @@
 """Benchmark cai against TRL on the same work, alternating in one run, and print each pair with its ratio.
 
-    python benchmarks/bench_peers.py [ROOT] [--repeats R]     # TRL comes with pip install -e ".[dev]" (trl==1.16.0)
+    python benchmarks/bench_peers.py [ROOT] [--repeats R] [--precision fp32|bf16|both]   # TRL: pip install -e ".[dev]"
 
 The same model (the embedded SmolLM2-135M-Instruct), data, lengths, batch sizes, learning rates and steps:
   SFT  cai's sft stage vs TRL's SFTTrainer on the examples cai trains on (`sft/<key>/data/train.jsonl`, as
@@ -8,9 +8,13 @@ The same model (the embedded SmolLM2-135M-Instruct), data, lengths, batch sizes,
   PM   cai's pm stage (label=hard) vs TRL's RewardTrainer on the same comparisons (`label/<key>/preferences.jsonl`),
        both from the embedded model: comparisons/s, peak RSS, and both PMs' accuracy on the same held-out
        human comparisons (the second half of the shared hh-rlhf dev split, when it is there).
-  RL   a cai PPO iteration (ppo.advantage=grpo and gae) vs a TRL GRPOTrainer step, both from cai's SFT model
-       with cai's PM as the reward, the same prompts, 4 answers per prompt, 16 answers a step, 48 new tokens:
+  RL   a cai PPO iteration (ppo.advantage=grpo and gae) vs a TRL GRPOTrainer generation round, both from cai's
+       SFT model with cai's PM as the reward, the same prompts, 4 answers per prompt, 16 answers a round, 48 new
+       tokens, two update passes over them (cai ppo_epochs=2, TRL num_iterations=2), one optimizer step a pass:
        seconds per iteration (cai: generation/scoring/update) and peak RSS.
+Precision is part of the work: TRL's configs default to bf16 autocast (`bf16=None` means True), cai's training
+to float32 on a CPU. Each precision is compared with itself: fp32 (TRL bf16=False, cai trainer.precision=32-true)
+and bf16 (TRL's default, cai trainer.precision=bf16-mixed); bf16 autocast is fast only on CPUs with native bf16.
 Each measured run is its own process (its peak RSS is its own, reset after the imports); cai and TRL
 alternate, R times, and the median of each is reported. Writes benchmarks/results/peers.json.
 """
@@ -32,10 +36,20 @@ import cai
 RESULTS = Path(__file__).parent / "results" / "peers.json"
 HH_DEV = Path(os.environ.get("CAI_TEST_DATA") or cai.ROOT.parent / "shared" / "data") / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
 # The work both sides do: the quickstart's data, with nothing held out (TRL's trainers here validate nothing).
+PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed"}  # name -> cai's trainer.precision (TRL: bf16=False / True)
 SFT = ["sft.val_fraction=0", "sft.epochs=3", "sft.batch_size=8", "sft.lr=2e-5", "sft.max_length=384"]
 PM = ["label=hard", "pm.val_fraction=0", "pm.epochs=2", "pm.batch_size=8", "pm.lr=2e-5", "pm.max_length=384"]
-RL = ["ppo.iterations=3", "ppo.rollouts=16", "ppo.samples_per_prompt=4", "ppo.max_new_tokens=48", "ppo.lr=1e-5", "ppo.kl_coef=0.05"]
-RL_STEPS, K = 3, 4
+RL = [
+    "ppo.iterations=3",
+    "ppo.rollouts=16",
+    "ppo.samples_per_prompt=4",
+    "ppo.max_new_tokens=48",
+    "ppo.lr=1e-5",
+    "ppo.kl_coef=0.05",
+    "ppo.ppo_epochs=2",
+    "ppo.minibatch_size=16",
+]
+RL_ROUNDS, K, PASSES = 3, 4, 2
 
 
 def train(root: Path, *args: str) -> None:
@@ -70,10 +84,10 @@ def cai_run(root: Path, stage: str, args: list[str]) -> dict:
     return {"counts": m["counts"], "usage": m["usage"], "path": str(path)}
 
 
-def trl_run(kind: str, root: Path) -> dict:
-    """One timed TRL run, in its own process (`--trl KIND`)."""
+def trl_run(kind: str, root: Path, precision: str) -> dict:
+    """One timed TRL run, in its own process (`--trl KIND OUT PRECISION`)."""
     out = Path(tempfile.mkdtemp(prefix=f"trl-{kind}-"))
-    done = subprocess.run([sys.executable, __file__, str(root), "--trl", kind, str(out)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, str(root), "--trl", kind, str(out), precision], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"TRL {kind} failed:\n{done.stderr[-3000:]}")
     return json.loads((out / "result.json").read_text())
@@ -88,10 +102,13 @@ def peak_gb() -> float:
     return round(peak_rss_bytes() / 2**30, 2)
 
 
-def trl_common(out: Path, warmup: int, epochs: float | None = None, steps: int | None = None, schedule: str = "cosine") -> dict:
-    """Settings both sides share: fp32 on the CPU, gradient checkpointing, AdamW without weight decay, seed 0,
-    cai's schedule (cosine after int(10% of the steps) of warmup for SFT and the PM, constant for PPO)."""
+def trl_common(
+    out: Path, precision: str, warmup: int, epochs: float | None = None, steps: int | None = None, schedule: str = "cosine"
+) -> dict:
+    """Settings both sides share: the CPU at the given precision, gradient checkpointing, AdamW without weight
+    decay, seed 0, cai's schedule (cosine after int(10% of the steps) of warmup for SFT and the PM, constant for PPO)."""
     return {
+        "bf16": precision == "bf16",
         "output_dir": str(out),
         "report_to": "none",
         "use_cpu": True,
@@ -108,20 +125,23 @@ def trl_common(out: Path, warmup: int, epochs: float | None = None, steps: int |
     }
 
 
-def trl_sft(root: Path, out: Path) -> dict:
+def trl_sft(root: Path, out: Path, precision: str) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from cai.artifacts import read_jsonl
-    from cai.config import instantiate
     from cai.usage import _reset_peak_rss
 
-    rows = read_jsonl(stage_dir(root, "sft", *SFT) / "data" / "train.jsonl")
+    rows = read_jsonl(stage_dir(root, "sft", *cai_args(precision, SFT)) / "data" / "train.jsonl")
     data = Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows])
-    model = embedded_dir(instantiate)
+    model = embedded_dir()
     _reset_peak_rss()
     args = SFTConfig(
-        **trl_common(out, warmup=1, epochs=3), per_device_train_batch_size=8, learning_rate=2e-5, max_length=384, completion_only_loss=True
+        **trl_common(out, precision, warmup=1, epochs=3),
+        per_device_train_batch_size=8,
+        learning_rate=2e-5,
+        max_length=384,
+        completion_only_loss=True,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data)
     tokens = sum(len(x["input_ids"]) for x in trainer.train_dataset) * 3
@@ -131,19 +151,18 @@ def trl_sft(root: Path, out: Path) -> dict:
     return {"seconds": seconds, "train_tokens": tokens, "train_tokens_per_s": tokens / seconds, "peak_rss_gb": peak_gb()}
 
 
-def trl_pm(root: Path, out: Path) -> dict:
+def trl_pm(root: Path, out: Path, precision: str) -> dict:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
     from cai.artifacts import read_jsonl
-    from cai.config import instantiate
     from cai.usage import _reset_peak_rss
 
-    rows = read_jsonl(stage_dir(root, "label", *SFT, *PM) / "preferences.jsonl")
+    rows = read_jsonl(stage_dir(root, "label", *cai_args(precision, SFT, PM)) / "preferences.jsonl")
     data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
-    model = embedded_dir(instantiate)
+    model = embedded_dir()
     _reset_peak_rss()
-    args = RewardConfig(**trl_common(out, warmup=0, epochs=2), per_device_train_batch_size=8, learning_rate=2e-5, max_length=384)
+    args = RewardConfig(**trl_common(out, precision, warmup=0, epochs=2), per_device_train_batch_size=8, learning_rate=2e-5, max_length=384)
     trainer = RewardTrainer(model=model, args=args, train_dataset=data)
     t = time.perf_counter()
     trainer.train()
@@ -154,19 +173,20 @@ def trl_pm(root: Path, out: Path) -> dict:
     return {"seconds": seconds, "comparisons": n, "comparisons_per_s": n / seconds, "peak_rss_gb": peak_gb(), "model": str(out / "model")}
 
 
-def trl_rl(root: Path, out: Path) -> dict:
+def trl_rl(root: Path, out: Path, precision: str) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     from cai.usage import _reset_peak_rss
 
     prompts = [{"prompt": [{"role": "user", "content": p}]} for p in train_prompts()]
-    sft, pm = stage_dir(root, "sft", *SFT) / "model", stage_dir(root, "pm", *SFT, *PM) / "model"
+    sft, pm = stage_dir(root, "sft", *cai_args(precision, SFT)) / "model", stage_dir(root, "pm", *cai_args(precision, SFT, PM)) / "model"
     _reset_peak_rss()
     args = GRPOConfig(
-        **trl_common(out, warmup=0, steps=RL_STEPS, schedule="constant"),
+        **trl_common(out, precision, warmup=0, steps=RL_ROUNDS * PASSES, schedule="constant"),
         per_device_train_batch_size=16,
         num_generations=K,
+        num_iterations=PASSES,  # each round's answers trained on twice, as cai's ppo_epochs=2
         max_completion_length=48,
         learning_rate=1e-5,
         beta=0.05,
@@ -177,12 +197,14 @@ def trl_rl(root: Path, out: Path) -> dict:
     t = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t
-    return {"seconds": seconds, "steps": RL_STEPS, "seconds_per_iteration": seconds / RL_STEPS, "peak_rss_gb": peak_gb()}
+    return {"seconds": seconds, "rounds": RL_ROUNDS, "seconds_per_iteration": seconds / RL_ROUNDS, "peak_rss_gb": peak_gb()}
 
 
-def embedded_dir(instantiate) -> str:
+def embedded_dir() -> str:
     """The embedded SmolLM2-135M-Instruct as an HF checkpoint directory (cai converts it once)."""
     from hydra import compose, initialize_config_dir
+
+    from cai.config import instantiate
 
     with initialize_config_dir(config_dir=str(cai.CONF), version_base=None):
         cfg = compose("train", overrides=["logger=none"])
@@ -194,6 +216,11 @@ def train_prompts() -> list[str]:
     from cai.data import load_prompts
 
     return [p.text for kind, n in (("red_team", 24), ("helpful", 8)) for p in load_prompts(kind, "builtin", "train", n, 0)]
+
+
+def cai_args(precision: str, *groups: list[str]) -> list[str]:
+    """cai's overrides for this precision and these groups of settings."""
+    return [f"trainer.precision={PRECISION[precision]}", *(a for g in groups for a in g)]
 
 
 # --- the comparison ---------------------------------------------------------------------------------
@@ -226,86 +253,112 @@ def median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def main(root: Path, repeats: int) -> None:
+def compare(root: Path, precision: str, repeats: int) -> dict:
+    """Every pair at one precision, cai and TRL alternating (a slow minute of the machine falls on both)."""
+    sft, pm = cai_args(precision, SFT), cai_args(precision, SFT, PM)
+    runs: dict[str, list[dict]] = {k: [] for k in ("sft cai", "sft trl", "pm cai", "pm trl", "rl cai grpo", "rl trl", "rl cai gae")}
+    for r in range(repeats):
+        print(f"{precision} round {r + 1}/{repeats}: SFT", flush=True)
+        runs["sft cai"].append(cai_run(root, "sft", sft))
+        runs["sft trl"].append(trl_run("sft", root, precision))
+    train(root, "stage=pairs", *sft)
+    train(root, "stage=label", *pm)
+    for r in range(repeats):
+        print(f"{precision} round {r + 1}/{repeats}: PM", flush=True)
+        runs["pm cai"].append(cai_run(root, "pm", pm))
+        runs["pm trl"].append(trl_run("pm", root, precision))
+    for r in range(repeats):
+        print(f"{precision} round {r + 1}/{repeats}: RL", flush=True)
+        runs["rl cai grpo"].append(cai_run(root, "ppo", [*pm, *RL, "ppo.advantage=grpo"]))
+        runs["rl trl"].append(trl_run("rl", root, precision))
+        runs["rl cai gae"].append(cai_run(root, "ppo", [*pm, *RL, "ppo.advantage=gae"]))
+    return runs
+
+
+def main(root: Path, repeats: int, precisions: list[str]) -> None:
     print(f"preparing {root} (not timed): the SL data", flush=True)
     train(root, "stage=sl_data")
-    pairs: dict[str, dict[str, list[dict]]] = {"sft": {"cai": [], "trl": []}, "pm": {"cai": [], "trl": []}}
-    for r in range(repeats):  # alternating, so a slow minute of the machine falls on both
-        print(f"round {r + 1}/{repeats}: SFT", flush=True)
-        pairs["sft"]["cai"].append(cai_run(root, "sft", SFT))
-        pairs["sft"]["trl"].append(trl_run("sft", root))
-    train(root, "stage=pairs", *SFT)
-    train(root, "stage=label", *SFT, *PM)
-    for r in range(repeats):
-        print(f"round {r + 1}/{repeats}: PM", flush=True)
-        pairs["pm"]["cai"].append(cai_run(root, "pm", [*SFT, *PM]))
-        pairs["pm"]["trl"].append(trl_run("pm", root))
-    rl: dict[str, list[dict]] = {"cai grpo": [], "cai gae": [], "trl": []}
-    for r in range(repeats):
-        print(f"round {r + 1}/{repeats}: RL", flush=True)
-        rl["cai grpo"].append(cai_run(root, "ppo", [*SFT, *PM, *RL, "ppo.advantage=grpo"]))
-        rl["trl"].append(trl_run("rl", root))
-        rl["cai gae"].append(cai_run(root, "ppo", [*SFT, *PM, *RL, "ppo.advantage=gae"]))
-    report(root, pairs, rl, held_out(root))
-
-
-def ppo_split(run: dict) -> dict[str, float]:
-    history = json.loads((Path(run["path"]) / "history.json").read_text())
-    keys = ("generation_s", "scoring_s", "update_s")
-    return {k: statistics.mean(h[f"ppo/time/{k}"] for h in history) for k in keys}
-
-
-def report(root: Path, pairs: dict, rl: dict, data: Path | None) -> None:
-    sft_cai = [{**r["counts"], "peak_rss_gb": r["usage"]["peak_rss_gb"]} for r in pairs["sft"]["cai"]]
-    pm_cai = [{**r["counts"], "peak_rss_gb": r["usage"]["peak_rss_gb"]} for r in pairs["pm"]["cai"]]
-    for r in pm_cai:
-        r["comparisons_per_s"] = r["train_comparisons"] * 2 / r["seconds"]  # two epochs
-    rows = [
-        ("SFT training tokens/s", median(sft_cai, "train_tokens_per_s"), median(pairs["sft"]["trl"], "train_tokens_per_s"), True),
-        ("SFT peak RSS GiB", median(sft_cai, "peak_rss_gb"), median(pairs["sft"]["trl"], "peak_rss_gb"), False),
-        ("PM comparisons/s", median(pm_cai, "comparisons_per_s"), median(pairs["pm"]["trl"], "comparisons_per_s"), True),
-        ("PM peak RSS GiB", median(pm_cai, "peak_rss_gb"), median(pairs["pm"]["trl"], "peak_rss_gb"), False),
-    ]
-    acc = (accuracy(pairs["pm"]["cai"][-1]["path"] + "/model", data), accuracy(pairs["pm"]["trl"][-1]["model"], data))
-    rl_cai = {
-        name: {
-            "seconds_per_iteration": statistics.median(r["counts"]["seconds"] / r["counts"]["iterations"] for r in runs),
-            "peak_rss_gb": statistics.median(r["usage"]["peak_rss_gb"] for r in runs),
-            "split": ppo_split(runs[-1]),
-        }
-        for name, runs in rl.items()
-        if name != "trl"
-    }
-    trl_it, trl_peak = median(rl["trl"], "seconds_per_iteration"), median(rl["trl"], "peak_rss_gb")
-    for name, r in rl_cai.items():
-        rows.append((f"RL s/iteration, {name} vs TRL GRPO", r["seconds_per_iteration"], trl_it, False))
-        rows.append((f"RL peak RSS GiB, {name}", r["peak_rss_gb"], trl_peak, False))
-    print(f"\n== cai vs TRL {version('trl')}, {os.cpu_count()} CPU cores, the embedded SmolLM2-135M, medians of alternating runs")
-    print(f"{'measure':44s} {'cai':>10s} {'TRL':>10s} {'cai/TRL speed':>14s}")
-    for name, c, t, higher_is_faster in rows:
-        ratio = (c / t if higher_is_faster else t / c) if "RSS" not in name else None
-        print(f"{name:44s} {c:10.2f} {t:10.2f} {'' if ratio is None else f'x{ratio:.2f}':>14s}")
-    for name, r in rl_cai.items():
-        print(f"  {name} split: " + ", ".join(f"{k} {v:.1f}" for k, v in r["split"].items()))
-    if data is not None:
-        print(f"PM accuracy on {data.name} (200 human comparisons): cai {acc[0]}, TRL {acc[1]}")
+    data = held_out(root)
+    results = {p: summarise(compare(root, p, repeats), data) for p in precisions}
+    for p, res in results.items():
+        show(p, res, data)
     RESULTS.write_text(
         json.dumps(
             {
-                "command": "python benchmarks/bench_peers.py",
+                "command": f"python benchmarks/bench_peers.py --repeats {repeats} --precision {'both' if len(precisions) > 1 else precisions[0]}",
                 "date": time.strftime("%Y-%m-%d"),
-                "machine": f"{os.cpu_count()} CPU cores, the embedded SmolLM2-135M-Instruct, float32",
+                "machine": f"{os.cpu_count()} CPU cores ({cpu_name()}), the embedded SmolLM2-135M-Instruct",
                 "versions": {p: version(p) for p in ("cai", "trl", "torch", "transformers", "lightning")},
-                "rows": [{"measure": n, "cai": c, "trl": t} for n, c, t, _ in rows],
-                "rl_split": rl_cai,
-                "pm_accuracy": {"data": str(data.name) if data else None, "cai": acc[0], "trl": acc[1]},
-                "runs": strip_paths({"sft": pairs["sft"], "pm": pairs["pm"], "rl": rl}),
+                "repeats": repeats,
+                "by_precision": results,
             },
             indent=1,
             default=str,
         )
     )
     print(f"wrote {RESULTS} (root {root})")
+
+
+def ppo_split(run: dict) -> dict[str, float]:
+    history = json.loads((Path(run["path"]) / "history.json").read_text())
+    keys = ("generation_s", "scoring_s", "update_s")
+    return {k: round(statistics.mean(h[f"ppo/time/{k}"] for h in history), 2) for k in keys}
+
+
+def summarise(runs: dict[str, list[dict]], data: Path | None) -> dict:
+    """Medians of each side, the rows (measure, cai, TRL, higher is faster) and the runs without paths."""
+    sft_cai = [{**r["counts"], "peak_rss_gb": r["usage"]["peak_rss_gb"]} for r in runs["sft cai"]]
+    pm_cai = [{**r["counts"], "peak_rss_gb": r["usage"]["peak_rss_gb"]} for r in runs["pm cai"]]
+    for r in pm_cai:
+        r["comparisons_per_s"] = r["train_comparisons"] * 2 / r["seconds"]  # two epochs
+    rows = [
+        ("SFT training tokens/s", median(sft_cai, "train_tokens_per_s"), median(runs["sft trl"], "train_tokens_per_s"), True),
+        ("SFT peak RSS GiB", median(sft_cai, "peak_rss_gb"), median(runs["sft trl"], "peak_rss_gb"), None),
+        ("PM comparisons/s", median(pm_cai, "comparisons_per_s"), median(runs["pm trl"], "comparisons_per_s"), True),
+        ("PM peak RSS GiB", median(pm_cai, "peak_rss_gb"), median(runs["pm trl"], "peak_rss_gb"), None),
+    ]
+    trl_it, trl_peak = median(runs["rl trl"], "seconds_per_iteration"), median(runs["rl trl"], "peak_rss_gb")
+    split = {}
+    for name in ("rl cai grpo", "rl cai gae"):
+        rs = runs[name]
+        it = statistics.median(r["counts"]["seconds"] / r["counts"]["iterations"] for r in rs)
+        rows.append((f"RL s/iteration, {name[3:]} vs TRL GRPO", it, trl_it, False))
+        rows.append((f"RL peak RSS GiB, {name[3:]}", statistics.median(r["usage"]["peak_rss_gb"] for r in rs), trl_peak, None))
+        split[name[3:]] = ppo_split(rs[-1])
+    acc = {"cai": accuracy(runs["pm cai"][-1]["path"] + "/model", data), "trl": accuracy(runs["pm trl"][-1]["model"], data)}
+    return {
+        "rows": [{"measure": n, "cai": round(c, 3), "trl": round(t, 3), "cai/trl speed": speed(c, t, h)} for n, c, t, h in rows],
+        "rl_split": split,
+        "pm_accuracy": {"data": data.name if data else None, "comparisons": 200 if data else 0, **acc},
+        "runs": strip_paths(runs),
+    }
+
+
+def speed(cai_value: float, trl_value: float, higher_is_faster: bool | None) -> float | None:
+    """How many times faster cai is (None for a memory row)."""
+    if higher_is_faster is None:
+        return None
+    return round(cai_value / trl_value if higher_is_faster else trl_value / cai_value, 3)
+
+
+def show(precision: str, res: dict, data: Path | None) -> None:
+    print(f"\n== cai vs TRL {version('trl')} at {precision}, {os.cpu_count()} CPU cores, the embedded SmolLM2-135M, medians")
+    print(f"{'measure':44s} {'cai':>10s} {'TRL':>10s} {'cai/TRL speed':>14s}")
+    for row in res["rows"]:
+        ratio = row["cai/trl speed"]
+        print(f"{row['measure']:44s} {row['cai']:10.2f} {row['trl']:10.2f} {'' if ratio is None else f'x{ratio:.2f}':>14s}")
+    for name, split in res["rl_split"].items():
+        print(f"  {name} split (s): " + ", ".join(f"{k} {v:.1f}" for k, v in split.items()))
+    if data is not None:
+        acc = res["pm_accuracy"]
+        print(f"PM accuracy on {data.name} (200 human comparisons): cai {acc['cai']}, TRL {acc['trl']}")
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def strip_paths(value):
@@ -329,11 +382,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", nargs="?", help="artifacts root (a temp dir by default)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds of each comparison")
-    parser.add_argument("--trl", nargs=2, metavar=("KIND", "OUT"), help=argparse.SUPPRESS)  # one TRL run, in its own process
+    parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both", help="both sides at this precision")
+    parser.add_argument("--trl", nargs=3, metavar=("KIND", "OUT", "PRECISION"), help=argparse.SUPPRESS)  # one TRL run, own process
     a = parser.parse_args()
     root = Path(a.root or tempfile.mkdtemp(prefix="cai-peers-")).resolve()
     if a.trl:
-        kind, out = a.trl[0], Path(a.trl[1])
-        (out / "result.json").write_text(json.dumps({"sft": trl_sft, "pm": trl_pm, "rl": trl_rl}[kind](root, out)))
+        kind, out, precision = a.trl[0], Path(a.trl[1]), a.trl[2]
+        (out / "result.json").write_text(json.dumps({"sft": trl_sft, "pm": trl_pm, "rl": trl_rl}[kind](root, out, precision)))
     else:
-        main(root, a.repeats)
+        main(root, a.repeats, ["fp32", "bf16"] if a.precision == "both" else [a.precision])
