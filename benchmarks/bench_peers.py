@@ -10,8 +10,8 @@ The same model (the embedded SmolLM2-135M-Instruct), data, lengths, batch sizes,
        human comparisons (the second half of the shared hh-rlhf dev split, when it is there).
   RL   a cai PPO iteration (ppo.advantage=grpo and gae) vs a TRL GRPOTrainer generation round, both from cai's
        SFT model with cai's PM as the reward, the same prompts, 4 answers per prompt, 16 answers a round, 48 new
-       tokens, two update passes over them (cai ppo_epochs=2, TRL num_iterations=2), one optimizer step a pass:
-       seconds per iteration (cai: generation/scoring/update) and peak RSS.
+       tokens, one update pass over them in one optimizer step (the quickstart's ppo_epochs=1, minibatch 16; TRL's
+       num_iterations=1): seconds per iteration (cai: generation/scoring/update) and peak RSS.
 Precision is part of the work: TRL's configs default to bf16 autocast (`bf16=None` means True), cai's training
 to float32 on a CPU. Each precision is compared with itself: fp32 (TRL bf16=False, cai trainer.precision=32-true)
 and bf16 (TRL's default, cai trainer.precision=bf16-mixed); bf16 autocast is fast only on CPUs with native bf16.
@@ -46,10 +46,10 @@ RL = [
     "ppo.max_new_tokens=48",
     "ppo.lr=1e-5",
     "ppo.kl_coef=0.05",
-    "ppo.ppo_epochs=2",
+    "ppo.ppo_epochs=1",
     "ppo.minibatch_size=16",
 ]
-RL_ROUNDS, K, PASSES = 3, 4, 2
+RL_ROUNDS, K, PASSES = 3, 4, 1
 
 
 def train(root: Path, *args: str) -> None:
@@ -186,7 +186,7 @@ def trl_rl(root: Path, out: Path, precision: str) -> dict:
         **trl_common(out, precision, warmup=0, steps=RL_ROUNDS * PASSES, schedule="constant"),
         per_device_train_batch_size=16,
         num_generations=K,
-        num_iterations=PASSES,  # each round's answers trained on twice, as cai's ppo_epochs=2
+        num_iterations=PASSES,  # each round's answers trained on once, as cai's ppo_epochs=1
         max_completion_length=48,
         learning_rate=1e-5,
         beta=0.05,

@@ -202,17 +202,15 @@ def usable_checkpoint(ckpt_dir: Path, stage: str) -> Path | None:
 
 
 class HeapTrim(L.Callback):
-    """Returns freed heap memory to the system (cai.usage.trim_heap), so RSS stays flat.
+    """Returns freed heap memory to the system (cai.usage.trim_heap) before every backward, so RSS stays flat.
 
-    Before every backward (manual_backward included) too: a forward leaves up to ~1 GB of freed
-    temporaries in glibc's heap (a PPO step on the embedded model), which backward would stack its
-    gradients on; trimmed, the step's peak fell by ~0.4 GB.
+    A forward leaves up to ~1 GB of freed temporaries in glibc's heap (a PPO step on the embedded
+    model), which backward would stack its gradients on; trimmed, the step's peak fell by ~0.4 GB.
+    Once a step is enough: a second trim after each batch cost 4% of the PM's time (76.0 s against
+    72.8 s) for 0.11 GiB less peak (3.18 against 3.29 GiB; TRL's RewardTrainer: 3.39 GiB).
     """
 
     def on_before_backward(self, trainer, module, loss) -> None:
-        trim_heap()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         trim_heap()
 
 
