@@ -263,6 +263,8 @@ class FeedbackJudge(Judge):
         super().__init__(cfg)
         self.spec = instantiate(cfg.feedback_model)
         ident = {"model": self.spec.identity(), "template": COMPARISON_TEMPLATE, "questions": [HARMLESS_QUESTION, HELPFUL_QUESTION]}
+        if cfg.label.get("engine", "hf") == "vllm":  # verdicts read through vLLM differ from HF's within float tolerance: their own cache
+            ident["engine"] = {"vllm": cfg.generation.dtype}
         self.key = fingerprint({"judge": self.kind, **ident})
         self.identity = f"feedback model {self.spec.name} ({ident['model']}), zero-shot, both orders"
         # It is cfg.feedback_model, the model that labelled the PM's data (unless label=human): judging the
@@ -271,12 +273,13 @@ class FeedbackJudge(Judge):
         self._labeller = None
 
     def compare(self, pairs: list[tuple[dict, dict]]) -> list[float]:
-        from cai.labels import Item, Labeller
+        from cai.labels import Item, Labeller, label_engine
 
         if self._labeller is None:
-            model, tok = self.spec.load_model(), self.spec.load_tokenizer()
-            self._labeller = Labeller(model, tok, kind="soft", debias=True, batch_size=self.cfg.label.batch_size)
-            self.ran_on = placement(model)
+            engine = label_engine(self.cfg, self.spec)
+            model, tok = None if engine else self.spec.load_model(), self.spec.load_tokenizer()
+            self._labeller = Labeller(model, tok, kind="soft", debias=True, batch_size=self.cfg.label.batch_size, engine=engine)
+            self.ran_on = engine.placement() if engine else placement(model)
         items = [Item(conversation(ra), ra["response"], rb["response"], (QUESTIONS[ra["kind"]],)) for ra, rb in pairs]
         return [r["p_a"] for r in self._labeller.label(items, desc="judging")]
 

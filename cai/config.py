@@ -74,6 +74,7 @@ class LabelConfig:
     max_length: int = ranged(512, ge=16)  # likelihood kinds: tokens per scored transcript
     reduce: str = "mean"  # likelihood kinds: an answer's score is the mean | sum of its token log-likelihoods
     batch_size: int = ranged(8, ge=1)
+    engine: str = "hf"  # hf | vllm (with generation=vllm): what reads the option log-probs of labels and the feedback judge
     data: str | None = None  # hh-rlhf-format file, for kind=human
     n_human: int = ranged(0, ge=0)  # comparisons read from `data` for kind=human (0 = all)
     report_data: str | None = None  # hh-rlhf-format file: also write the constitution report

@@ -246,10 +246,14 @@ class Labeller:
         random_order: bool = False,
         ask: str = "better",
         reduce: str = "mean",
+        engine=None,
     ) -> None:
         if kind not in KINDS:
             raise CaiError(f"label.kind: the labeller takes {', '.join(KINDS)}; got '{kind}'")
-        self.model = model.eval()
+        # engine: a VLLMGenerator that reads the option log-probs (and writes CoT reasoning) instead of the
+        # HF model, which may then be None (label.engine=vllm: multiple-choice kinds only).
+        self.engine = engine
+        self.model = model.eval() if model is not None else None
         self.tok = tokenizer
         self.kind = kind
         self.examples = list(examples)
@@ -292,6 +296,10 @@ class Labeller:
         least (`prefix_batches`): a batch holds one prompt's questions, whose shared stretches run once.
         """
         encoded = [self._ids(t) for t in texts]
+        if self.engine is not None:  # vLLM: every question in one call; its prefix cache shares the common starts
+            self.forward_passes += len(encoded)
+            pairs = self.engine.option_logprobs([e[0] for e in encoded], [(e[1], e[2]) for e in encoded])
+            return torch.sigmoid(torch.tensor([lp_a - lp_b for lp_a, lp_b in pairs])).tolist()  # softmax over {A, B}, as below
         out: list[float] = [0.0] * len(texts)
         order = sorted(range(len(texts)), key=lambda i: encoded[i][0])
         for batch in prefix_batches([encoded[i][0] for i in order], self.batch_size):
@@ -321,7 +329,7 @@ class Labeller:
         if not cot:
             return [c + options.answer_prefix for c in chats]
         # Chain of thought: the model reasons first (greedy, so labels are repeatable), then answers.
-        gen = HFGenerator(self.model, self.tok, batch_size=self.batch_size)
+        gen = self.engine or HFGenerator(self.model, self.tok, batch_size=self.batch_size)
         params = SamplingParams(max_new_tokens=self.cot_max_new_tokens, temperature=0)
         reasoning = gen.generate(conversations, params, prefixes=[COT_PREFIX] * len(conversations), desc="reasoning")
         return [c + COT_PREFIX + " " + r.text.split("So the answer is")[0].strip() + COT_ANSWER for c, r in zip(chats, reasoning)]
@@ -506,9 +514,11 @@ def labeller_from_config(cfg, constitution) -> Labeller:
     from cai.config import instantiate
 
     spec = instantiate(cfg.feedback_model)
+    engine = label_engine(cfg, spec)
     return Labeller(
-        spec.load_model(),
+        None if engine else spec.load_model(),
         spec.load_tokenizer(),
+        engine=engine,
         kind=cfg.label.kind,
         examples=constitution.rl_examples if cfg.label.few_shot else (),
         debias=cfg.label.debias,
@@ -523,6 +533,30 @@ def labeller_from_config(cfg, constitution) -> Labeller:
         ask=cfg.label.ask,
         reduce=cfg.label.reduce,
     )
+
+
+ENGINES = ("hf", "vllm")
+
+
+def label_engine(cfg, spec):
+    """label.engine=vllm: a vLLM engine for the feedback model, built with `generation=vllm`'s settings; else None (HF)."""
+    if cfg.label.get("engine", "hf") != "vllm":
+        return None
+    from cai.config import instantiate
+
+    return instantiate(cfg.generation, model=spec)
+
+
+def check_engine(cfg) -> None:
+    """label.engine: hf, or vllm with generation=vllm and a multiple-choice label kind."""
+    engine = cfg.label.get("engine", "hf")
+    check_choice("label.engine", engine, ENGINES)
+    if engine == "vllm" and "vllm" not in str(cfg.generation.get("_target_", "")):
+        raise CaiError("label.engine=vllm: the engine is built with generation=vllm's settings; add generation=vllm")
+    if engine == "vllm" and cfg.label.kind in LIKELIHOOD_KINDS:
+        raise CaiError(
+            f"label.engine=vllm reads option log-probs (kinds soft, hard, cot); label={cfg.label.kind} scores answers: use label.engine=hf"
+        )
 
 
 def check_options(label) -> None:

@@ -36,7 +36,7 @@ from cai.config import check_ranges, instantiate
 from cai.data import load_prompts, read_hh_rlhf
 from cai.distributed import all_gather, barrier, is_rank_zero, launch, world
 from cai.errors import CaiError, Interrupted, check_choice, disk_full
-from cai.labels import ASKS, REDUCES, check_options
+from cai.labels import ASKS, REDUCES, check_engine, check_options
 from cai.lora import check as check_peft
 from cai.models import use_accelerator
 from cai.reward import check_pm_dir
@@ -317,6 +317,7 @@ def validate(cfg: DictConfig, names: tuple[str, ...]) -> None:
     if cfg.label.kind not in LABEL_KINDS:
         raise CaiError(f"label.kind: unknown label type '{cfg.label.kind}'; choose one of {', '.join(LABEL_KINDS)}")
     check_options(cfg.label)  # raises one clear line before any model loads
+    check_engine(cfg)
     check_choice("label.ask", cfg.label.ask, ASKS)
     check_choice("label.reduce", cfg.label.reduce, REDUCES)
     if cfg.label.clamp_low > cfg.label.clamp_high:

@@ -61,7 +61,11 @@ def build_strategy(name: str, zero_stage: int = 0, offload_optimizer: bool = Fal
 
 
 def resolve_precision(precision: str) -> str:
-    """'auto' is bf16-mixed on GPUs that support it, else full float32 (bf16 is slow on CPUs)."""
+    """'auto' is bf16-mixed on GPUs that support it, else full float32.
+
+    On a CPU, bf16 autocast pays only with native bf16 (1.3-1.5x faster training on AVX512-BF16,
+    benchmarks/bench_peers.py) and is slower without it; float32 gives every CPU the same numbers.
+    """
     if precision != "auto":
         return precision
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"

@@ -80,6 +80,9 @@ def test_stage_check_runs_every_check_and_nothing_else(tmp_path):
     assert train("--cfg", "job", "ppo.lr=-1", tmp_path=tmp_path).returncode == 0  # printing is not checking
     assert_one_clear_line(train("stage=check", "ppo.lr=-1", tmp_path=tmp_path), "error: ppo.lr: must be > 0, got -1")
     assert_one_clear_line(train("stage=check", "label=cot", "label.options=numbers", tmp_path=tmp_path), "label=cot asks with (A)/(B)")
+    assert_one_clear_line(train("stage=check", "label.engine=vllm", tmp_path=tmp_path), "label.engine=vllm: the engine is built with")
+    likelihood = train("stage=check", "label=likelihood", "label.engine=vllm", "generation=vllm", tmp_path=tmp_path)
+    assert_one_clear_line(likelihood, "label=likelihood scores answers: use label.engine=hf")
     ok = train("stage=check", "model=tiny", tmp_path=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "check: the config, its input files and the checks of sl_data, sft, pairs, label, pm, ppo, eval passed" in ok.stdout

@@ -51,6 +51,15 @@ def test_vllm_same_seed_same_text(engine):
     assert [x.token_ids for x in a] != [x.token_ids for x in c]
 
 
+def test_vllm_option_logprobs_refuse_a_question_longer_than_the_context(engine):
+    from cai.errors import CaiError
+
+    with pytest.raises(CaiError, match="raise generation.max_model_len"):
+        engine.option_logprobs([[1] * 1100], [(2, 3)])
+    [(a, b)] = engine.option_logprobs([engine.tokenizer("The answer is (")["input_ids"]], [(32, 33)])
+    assert a < 0 and b < 0 and a != b  # two real log-probs of two different tokens
+
+
 def test_vllm_weight_sync_without_disk(cache_dir):
     """Weights pushed into a running engine change what it generates (PPO's vLLM sync)."""
     from cai.generation.hf import HFGenerator
@@ -190,29 +199,24 @@ def test_vllm_ignores_the_model_generation_config(cache_dir, tmp_path):
         assert torch.allclose(torch.tensor(c.logprobs), actor[row][batch["action_mask"][row].bool()], atol=1e-3)
 
 
-def test_ppo_with_generation_vllm_through_the_cli(cache_dir, tmp_path):
-    """`python train.py ... generation=vllm`, stage by stage through PPO: rollouts come from one vLLM engine
-    that gets the actor's weights before every rollout. Then the trained policy, pushed into an engine
-    started from the SFT model, answers greedily exactly as HF does on the policy itself.
-    """
-    import json
+@pytest.fixture(scope="module")
+def vllm_run(cache_dir, tmp_path_factory):
+    """`python train.py ... generation=vllm` on the wide tiny model, stage by stage up to the labels (HF's read):
+    run(stage, *overrides) runs one more stage in the same artifacts root."""
     import os
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
-
     import cai
-    from cai.generation.hf import HFGenerator
-    from cai.models import ModelSpec
 
+    root = tmp_path_factory.mktemp("vllm-run")
     shape = [f"{group}.{k}={v}" for group in ("model", "feedback_model", "pm_model") for k, v in WIDE.items()]
     common = [
         "model=tiny",
         *shape,
         "generation=vllm",
         "generation.gpu_memory_utilization=0.1",
-        "generation.max_model_len=512",
+        "generation.max_model_len=2048",  # the labeller's few-shot questions are ~600 tokens
         "data.n_red_team=4",
         "data.n_helpful=2",
         "sl.max_new_tokens=8",
@@ -223,12 +227,40 @@ def test_ppo_with_generation_vllm_through_the_cli(cache_dir, tmp_path):
         "ppo.minibatch_size=2",
         "logger=none",
     ]
-    env = {**os.environ, "CAI_ROOT": str(tmp_path), "CAI_CACHE": cache_dir, "WANDB_MODE": "disabled"}
-    for stage in ("sl_data", "sft", "pairs", "label", "pm", "ppo"):
+    env = {**os.environ, "CAI_ROOT": str(root), "CAI_CACHE": cache_dir, "WANDB_MODE": "disabled"}
+
+    def run(stage: str, *overrides: str) -> None:
         done = subprocess.run(
-            [sys.executable, "train.py", *common, f"stage={stage}"], cwd=cai.ROOT, env=env, capture_output=True, text=True, timeout=900
+            [sys.executable, "train.py", *common, f"stage={stage}", *overrides],
+            cwd=cai.ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         assert done.returncode == 0, done.stderr[-3000:]
+
+    for stage in ("sl_data", "sft", "pairs", "label"):
+        run(stage)
+    run.root, run.common = root, common
+    return run
+
+
+def test_ppo_with_generation_vllm_through_the_cli(vllm_run):
+    """`python train.py ... generation=vllm`, stage by stage through PPO: rollouts come from one vLLM engine
+    that gets the actor's weights before every rollout. Then the trained policy, pushed into an engine
+    started from the SFT model, answers greedily exactly as HF does on the policy itself.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    from cai.generation.hf import HFGenerator
+    from cai.models import ModelSpec
+
+    tmp_path = vllm_run.root
+    for stage in ("pm", "ppo"):
+        vllm_run(stage)
     ppo = (tmp_path / "artifacts" / "ppo" / "latest").resolve()
     manifest = json.loads((ppo / "manifest.json").read_text())
     assert manifest["models"]["rollout"]["engine"] == "vllm"
@@ -249,3 +281,39 @@ def test_ppo_with_generation_vllm_through_the_cli(cache_dir, tmp_path):
         engine.close()
     policy = ModelSpec(name="ppo", source="local", path=str(ppo / "model"), dtype="float32")
     assert pushed == [c.token_ids for c in HFGenerator(policy).generate(convs, greedy)]
+
+
+def test_labels_and_the_judge_read_through_vllm_equal_hf(vllm_run, make_cfg):
+    """label.engine=vllm: the option log-probs come from a vLLM engine (one decoding step asking for exactly the
+    two option tokens); the labels equal HF's within float tolerance, through `python train.py stage=label`.
+    The feedback judge reads through vLLM the same way."""
+    import json
+
+    labels = vllm_run.root / "artifacts" / "label"
+    hf_dir = (labels / "latest").resolve()
+    vllm_run("label", "label.engine=vllm")
+    vllm_dir = (labels / "latest").resolve()
+    assert vllm_dir != hf_dir  # label.engine is part of the labels' key
+    manifest = json.loads((vllm_dir / "manifest.json").read_text())
+    assert manifest["models"]["feedback_model"]["engine"] == "vllm"
+
+    def rows(path):
+        return {r["id"]: r for f in sorted(path.glob("shard-*.jsonl")) for r in map(json.loads, f.read_text().splitlines())}
+
+    hf, vl = rows(hf_dir), rows(vllm_dir)
+    assert hf.keys() == vl.keys() and len(hf) == 6
+    diffs = [abs(hf[k]["p_a"] - vl[k]["p_a"]) for k in hf]
+    assert max(diffs) < 1e-3, diffs
+    assert len({round(r["p_a"], 6) for r in hf.values()}) > 1  # the labels differ from pair to pair: a real comparison
+
+    from cai.arena import FeedbackJudge
+
+    common = [o for o in vllm_run.common if not o.startswith("logger=")]  # make_cfg sets the logger
+    answer = lambda r, which: {"kind": r["kind"], "conversation": r["conversation"], "response": r[which]}  # noqa: E731
+    pairs = [(answer(r, "response_a"), answer(r, "response_b")) for r in hf.values()]
+    by_hf = FeedbackJudge(make_cfg(*common)).compare(pairs)
+    judge = FeedbackJudge(make_cfg(*common, "label.engine=vllm"))
+    by_vllm = judge.compare(pairs)
+    judge._labeller.engine.close()
+    assert judge.ran_on["engine"] == "vllm"
+    assert max(abs(a - b) for a, b in zip(by_hf, by_vllm)) < 1e-3

@@ -116,6 +116,32 @@ class VLLMGenerator(Generator):
                     results[-1].logprobs = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)]
         return results
 
+    def option_logprobs(self, rows: list[list[int]], options: list[tuple[int, int]]) -> list[tuple[float, float]]:
+        """Log-probs of two given next tokens after each row of ids: (log p(first), log p(second)) per row.
+
+        The labeller's and the judge's multiple-choice read ("A" or "B" next). One decoding step a row,
+        asking vLLM for exactly these two tokens' log-probs (`logprob_token_ids`), taken from the raw
+        logits as the HF path takes them; rows that start alike share their prefix through vLLM's
+        prefix cache, as the HF path shares it through its batched KV cache.
+        """
+        from vllm import SamplingParams as VSampling
+        from vllm.inputs import TokensPrompt
+
+        longest = max((len(r) for r in rows), default=0)
+        if longest >= self.max_model_len:
+            raise CaiError(
+                f"label.engine=vllm: a question of {longest} tokens does not fit the engine's context "
+                f"(generation.max_model_len={self.max_model_len}); raise generation.max_model_len"
+            )
+        out: list[tuple[float, float]] = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk, pairs = rows[start : start + self.batch_size], options[start : start + self.batch_size]
+            sampling = [VSampling(max_tokens=1, temperature=0.0, logprob_token_ids=list(pair)) for pair in pairs]
+            for o, (a, b) in zip(self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in chunk], sampling, use_tqdm=False), pairs):
+                step = o.outputs[0].logprobs[0]  # {token id: Logprob} at the first new position
+                out.append((step[a].logprob, step[b].logprob))
+        return out
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push new weights (HF names, e.g. the PPO actor's state dict) into the running engine.
 

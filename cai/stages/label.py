@@ -116,7 +116,7 @@ def build(ctx: Context) -> dict:
         def make(chunk: list[dict], index: int) -> list[dict]:
             nonlocal labeller
             labeller = labeller or labeller_from_config(cfg, constitution)
-            ctx.extra["models"] = {"feedback_model": placement(labeller.model)}
+            ctx.extra["models"] = {"feedback_model": labeller.engine.placement() if labeller.engine else placement(labeller.model)}
             return ai_rows(cfg, constitution, chunk, labeller, index)
 
         out.write_shards(chunked(ctx.upstream["pairs"].rows(), cfg.pairs.shard_size), make, "label shards")
@@ -125,7 +125,10 @@ def build(ctx: Context) -> dict:
         write_jsonl(out.path / "preferences.jsonl", [preference_row(r) for r in rows])
     stats = log_rows(ctx.tracker, rows)
     if cfg.label.report_data and cfg.label.kind != "human" and is_rank_zero():
-        write_report(ctx, labeller or labeller_from_config(cfg, constitution), constitution)
+        labeller = labeller or labeller_from_config(cfg, constitution)
+        write_report(ctx, labeller, constitution)
+    if labeller is not None and labeller.engine is not None:
+        labeller.engine.close()
     harmless = sum(r["kind"] == "red_team" for r in rows)
     return {
         "labels": len(rows),
@@ -160,7 +163,10 @@ def preference_row(row: dict) -> dict:
 def inputs(cfg: DictConfig) -> dict:
     if cfg.label.kind == "human":
         return {"data": source_hash(cfg.label.data, "label.data")}
-    return {"constitution": instantiate(cfg.constitution).digest()}
+    read = {"constitution": instantiate(cfg.constitution).digest()}
+    if cfg.label.get("engine", "hf") == "vllm":
+        read["engine_dtype"] = cfg.generation.dtype  # vLLM's precision decides the labels too
+    return read
 
 
 STAGE = Stage(
