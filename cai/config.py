@@ -281,6 +281,7 @@ class PMConfig(TrainingConfig):
     n_eval: int = ranged(0, ge=0)  # comparisons of eval_data scored (0 = all)
     checkpoint: str | None = None
     trainable: str = "all"  # all | last_block | head: what the PM trains (a frozen backbone is much cheaper)
+    share_prompt: bool = True  # both answers of a comparison in one row, their shared prompt computed once
 
 
 @dataclass
@@ -308,6 +309,7 @@ class PPOConfig:
     value_model: str = "head"  # head | critic (ppo.advantage=gae only)
     advantage: str = "gae"  # gae (a critic) | grpo | rloo (critic-free: each answer against the others to its prompt)
     samples_per_prompt: int = ranged(1, ge=1)  # answers per prompt in an iteration (grpo and rloo need >= 2)
+    share_prompt: bool = True  # a prompt's answers in one row, the prompt computed once (samples_per_prompt > 1)
     reward_model: str | None = None  # a one-label sequence classifier (directory or hub id) as the reward, instead of this run's PM
     policy: str | None = None  # a causal LM (directory or hub id) to start RL from, instead of this run's SFT model
     frozen_dtype: str = "bfloat16"  # bfloat16 | float32: how the frozen ref and reward model store their weights

@@ -188,6 +188,21 @@ def rescales_logits(model: torch.nn.Module) -> bool:
     return any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_RESCALING)
 
 
+def packed_attention_mask(model: torch.nn.Module, mask: torch.Tensor, field: str) -> torch.Tensor:
+    """A `pack_shared_prefix` mask (G, 1, T, T), bool, in the form this model's attention takes it.
+
+    SDPA takes the boolean mask as it is; eager attention adds it to the scores (0, or the float
+    minimum where a token may not look); flash attention takes no custom mask: `field` is the
+    setting that asked for packing, which the error names.
+    """
+    attention = model.config._attn_implementation
+    if attention == "sdpa":
+        return mask
+    if attention == "eager":
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    raise CaiError(f"{field}: this model's attention ({attention}) takes no custom mask, which sharing the prompt needs; set {field}=false")
+
+
 def logits_where(model: torch.nn.Module, select: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """The LM head's logits at the positions where `select` (B, T) is true, and the last hidden states.
 

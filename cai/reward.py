@@ -27,8 +27,8 @@ from cai.artifacts import file_hash, fingerprint
 from cai.data import Message, read_hh_rlhf
 from cai.errors import CaiError
 from cai.metrics import expected_calibration_error, pairwise_accuracy, wilson_interval
-from cai.models import resolve_dtype, run_device
-from cai.training import pad
+from cai.models import packed_attention_mask, resolve_dtype, run_device
+from cai.training import pack_shared_prefix, pad
 
 log = logging.getLogger(__name__)
 OLD_FORMAT = "pm.json"  # cai's first PM format: backbone/ + head.safetensors (a head with a bias)
@@ -61,6 +61,20 @@ class PreferenceModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: (B, T), right-padded with the pad token -> rewards (B,)."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)  # (B,)
+
+    def packed(self, batch: dict[str, torch.Tensor], field: str = "pm.share_prompt") -> torch.Tensor:
+        """Rewards of sequences packed by `pack_shared_prefix` (a shared prompt computed once) -> (G, k).
+
+        The score head is linear, so scoring the hidden state at each sequence's last token is what
+        `forward` does on the sequence alone (transformers pools the last non-pad token).
+        """
+        mask = packed_attention_mask(self.model, batch["attention_mask"], field)  # (G, 1, T, T)
+        hidden = self.backbone(
+            input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
+        ).last_hidden_state  # (G, T, H)
+        ends = batch["ends"]  # (G, k)
+        last = hidden.gather(1, ends[..., None].expand(-1, -1, hidden.shape[-1]))  # (G, k, H)
+        return self.head(last).squeeze(-1)  # (G, k)
 
     def save(self, path: str | Path, tokenizer, state: dict[str, torch.Tensor] | None = None) -> None:
         """An HF checkpoint of the whole PM (config, weights, tokenizer); `state` is this module's state dict."""
@@ -219,18 +233,59 @@ def score(
     return out
 
 
+@torch.no_grad()
+def score_groups(
+    pm: PreferenceModel,
+    tokenizer,
+    transcripts: Sequence[tuple[Sequence[Message], str]],
+    group: int,
+    max_length: int,
+    batch_size: int = 16,
+    desc: str = "scoring",
+    field: str = "ppo.share_prompt",
+) -> list[float]:
+    """`score` for transcripts in consecutive groups of `group` answers to one conversation (PPO's
+    samples_per_prompt, a comparison's two answers): each group one packed row, its conversation
+    computed once. field: the setting that asked for it (named if the model cannot pack)."""
+    encoded = [encode_transcript(tokenizer, c, r, max_length) for c, r in transcripts]
+    groups = [encoded[i : i + group] for i in range(0, len(encoded), group)]
+    order = sorted(range(len(groups)), key=lambda g: sum(len(s) for s in groups[g]))
+    device, per_batch = next(pm.parameters()).device, max(1, batch_size // group)
+    out = [0.0] * len(encoded)
+    was_training = pm.training
+    pm.eval()
+    for start in tqdm(range(0, len(order), per_batch), desc=desc, unit="batch", leave=False):
+        idx = order[start : start + per_batch]
+        packed = {k: v.to(device) for k, v in pack_shared_prefix([groups[g] for g in idx], tokenizer.pad_token_id).items()}
+        for g, rewards in zip(idx, pm.packed(packed, field).float().cpu().tolist()):  # (len(idx), group)
+            out[g * group : (g + 1) * group] = rewards
+    pm.train(was_training)
+    return out
+
+
 def hh_accuracy(
-    pm: PreferenceModel, tokenizer, path: str, max_length: int, n: int = 0, batch_size: int = 16, field: str = "pm.eval_data"
+    pm: PreferenceModel,
+    tokenizer,
+    path: str,
+    max_length: int,
+    n: int = 0,
+    batch_size: int = 16,
+    field: str = "pm.eval_data",
+    share_prompt: bool = True,
 ) -> dict:
     """Accuracy of a PM on hh-rlhf comparisons (chosen scored above rejected), with a 95% interval, and
     its calibration against the human choice: each comparison counted in both orders, P(chosen) =
     sigmoid(margin) with outcome 1 and its complement with outcome 0 (one order alone would put every
-    outcome at 1)."""
+    outcome at 1). share_prompt (`pm.share_prompt`): both answers of a comparison in one packed row."""
     comps = read_hh_rlhf(path, field=field)
     comps = comps[:n] if n else comps
-    transcripts = [(c.conversation, c.chosen) for c in comps] + [(c.conversation, c.rejected) for c in comps]
-    rewards = score(pm, tokenizer, transcripts, max_length, batch_size, desc=f"scoring {Path(path).name}")
-    margins = [rewards[i] - rewards[len(comps) + i] for i in range(len(comps))]
+    transcripts = [(c.conversation, answer) for c in comps for answer in (c.chosen, c.rejected)]  # chosen at 2i, rejected at 2i + 1
+    desc = f"scoring {Path(path).name}"
+    if share_prompt:
+        rewards = score_groups(pm, tokenizer, transcripts, 2, max_length, batch_size, desc, "pm.share_prompt")
+    else:
+        rewards = score(pm, tokenizer, transcripts, max_length, batch_size, desc)
+    margins = [rewards[2 * i] - rewards[2 * i + 1] for i in range(len(comps))]
     acc = pairwise_accuracy(margins)
     low, high = wilson_interval(acc, len(comps))
     p_chosen = [1 / (1 + math.exp(-m)) for m in margins]
@@ -246,11 +301,16 @@ def hh_accuracy(
     }
 
 
-def pm_reward(pm: PreferenceModel, tokenizer, max_length: int, batch_size: int):
-    """PPO's reward role: a frozen PM scoring (conversation, completion) pairs -> list of floats."""
+def pm_reward(pm: PreferenceModel, tokenizer, max_length: int, batch_size: int, group: int = 1):
+    """PPO's reward role: a frozen PM scoring (conversation, completion) pairs -> list of floats.
+
+    group > 1: the answers come in consecutive groups of that many to one conversation, scored packed.
+    """
 
     def reward_fn(conversations: Sequence[Sequence[Message]], completions: Sequence) -> list[float]:
         transcripts = [(c, a.text) for c, a in zip(conversations, completions)]
+        if group > 1 and len(transcripts) % group == 0:
+            return score_groups(pm, tokenizer, transcripts, group, max_length, batch_size, "ppo scoring")
         return score(pm, tokenizer, transcripts, max_length, batch_size, desc="ppo scoring")
 
     return reward_fn

@@ -25,8 +25,8 @@ from cai.data import Message
 from cai.generation import Completion, Generator, SamplingParams
 from cai.generation.hf import HFGenerator
 from cai.losses import logprobs_and_entropy
-from cai.models import logits_where, rescales_logits
-from cai.training import gathered_state_dict, pad
+from cai.models import logits_where, packed_attention_mask, rescales_logits
+from cai.training import gathered_state_dict, pack_shared_prefix, pad
 
 
 def own_policy(cfg) -> Any:
@@ -70,7 +70,7 @@ class CriticModel(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, batch: dict[str, torch.Tensor], actor_hidden: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, L, H)
+        hidden = body_hidden(self.backbone, batch)  # (B, L, H)
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)[:, :-1]  # (B, L-1)
 
 
@@ -104,17 +104,36 @@ class Rollout:
 # --- experience ------------------------------------------------------------------------------------
 
 
-def batch_rollouts(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def batch_rollouts(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int, group: int = 1) -> dict[str, Any]:
     """Right-padded prompt+response ids, and masks aligned with the *predicted* tokens.
 
     input_ids, attention_mask: (B, L). action_mask: (B, L-1), 1 where token j+1 is a response token,
     so that position j of log-prob/value tensors (computed from logits at j) scores that token.
+    group > 1 (answers in consecutive groups of that many to one prompt): also "packed", the groups
+    packed by `pack_shared_prefix` (each prompt once), which `body_hidden` runs instead.
     """
-    ids, attn = pad([list(p) + list(r) for p, r in zip(prompts, responses)], pad_id)  # (B, L)
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    ids, attn = pad(seqs, pad_id)  # (B, L)
     action = torch.zeros((ids.shape[0], ids.shape[1] - 1))  # (B, L-1)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         action[i, len(p) - 1 : len(p) + len(r) - 1] = 1.0
-    return {"input_ids": ids, "attention_mask": attn, "action_mask": action}
+    batch: dict[str, Any] = {"input_ids": ids, "attention_mask": attn, "action_mask": action}
+    if group > 1 and len(seqs) % group == 0:
+        batch["packed"] = pack_shared_prefix([seqs[i : i + group] for i in range(0, len(seqs), group)], pad_id)
+    return batch
+
+
+def body_hidden(body: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The transformer body's last hidden states (B, L, H) of a rollout batch: from its packed rows
+    (each prompt once) when it has them, put back in the batch's layout, else from the batch itself."""
+    packed = batch.get("packed")
+    if packed is None:
+        return body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, L, H)
+    mask = packed_attention_mask(body, packed["attention_mask"], "ppo.share_prompt")  # (G, 1, T, T)
+    hidden = body(input_ids=packed["input_ids"], attention_mask=mask, position_ids=packed["position_ids"]).last_hidden_state  # (G, T, H)
+    columns = packed["columns"]  # (G, k, L)
+    rows = torch.arange(columns.shape[0], device=columns.device)[:, None, None].expand_as(columns)  # (G, k, L)
+    return hidden[rows, columns].flatten(0, 1)  # (B, L, H); past a sequence's end: column 0, masked by every use
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -147,10 +166,13 @@ def response_logprobs(
     select = nn.functional.pad(mask, (0, 1))  # (B, L): the same positions, on the model's input
     targets = batch["input_ids"][:, 1:][mask]  # (N,)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if torch.is_grad_enabled() and not rescales_logits(model):
+    if rescales_logits(model):  # the whole forward (logits rescaled after the head), unpacked
+        logits, hidden = logits_where(model, select, **inputs)  # (N, V)
+        logp, entropy = logprobs_and_entropy(logits, targets, with_entropy, entropy_grad)  # (N,), (N,) or None
+    elif torch.is_grad_enabled():
         # Training: the head runs in chunks whose (chunk, V) logits are recomputed in backward rather
         # than kept, the largest tensors of a PPO step after the weights (~0.4 GB at the quickstart's size).
-        hidden = model.base_model(**inputs).last_hidden_state  # (B, L, H)
+        hidden = body_hidden(model.base_model, batch)  # (B, L, H)
         rows, head = hidden[select], model.get_output_embeddings()  # (N, H)
         parts = [
             checkpoint(
@@ -160,8 +182,9 @@ def response_logprobs(
         ]
         logp = torch.cat([p[0] for p in parts])
         entropy = torch.cat([p[1] for p in parts]) if with_entropy else None
-    else:
-        logits, hidden = logits_where(model, select, **inputs)  # (N, V)
+    else:  # the head on the answers' positions only, as `logits_where`
+        hidden = body_hidden(model.base_model, batch)  # (B, L, H)
+        logits = model.get_output_embeddings()(hidden[select])  # (N, V)
         logp, entropy = logprobs_and_entropy(logits, targets, with_entropy, entropy_grad)  # (N,), (N,) or None
 
     def spread(values: torch.Tensor) -> torch.Tensor:  # (N,) -> (B, L-1), zeros off the answers
@@ -190,7 +213,7 @@ class Experience:
     def minibatch(self, idx: torch.Tensor) -> Experience:
         """The rows idx of every tensor."""
         return Experience(
-            {k: v[idx] for k, v in self.batch.items()},
+            {k: v[idx] for k, v in self.batch.items() if k != "packed"},  # a subset of rows breaks the packed groups
             self.old_logp[idx],
             self.old_values[idx],
             self.kl[idx],

@@ -528,3 +528,54 @@ class LengthBucketSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / rank_and_world()[1])
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all the sequences share."""
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def pack_shared_prefix(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Groups of k sequences that share a prefix (a prompt and its answers), one row per group: the
+    prefix once, then each sequence's remainder, so the prefix's tokens are computed once, not k times.
+
+    Each token sees the prefix and the earlier tokens of its own remainder, at the position it has in
+    its own sequence, so every sequence's hidden states are those it has alone (up to rounding).
+    Returns input_ids, position_ids (G, T), right-padded; attention_mask (G, 1, T, T) bool, True
+    where a token may attend (a pad column sees itself: a row that sees nothing is NaN in SDPA);
+    columns (G, k, L), the packed column of each token of each sequence (0 past its end), L the
+    longest sequence; ends (G, k), the column of each sequence's last token.
+    """
+    rows, positions, segments, columns = [], [], [], []
+    for group in groups:
+        c = common_prefix(group)
+        ids, pos, seg = list(group[0][:c]), list(range(c)), [0] * c
+        for j, s in enumerate(group):
+            rest = s[c:]
+            columns.append(list(range(c)) + list(range(len(ids), len(ids) + len(rest))))
+            ids += rest
+            pos += range(c, len(s))
+            seg += [j + 1] * len(rest)
+        rows.append(ids), positions.append(pos), segments.append(seg)
+    input_ids, _ = pad(rows, pad_id)  # (G, T)
+    position_ids, _ = pad(positions, 0)  # (G, T)
+    seg, _ = pad(segments, -1)  # (G, T): 0 the prefix, j + 1 sequence j's remainder, -1 padding
+    width = seg.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # (T, T)
+    visible = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # (G, T, T): query row, key column
+    real = (seg[:, None, :] >= 0) & (seg[:, :, None] >= 0)  # (G, T, T): neither is padding
+    mask = (causal & visible & real) | torch.eye(width, dtype=torch.bool)  # (G, T, T)
+    cols, _ = pad(columns, 0)  # (G * k, L)
+    ends = torch.tensor([c[-1] for c in columns])  # (G * k,)
+    k = len(groups[0])
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": mask[:, None],
+        "columns": cols.view(len(groups), k, -1),
+        "ends": ends.view(len(groups), k),
+    }

@@ -18,7 +18,7 @@ from cai.errors import CaiError
 from cai.pipeline import run
 from cai.reward import PreferenceModel, score
 from cai.stages.pm import PMModule, collate_pairs
-from cai.training import pad
+from cai.training import pack_shared_prefix, pad
 
 SMALL = TINY_RUN
 
@@ -102,7 +102,8 @@ def test_pairs_labels_pm_end_to_end(make_cfg, tmp_path, sft_done, tiny_spec):
     assert acc_swapped == pytest.approx(1 - acc, abs=1e-12)
 
 
-def test_pm_loss_falls_and_parameters_change(tiny_spec):
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_pm_loss_falls_and_parameters_change(tiny_spec, share_prompt):
     tok = tiny_spec.load_tokenizer()
     conv = [{"role": "user", "content": "How do I pick a lock?"}]
     from cai.reward import encode_transcript
@@ -115,7 +116,8 @@ def test_pm_loss_falls_and_parameters_change(tiny_spec):
         }
         for i, p in enumerate([1.0, 0.9, 1.0, 0.8])
     ]
-    batch = collate_pairs(data, tok.pad_token_id)
+    batch = collate_pairs(data, tok.pad_token_id, share_prompt)
+    assert batch["input_ids"].shape[0] == (4 if share_prompt else 8)  # a row per comparison, or per answer
     module = PMModule(tiny_spec, lr=3e-3, warmup_ratio=0.0)
     from cai.losses import bradley_terry_loss
 
@@ -138,6 +140,46 @@ def test_reward_reads_the_last_real_token(tiny_spec):
     both = pm(ids, mask)
     alone = pm(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))
     assert both.shape == (2,) and both[0].item() == pytest.approx(alone[0].item(), abs=1e-5)  # padding changes nothing
+
+
+def test_packed_rewards_and_gradients_are_those_of_each_transcript_alone(tiny_spec):
+    """pack_shared_prefix: the prompt once, then each answer; each answer's reward is the one it has alone."""
+    pm = PreferenceModel.from_causal_lm(tiny_spec.load_model(train=True))
+    gen = torch.Generator().manual_seed(0)
+    groups = []
+    for prompt, a, b in [(5, 3, 7), (9, 4, 4), (2, 0, 6), (3, 5, 5)]:  # (2, 0, 6): answer a is the prompt alone
+        p = torch.randint(3, 100, (prompt,), generator=gen).tolist()
+        groups.append(
+            (p + torch.randint(3, 100, (a,), generator=gen).tolist(), p + [101] + torch.randint(3, 100, (b,), generator=gen).tolist())
+        )
+    groups.append((groups[0][0], groups[0][0]))  # identical answers
+    for attention in ("sdpa", "eager"):
+        pm.model.set_attn_implementation(attention)
+        packed = pm.packed(pack_shared_prefix(groups, 2))  # (5, 2)
+        ids, mask = pad([s for group in groups for s in group], 2)
+        alone = pm(ids, mask).view(-1, 2)  # (5, 2)
+        torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+        grads = []
+        for rewards in (packed, alone):
+            pm.zero_grad()
+            (rewards * torch.arange(10.0).view(5, 2)).sum().backward(retain_graph=True)
+            grads.append(torch.cat([p.grad.flatten() for p in pm.parameters()]))
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+
+
+def test_the_pm_stage_trains_the_same_pm_with_and_without_a_shared_prompt(make_cfg, tmp_path):
+    data = ("model=tiny", "label=human", f"label.data={FIXTURES / 'hh_helpful_refusals.jsonl.gz'}", "pm.lr=1e-3", "pm.epochs=4")
+    data += ("pm.batch_size=32",)  # every comparison in each step: the batches do not depend on how rows are bucketed
+    run(make_cfg("stage=label", *data))
+    shared, alone = (run(make_cfg("stage=pm", *data, f"pm.share_prompt={share}"))[0] for share in ("true", "false"))
+    assert shared["path"] != alone["path"]  # keyed apart
+    rows = Upstream("", tmp_path / "artifacts" / "label" / "latest", {}).rows()[:8]
+    scores = []
+    for summary in (shared, alone):
+        pm, tok = PreferenceModel.load(summary["path"])
+        scores.append(torch.tensor(score(pm, tok, [(r["conversation"], r["response_a"]) for r in rows], 384)))
+    torch.testing.assert_close(scores[0], scores[1], atol=2e-3, rtol=2e-3)  # the same PM, up to rounding
+    assert scores[0].std() > 1e-3  # and one that tells the answers apart
 
 
 def test_human_labels(make_cfg, tmp_path):

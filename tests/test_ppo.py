@@ -75,6 +75,40 @@ def test_response_only_log_probs_equal_the_full_computation(tiny_spec, monkeypat
     assert torch.allclose(model.lm_head.weight.grad, want_grad, atol=1e-4)
 
 
+def test_packed_rollouts_score_and_train_as_the_rollouts_alone(tiny_spec):
+    """batch_rollouts(group=k): each prompt's k answers in one packed row; log-probs, hidden states (what
+    the value head reads), a separate critic's values, PM rewards and gradients are those of each rollout alone."""
+    from cai.reward import PreferenceModel, pm_reward
+    from cai.rl import CriticModel, response_logprobs
+
+    model = tiny_spec.load_model()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (7, 3)]
+    responses = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (4, 9, 1, 6)]
+    prompts = [prompts[0], prompts[0], prompts[1], prompts[1]]  # two groups of two answers
+    packed, alone = batch_rollouts(prompts, responses, 0, group=2), batch_rollouts(prompts, responses, 0)
+    assert packed["packed"]["input_ids"].shape == (2, 7 + 4 + 9)
+    outs = [response_logprobs(model, b) for b in (packed, alone)]
+    mask = alone["action_mask"].bool()
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0][2][:, :-1][mask], outs[1][2][:, :-1][mask], atol=1e-5, rtol=1e-5)
+    grads = []
+    for logp, _, _ in outs:
+        model.zero_grad()
+        logp.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+    pm = PreferenceModel.from_causal_lm(tiny_spec.load_model()).eval()
+    critic = CriticModel(pm.backbone, pm.head)
+    with torch.no_grad():
+        torch.testing.assert_close(critic(packed)[mask], critic(alone)[mask], atol=1e-5, rtol=1e-5)
+    tok = tiny_spec.load_tokenizer()
+    convs = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    answers = [collections.namedtuple("Answer", "text")(t) for t in ("Sure.", "No, I won't.", "Here you go", "Maybe")]
+    both = [pm_reward(pm, tok, 128, 8, group)(convs, answers) for group in (2, 1)]
+    assert both[0] == pytest.approx(both[1], abs=1e-5)
+
+
 def test_ppo_raises_a_synthetic_reward(tiny_spec):
     actor, tok = tiny_spec.load_model(), tiny_spec.load_tokenizer()
     # The random model is near-uniform over 49k tokens, so no token would be sampled often enough
@@ -336,6 +370,25 @@ def test_critic_free_ppo_through_the_cli(upstream_of_ppo, tmp_path, advantage):
     rows = [json.loads(r) for r in (tmp_path / "log" / "tables" / "ppo_rollouts.jsonl").read_text().splitlines()]
     first = [r["prompt"] for r in rows if r["iteration"] == 0]
     assert len(first) == 8 and all(len(set(first[g : g + 4])) == 1 for g in (0, 4))  # two groups of 4 answers to one prompt
+
+
+def test_sharing_the_prompt_trains_as_each_answer_alone(upstream_of_ppo, tmp_path):
+    """`ppo.share_prompt` (on by default) packs each prompt's answers into one row for the actor, the
+    reference and the PM: the same run as `ppo.share_prompt=false`, up to float rounding."""
+    ppo = ("stage=ppo", "ppo.iterations=2", "ppo.rollouts=8", "ppo.samples_per_prompt=4", "ppo.max_new_tokens=8", "ppo.minibatch_size=8")
+    ppo += ("ppo.ppo_epochs=1", "ppo.lr=1e-3", "ppo.advantage=grpo", "logger=none")
+    histories, tokens = [], []
+    for share in ("true", "false"):
+        root = tmp_path / share
+        shutil.copytree(upstream_of_ppo / "artifacts", root / "artifacts", symlinks=True)
+        assert train_in_process(*TINY_RUN, f"paths.root={root}", f"paths.output={root}/out", *ppo, f"ppo.share_prompt={share}") is None
+        [out] = [p for p in (root / "artifacts" / "ppo").iterdir() if p.is_dir() and not p.is_symlink()]
+        histories.append(json.loads((out / "history.json").read_text()))
+        tokens.append(json.loads((out / "manifest.json").read_text())["usage"]["forward_tokens"])
+    assert tokens[0] < 0.9 * tokens[1], tokens  # each prompt run once, not 4 times
+    for shared, alone in zip(*histories):
+        for key in ("reward", "kl", "policy_loss", "entropy", "response_len"):
+            assert shared[f"ppo/train/{key}"] == pytest.approx(alone[f"ppo/train/{key}"], abs=1e-4), key
 
 
 def test_your_own_reward_model_replaces_the_pm(upstream_of_ppo, tmp_path, tiny_spec):

@@ -54,3 +54,21 @@ def test_ppo_fits_deepspeeds_config_before_the_trainer_reads_it():
     assert strategy.config["gradient_clipping"] == 0.5
     assert strategy.config["train_micro_batch_size_per_gpu"] == 1
     deepspeed_for_manual_loop("auto", 0.5)  # other strategies: nothing to do
+
+
+def test_pack_shared_prefix_lays_out_the_prompt_once_and_each_answer_after_it():
+    from cai.training import pack_shared_prefix
+
+    batch = pack_shared_prefix([([7, 8, 1, 2], [7, 8, 3]), ([7, 1], [7, 2])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[7, 8, 1, 2, 3], [7, 1, 2, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 0, 0]]  # each answer at its own positions
+    assert batch["ends"].tolist() == [[3, 4], [1, 2]]
+    sees = batch["attention_mask"][0, 0].int().tolist()  # (T, T) of the first row: query row, key column
+    assert sees == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],  # answer a: the prompt, then itself
+        [1, 1, 1, 1, 0],
+        [1, 1, 0, 0, 1],  # answer b: the prompt and itself, not answer a
+    ]
+    assert batch["attention_mask"][1, 0].int().tolist()[3] == [0, 0, 0, 1, 0]  # a pad column sees itself only

@@ -35,7 +35,9 @@ from cai.training import (
     TRAINING_LOGGING_ONLY,
     LengthBucketSampler,
     adamw_with_cosine,
+    common_prefix,
     fit,
+    pack_shared_prefix,
     pad,
     trained_placement,
 )
@@ -68,10 +70,18 @@ def encode(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
     ]
 
 
-def collate_pairs(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Both answers of every comparison in one (2B, T) right-padded batch: a rows first, then b rows."""
+def collate_pairs(batch: list[dict], pad_id: int, share_prompt: bool) -> dict[str, torch.Tensor]:
+    """share_prompt: one row per comparison, the prompt once and then each answer (`pack_shared_prefix`),
+    (B, T); otherwise both answers of every comparison in one (2B, T) right-padded batch, a rows first.
+
+    The two answers share the conversation's tokens (about half of a transcript in the quickstart),
+    so one row costs that much less compute, for the same rewards up to rounding.
+    """
+    p = torch.tensor([b["p"] for b in batch])
+    if share_prompt:
+        return {**pack_shared_prefix([(b["a"], b["b"]) for b in batch], pad_id), "p": p}
     ids, mask = pad([b["a"] for b in batch] + [b["b"] for b in batch], pad_id)  # (2B, T)
-    return {"input_ids": ids, "attention_mask": mask, "p": torch.tensor([b["p"] for b in batch])}
+    return {"input_ids": ids, "attention_mask": mask, "p": p}
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -130,6 +140,9 @@ class PMModule(L.LightningModule):
         self.val_targets: list[float] = []
 
     def rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "ends" in batch:  # packed: one row per comparison
+            r = self.pm.packed(batch).float()  # (B, 2)
+            return r[:, 0], r[:, 1]
         r = self.pm(batch["input_ids"], batch["attention_mask"]).float()  # (2B,)
         n = batch["p"].shape[0]
         return r[:n], r[n:]  # (B,), (B,)
@@ -177,11 +190,11 @@ def loaders(cfg: DictConfig, tokenizer, rows: list[dict]) -> tuple[DataLoader, D
     random.Random(cfg.seed).shuffle(data)
     n_val = max(1, round(cfg.pm.val_fraction * len(data))) if cfg.pm.val_fraction > 0 else 0
     val, train = data[:n_val], data[n_val:]
-    pad_id = tokenizer.pad_token_id
-    lengths = [max(len(d["a"]), len(d["b"])) for d in train]
-    sampler = LengthBucketSampler(lengths, cfg.pm.batch_size, cfg.seed)
-    train_loader = DataLoader(train, batch_sampler=sampler, collate_fn=lambda b: collate_pairs(b, pad_id))
-    val_loader = DataLoader(val, batch_size=cfg.pm.batch_size, collate_fn=lambda b: collate_pairs(b, pad_id)) if val else None
+    pad_id, share = tokenizer.pad_token_id, cfg.pm.share_prompt
+    row = (lambda d: len(d["a"]) + len(d["b"]) - common_prefix([d["a"], d["b"]])) if share else (lambda d: max(len(d["a"]), len(d["b"])))
+    sampler = LengthBucketSampler([row(d) for d in train], cfg.pm.batch_size, cfg.seed)
+    train_loader = DataLoader(train, batch_sampler=sampler, collate_fn=lambda b: collate_pairs(b, pad_id, share))
+    val_loader = DataLoader(val, batch_size=cfg.pm.batch_size, collate_fn=lambda b: collate_pairs(b, pad_id, share)) if val else None
     return train_loader, val_loader, len(train), len(val)
 
 
@@ -193,7 +206,9 @@ def report(ctx: Context, module: PMModule, tokenizer, metrics: dict) -> None:
         ctx.tracker.image("pm/val/calibration", out.path / "calibration.png")
     if cfg.pm.eval_data:
         module.pm.cpu().eval()
-        hh = hh_accuracy(module.pm, tokenizer, cfg.pm.eval_data, cfg.pm.max_length, cfg.pm.n_eval, cfg.pm.batch_size)
+        hh = hh_accuracy(
+            module.pm, tokenizer, cfg.pm.eval_data, cfg.pm.max_length, cfg.pm.n_eval, cfg.pm.batch_size, share_prompt=cfg.pm.share_prompt
+        )
         metrics["pm/hh/accuracy"], metrics["pm/hh/ece"] = hh["accuracy"], hh["ece"]
         metrics["pm/hh/accuracy_low"], metrics["pm/hh/accuracy_high"] = hh["interval_95"]
         ctx.tracker.log({k: metrics[k] for k in ("pm/hh/accuracy", "pm/hh/accuracy_low", "pm/hh/accuracy_high", "pm/hh/ece")})

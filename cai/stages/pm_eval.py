@@ -34,7 +34,9 @@ def build(ctx: Context) -> dict:
     cfg = ctx.cfg
     checkpoint = Path(cfg.pm.checkpoint).expanduser() if cfg.pm.checkpoint else ctx.upstream["pm"].model_dir
     pm, tokenizer = PreferenceModel.load(checkpoint)
-    result = hh_accuracy(pm, tokenizer, cfg.pm.eval_data, cfg.pm.max_length, cfg.pm.n_eval, cfg.pm.batch_size)
+    result = hh_accuracy(
+        pm, tokenizer, cfg.pm.eval_data, cfg.pm.max_length, cfg.pm.n_eval, cfg.pm.batch_size, share_prompt=cfg.pm.share_prompt
+    )
     result.pop("calibration")  # the per-comparison points; metrics.json keeps the numbers
     result["checkpoint"] = str(checkpoint)
     # One directory per (PM, data file): two PMs scored on files of the same name never overwrite each other.

@@ -221,7 +221,8 @@ class PPOModule(L.LightningModule):
         """The rollouts as one right-padded batch on this rank's device (`batch_rollouts`)."""
         responses = [c.token_ids if c.token_ids else [self.tok.eos_token_id] for c in completions]
         prompts = [c.prompt_token_ids for c in completions]
-        return {k: v.to(self.device) for k, v in batch_rollouts(prompts, responses, self.tok.pad_token_id).items()}
+        batch = batch_rollouts(prompts, responses, self.tok.pad_token_id, self.cfg.samples_per_prompt if self.cfg.share_prompt else 1)
+        return {k: {n: t.to(self.device) for n, t in v.items()} if k == "packed" else v.to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()
     def make_experience(
@@ -509,7 +510,10 @@ def reward_and_critic(cfg: DictConfig, ctx: Context) -> tuple[PreferenceModel, R
     critic = CriticModel(copy.deepcopy(pm.backbone), copy.deepcopy(pm.head)) if critic_start else None
     if critic is not None:
         add_adapters(critic.backbone, cfg.peft, "feature", seed=cfg.seed)  # none with peft=none
-    reward_fn = pm_reward(frozen(pm, DTYPES[cfg.ppo.frozen_dtype], resolve_dtype("auto")), pm_tok, cfg.pm.max_length, cfg.pm.batch_size)
+    group = cfg.ppo.samples_per_prompt if cfg.ppo.share_prompt else 1  # a prompt's answers scored in one packed row
+    reward_fn = pm_reward(
+        frozen(pm, DTYPES[cfg.ppo.frozen_dtype], resolve_dtype("auto")), pm_tok, cfg.pm.max_length, cfg.pm.batch_size, group
+    )
     return pm, reward_fn, critic
 
 
