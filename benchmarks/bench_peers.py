@@ -12,6 +12,8 @@ The same model (the embedded SmolLM2-135M-Instruct), data, lengths, batch sizes,
        SFT model with cai's PM as the reward, the same prompts, 4 answers per prompt, 16 answers a round, 48 new
        tokens, one update pass over them in one optimizer step (the quickstart's ppo_epochs=1, minibatch 16; TRL's
        num_iterations=1): seconds per iteration (cai: generation/scoring/update) and peak RSS.
+cai runs with its defaults: the prompt that a comparison's two answers (PM) or a prompt's 4 answers (RL) share
+is computed once (`pm.share_prompt`, `ppo.share_prompt`); TRL computes every sequence whole.
 Precision is part of the work: TRL's configs default to bf16 autocast (`bf16=None` means True), cai's training
 to float32 on a CPU. Each precision is compared with itself: fp32 (TRL bf16=False, cai trainer.precision=32-true)
 and bf16 (TRL's default, cai trainer.precision=bf16-mixed); bf16 autocast is fast only on CPUs with native bf16.
@@ -49,7 +51,7 @@ RL = [
     "ppo.ppo_epochs=1",
     "ppo.minibatch_size=16",
 ]
-RL_ROUNDS, K, PASSES = 3, 4, 1
+RL_ROUNDS, K = 3, 4
 
 
 def train(root: Path, *args: str) -> None:
@@ -183,10 +185,10 @@ def trl_rl(root: Path, out: Path, precision: str) -> dict:
     sft, pm = stage_dir(root, "sft", *cai_args(precision, SFT)) / "model", stage_dir(root, "pm", *cai_args(precision, SFT, PM)) / "model"
     _reset_peak_rss()
     args = GRPOConfig(
-        **trl_common(out, precision, warmup=0, steps=RL_ROUNDS * PASSES, schedule="constant"),
+        **trl_common(out, precision, warmup=0, steps=RL_ROUNDS, schedule="constant"),
         per_device_train_batch_size=16,
         num_generations=K,
-        num_iterations=PASSES,  # each round's answers trained on once, as cai's ppo_epochs=1
+        num_iterations=1,  # each round's answers trained on once, as cai's ppo_epochs=1
         max_completion_length=48,
         learning_rate=1e-5,
         beta=0.05,
