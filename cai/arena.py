@@ -202,6 +202,9 @@ class Judge:
         """P(a better) for each (a's answer row, b's answer row) on the same prompt."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what `compare` loaded that holds an engine (a vLLM engine's GPU memory); loaded again if needed."""
+
     def rank_path(self) -> Path:
         """The file this rank appends its verdicts to: the cache file itself on rank 0, one of its own elsewhere."""
         return self.path if is_rank_zero() else self.path.with_name(f"{self.path.stem}.rank{rank()}.jsonl")
@@ -260,11 +263,14 @@ class FeedbackJudge(Judge):
     kind = "feedback"
 
     def __init__(self, cfg: DictConfig) -> None:
+        from cai.labels import engine_identity
+
         super().__init__(cfg)
         self.spec = instantiate(cfg.feedback_model)
         ident = {"model": self.spec.identity(), "template": COMPARISON_TEMPLATE, "questions": [HARMLESS_QUESTION, HELPFUL_QUESTION]}
-        if cfg.label.get("engine", "hf") == "vllm":  # verdicts read through vLLM differ from HF's within float tolerance: their own cache
-            ident["engine"] = {"vllm": cfg.generation.dtype}
+        # Verdicts read through vLLM differ from HF's within float tolerance: they get their own cache.
+        if (engine := engine_identity(cfg)) is not None:
+            ident["engine"] = engine
         self.key = fingerprint({"judge": self.kind, **ident})
         self.identity = f"feedback model {self.spec.name} ({ident['model']}), zero-shot, both orders"
         # It is cfg.feedback_model, the model that labelled the PM's data (unless label=human): judging the
@@ -279,9 +285,14 @@ class FeedbackJudge(Judge):
             engine = label_engine(self.cfg, self.spec)
             model, tok = None if engine else self.spec.load_model(), self.spec.load_tokenizer()
             self._labeller = Labeller(model, tok, kind="soft", debias=True, batch_size=self.cfg.label.batch_size, engine=engine)
-            self.ran_on = engine.placement() if engine else placement(model)
+            self.ran_on = self._labeller.placement()
         items = [Item(conversation(ra), ra["response"], rb["response"], (QUESTIONS[ra["kind"]],)) for ra, rb in pairs]
         return [r["p_a"] for r in self._labeller.label(items, desc="judging")]
+
+    def close(self) -> None:
+        if self._labeller is not None:
+            self._labeller.close()
+            self._labeller = None
 
 
 class PMJudge(Judge):

@@ -37,7 +37,7 @@ from cai.errors import CaiError, check_choice
 from cai.generation import SamplingParams
 from cai.generation.hf import HFGenerator
 from cai.metrics import expected_calibration_error, human_agreement
-from cai.models import logits_where
+from cai.models import logits_where, placement
 from cai.templates import (
     COT_ANSWER,
     COT_PREFIX,
@@ -396,6 +396,15 @@ class Labeller:
 
     # --- comparisons ----------------------------------------------------------------------
 
+    def placement(self) -> dict:
+        """Where the labeller's model runs (for manifests): the vLLM engine's, or the HF model's."""
+        return self.engine.placement() if self.engine is not None else placement(self.model)
+
+    def close(self) -> None:
+        """Release the vLLM engine (its GPU memory) now, not when the labeller is collected."""
+        if self.engine is not None:
+            self.engine.close()
+
     def label(self, items: Sequence[Item], desc: str = "labelling") -> list[dict]:
         """Label comparisons: each principle of each item, in both orders when debiasing.
 
@@ -538,9 +547,15 @@ def labeller_from_config(cfg, constitution) -> Labeller:
 ENGINES = ("hf", "vllm")
 
 
+def engine_identity(cfg) -> dict | None:
+    """What label.engine adds to the identity of a label or a verdict: None for HF (the feedback model's
+    spec says it all), else the vLLM engine's dtype, since its numbers differ from HF's within float tolerance."""
+    return {"vllm": cfg.generation.dtype} if cfg.label.get("engine", "hf") == "vllm" else None
+
+
 def label_engine(cfg, spec):
     """label.engine=vllm: a vLLM engine for the feedback model, built with `generation=vllm`'s settings; else None (HF)."""
-    if cfg.label.get("engine", "hf") != "vllm":
+    if engine_identity(cfg) is None:
         return None
     from cai.config import instantiate
 

@@ -188,6 +188,21 @@ def rescales_logits(model: torch.nn.Module) -> bool:
     return any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_RESCALING)
 
 
+def packing_problem(model: torch.nn.Module) -> str | None:
+    """Why this model cannot run packed rows (`pack_shared_prefix`), or None if it can.
+
+    Packing needs attention that takes a custom 4D mask (SDPA, eager; not flash attention) and no
+    sliding window: transformers applies a custom mask as it is to every layer, so a window (or
+    Gemma's alternating local layers) would be lost.
+    """
+    config = model.config
+    if config._attn_implementation not in ("sdpa", "eager"):
+        return f"its attention ({config._attn_implementation}) takes no custom mask"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False:
+        return "it attends within a sliding window, which a custom mask would drop"
+    return None
+
+
 def packed_attention_mask(model: torch.nn.Module, mask: torch.Tensor, field: str) -> torch.Tensor:
     """A `pack_shared_prefix` mask (G, 1, T, T), bool, in the form this model's attention takes it.
 
@@ -195,12 +210,12 @@ def packed_attention_mask(model: torch.nn.Module, mask: torch.Tensor, field: str
     minimum where a token may not look); flash attention takes no custom mask: `field` is the
     setting that asked for packing, which the error names.
     """
-    attention = model.config._attn_implementation
-    if attention == "sdpa":
-        return mask
-    if attention == "eager":
+    problem = packing_problem(model)
+    if problem is not None:  # callers check first; this guards a path that did not
+        raise CaiError(f"{field}: this model cannot share a prompt across answers: {problem}; set {field}=false")
+    if model.config._attn_implementation == "eager":
         return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    raise CaiError(f"{field}: this model's attention ({attention}) takes no custom mask, which sharing the prompt needs; set {field}=false")
+    return mask
 
 
 def logits_where(model: torch.nn.Module, select: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:

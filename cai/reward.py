@@ -27,7 +27,7 @@ from cai.artifacts import file_hash, fingerprint
 from cai.data import Message, read_hh_rlhf
 from cai.errors import CaiError
 from cai.metrics import expected_calibration_error, pairwise_accuracy, wilson_interval
-from cai.models import packed_attention_mask, resolve_dtype, run_device
+from cai.models import packed_attention_mask, packing_problem, resolve_dtype, run_device
 from cai.training import pack_shared_prefix, pad
 
 log = logging.getLogger(__name__)
@@ -62,19 +62,25 @@ class PreferenceModel(nn.Module):
         """input_ids, attention_mask: (B, T), right-padded with the pad token -> rewards (B,)."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)  # (B,)
 
-    def packed(self, batch: dict[str, torch.Tensor], field: str = "pm.share_prompt") -> torch.Tensor:
-        """Rewards of sequences packed by `pack_shared_prefix` (a shared prompt computed once) -> (G, k).
+    def packing_problem(self) -> str | None:
+        """Why this PM cannot score packed rows (None if it can): it must be a decoder's classifier
+        (a `score` head on causal attention; BERT-like encoders have a `classifier`), and its
+        attention must take the mask (`packing_problem` of cai.models)."""
+        if not hasattr(self.model, "score"):
+            return f"{type(self.model).__name__} is not a decoder's sequence classifier"
+        return packing_problem(self.model)
 
-        The score head is linear, so scoring the hidden state at each sequence's last token is what
-        `forward` does on the sequence alone (transformers pools the last non-pad token).
+    def packed(self, batch: dict[str, torch.Tensor], field: str = "pm.share_prompt") -> torch.Tensor:
+        """Rewards (N,) of the N sequences packed by `pack_shared_prefix(..., pool_skip=pad id)`, in order.
+
+        The score head is linear, so scoring the hidden state at each sequence's last non-pad token
+        is what `forward` does on the sequence alone (transformers pools the last non-pad token).
         """
         mask = packed_attention_mask(self.model, batch["attention_mask"], field)  # (G, 1, T, T)
         hidden = self.backbone(
             input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
         ).last_hidden_state  # (G, T, H)
-        ends = batch["ends"]  # (G, k)
-        last = hidden.gather(1, ends[..., None].expand(-1, -1, hidden.shape[-1]))  # (G, k, H)
-        return self.head(last).squeeze(-1)  # (G, k)
+        return self.head(hidden[batch["row"], batch["ends"]]).squeeze(-1)  # (N, H) -> (N,)
 
     def save(self, path: str | Path, tokenizer, state: dict[str, torch.Tensor] | None = None) -> None:
         """An HF checkpoint of the whole PM (config, weights, tokenizer); `state` is this module's state dict."""
@@ -245,22 +251,33 @@ def score_groups(
     field: str = "ppo.share_prompt",
 ) -> list[float]:
     """`score` for transcripts in consecutive groups of `group` answers to one conversation (PPO's
-    samples_per_prompt, a comparison's two answers): each group one packed row, its conversation
-    computed once. field: the setting that asked for it (named if the model cannot pack)."""
+    samples_per_prompt, a comparison's two answers), each group packed (`pack_shared_prefix`): its
+    conversation computed once. A PM that cannot pack scores each transcript whole, with a warning
+    naming `field`, the setting that asked for packing."""
+    problem = pm.packing_problem()
+    if problem is not None:
+        if (field, problem) not in _WARNED:
+            _WARNED.add((field, problem))
+            log.warning("%s: %s; its transcripts are scored whole", field, problem)
+        return score(pm, tokenizer, transcripts, max_length, batch_size, desc)
     encoded = [encode_transcript(tokenizer, c, r, max_length) for c, r in transcripts]
-    groups = [encoded[i : i + group] for i in range(0, len(encoded), group)]
-    order = sorted(range(len(groups)), key=lambda g: sum(len(s) for s in groups[g]))
-    device, per_batch = next(pm.parameters()).device, max(1, batch_size // group)
+    groups = [range(i, min(i + group, len(encoded))) for i in range(0, len(encoded), group)]  # transcript indices
+    groups.sort(key=lambda g: sum(len(encoded[i]) for i in g))
+    device, per_batch, pad_id = next(pm.parameters()).device, max(1, batch_size // group), tokenizer.pad_token_id
     out = [0.0] * len(encoded)
     was_training = pm.training
     pm.eval()
-    for start in tqdm(range(0, len(order), per_batch), desc=desc, unit="batch", leave=False):
-        idx = order[start : start + per_batch]
-        packed = {k: v.to(device) for k, v in pack_shared_prefix([groups[g] for g in idx], tokenizer.pad_token_id).items()}
-        for g, rewards in zip(idx, pm.packed(packed, field).float().cpu().tolist()):  # (len(idx), group)
-            out[g * group : (g + 1) * group] = rewards
+    for start in tqdm(range(0, len(groups), per_batch), desc=desc, unit="batch", leave=False):
+        chosen = groups[start : start + per_batch]
+        packed = pack_shared_prefix([[encoded[i] for i in g] for g in chosen], pad_id, pool_skip=pad_id)
+        rewards = pm.packed({k: v.to(device) for k, v in packed.items()}, field).float().cpu()  # (N,), the groups' transcripts in order
+        for i, r in zip([i for g in chosen for i in g], rewards.tolist()):
+            out[i] = r
     pm.train(was_training)
     return out
+
+
+_WARNED: set[tuple[str, str]] = set()  # (setting, why) already warned about in this process
 
 
 def hh_accuracy(

@@ -25,7 +25,7 @@ from cai.data import Message
 from cai.generation import Completion, Generator, SamplingParams
 from cai.generation.hf import HFGenerator
 from cai.losses import logprobs_and_entropy
-from cai.models import logits_where, packed_attention_mask, rescales_logits
+from cai.models import logits_where, packed_attention_mask, packing_problem, rescales_logits
 from cai.training import gathered_state_dict, pack_shared_prefix, pad
 
 
@@ -110,7 +110,7 @@ def batch_rollouts(prompts: Sequence[list[int]], responses: Sequence[list[int]],
     input_ids, attention_mask: (B, L). action_mask: (B, L-1), 1 where token j+1 is a response token,
     so that position j of log-prob/value tensors (computed from logits at j) scores that token.
     group > 1 (answers in consecutive groups of that many to one prompt): also "packed", the groups
-    packed by `pack_shared_prefix` (each prompt once), which `body_hidden` runs instead.
+    packed by `pack_shared_prefix` (each prompt once), which `body_hidden` runs where the model can.
     """
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
     ids, attn = pad(seqs, pad_id)  # (B, L)
@@ -118,22 +118,21 @@ def batch_rollouts(prompts: Sequence[list[int]], responses: Sequence[list[int]],
     for i, (p, r) in enumerate(zip(prompts, responses)):
         action[i, len(p) - 1 : len(p) + len(r) - 1] = 1.0
     batch: dict[str, Any] = {"input_ids": ids, "attention_mask": attn, "action_mask": action}
-    if group > 1 and len(seqs) % group == 0:
+    if group > 1:
         batch["packed"] = pack_shared_prefix([seqs[i : i + group] for i in range(0, len(seqs), group)], pad_id)
     return batch
 
 
 def body_hidden(body: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """The transformer body's last hidden states (B, L, H) of a rollout batch: from its packed rows
-    (each prompt once) when it has them, put back in the batch's layout, else from the batch itself."""
+    (each prompt once) when it has them and the body can run them (`packing_problem`), put back in
+    the batch's layout; else from the batch itself."""
     packed = batch.get("packed")
-    if packed is None:
+    if packed is None or packing_problem(body) is not None:
         return body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, L, H)
     mask = packed_attention_mask(body, packed["attention_mask"], "ppo.share_prompt")  # (G, 1, T, T)
     hidden = body(input_ids=packed["input_ids"], attention_mask=mask, position_ids=packed["position_ids"]).last_hidden_state  # (G, T, H)
-    columns = packed["columns"]  # (G, k, L)
-    rows = torch.arange(columns.shape[0], device=columns.device)[:, None, None].expand_as(columns)  # (G, k, L)
-    return hidden[rows, columns].flatten(0, 1)  # (B, L, H); past a sequence's end: column 0, masked by every use
+    return hidden[packed["row"][:, None], packed["columns"]]  # (B, L, H); past a sequence's end: column 0, masked by every use
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

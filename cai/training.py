@@ -551,28 +551,43 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def pack_shared_prefix(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Groups of k sequences that share a prefix (a prompt and its answers), one row per group: the
-    prefix once, then each sequence's remainder, so the prefix's tokens are computed once, not k times.
+PACKED_ROW = 2048  # tokens a packed row may reach beyond twice its longest sequence (attention grows with its square)
+
+
+def pack_shared_prefix(groups: Sequence[Sequence[Sequence[int]]], pad_id: int, pool_skip: int | None = None) -> dict[str, torch.Tensor]:
+    """Groups of sequences that share a prefix (a prompt and its answers), packed into rows: the prefix
+    once, then each sequence's remainder, so the prefix's tokens are computed once, not once per answer.
 
     Each token sees the prefix and the earlier tokens of its own remainder, at the position it has in
-    its own sequence, so every sequence's hidden states are those it has alone (up to rounding).
-    Returns input_ids, position_ids (G, T), right-padded; attention_mask (G, 1, T, T) bool, True
-    where a token may attend (a pad column sees itself: a row that sees nothing is NaN in SDPA);
-    columns (G, k, L), the packed column of each token of each sequence (0 past its end), L the
-    longest sequence; ends (G, k), the column of each sequence's last token.
+    its own sequence, so every sequence's hidden states are those it has alone (up to rounding). A
+    group whose row would pass max(2 x its longest sequence, PACKED_ROW) tokens is cut into several
+    rows, each with its own prefix: a longer row costs more attention (its square) than it saves.
+    Returns, over G rows and the N sequences in order:
+      input_ids, position_ids (G, T), right-padded;
+      attention_mask (G, 1, T, T) bool, True where a token may attend (a pad column sees itself only:
+        a row that sees nothing is NaN in SDPA);
+      row (N,) each sequence's row; columns (N, L) the column of each of its tokens (0 past its end,
+        L the longest sequence); ends (N,) the column of its last token that is not `pool_skip`
+        (transformers' sequence classifiers read the last token that is not the pad token).
     """
-    rows, positions, segments, columns = [], [], [], []
+    rows, positions, segments, where, columns, ends = [], [], [], [], [], []
     for group in groups:
-        c = common_prefix(group)
-        ids, pos, seg = list(group[0][:c]), list(range(c)), [0] * c
-        for j, s in enumerate(group):
-            rest = s[c:]
-            columns.append(list(range(c)) + list(range(len(ids), len(ids) + len(rest))))
-            ids += rest
-            pos += range(c, len(s))
-            seg += [j + 1] * len(rest)
-        rows.append(ids), positions.append(pos), segments.append(seg)
+        limit, start = max(2 * max(len(s) for s in group), PACKED_ROW), 0
+        while start < len(group):  # the longest run of the group's sequences that fits one row
+            stop = start + 1
+            while stop < len(group) and packed_length(group[start : stop + 1]) <= limit:
+                stop += 1
+            part, start = group[start:stop], stop
+            c = common_prefix(part)
+            ids, pos, seg = list(part[0][:c]), list(range(c)), [0] * c
+            for j, s in enumerate(part):
+                cols = list(range(c)) + list(range(len(ids), len(ids) + len(s) - c))  # (len(s),)
+                kept = [i for i, t in enumerate(s) if t != pool_skip]
+                where.append(len(rows)), columns.append(cols), ends.append(cols[kept[-1] if kept else len(s) - 1])
+                ids += s[c:]
+                pos += range(c, len(s))
+                seg += [j + 1] * (len(s) - c)
+            rows.append(ids), positions.append(pos), segments.append(seg)
     input_ids, _ = pad(rows, pad_id)  # (G, T)
     position_ids, _ = pad(positions, 0)  # (G, T)
     seg, _ = pad(segments, -1)  # (G, T): 0 the prefix, j + 1 sequence j's remainder, -1 padding
@@ -581,13 +596,17 @@ def pack_shared_prefix(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -
     visible = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # (G, T, T): query row, key column
     real = (seg[:, None, :] >= 0) & (seg[:, :, None] >= 0)  # (G, T, T): neither is padding
     mask = (causal & visible & real) | torch.eye(width, dtype=torch.bool)  # (G, T, T)
-    cols, _ = pad(columns, 0)  # (G * k, L)
-    ends = torch.tensor([c[-1] for c in columns])  # (G * k,)
-    k = len(groups[0])
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
         "attention_mask": mask[:, None],
-        "columns": cols.view(len(groups), k, -1),
-        "ends": ends.view(len(groups), k),
+        "row": torch.tensor(where),
+        "columns": pad(columns, 0)[0],
+        "ends": torch.tensor(ends),
     }
+
+
+def packed_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Tokens in the row that packs these sequences: their common prefix once, then each remainder."""
+    c = common_prefix(seqs)
+    return c + sum(len(s) - c for s in seqs)

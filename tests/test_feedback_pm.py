@@ -144,7 +144,7 @@ def test_reward_reads_the_last_real_token(tiny_spec):
 
 def test_packed_rewards_and_gradients_are_those_of_each_transcript_alone(tiny_spec):
     """pack_shared_prefix: the prompt once, then each answer; each answer's reward is the one it has alone."""
-    pm = PreferenceModel.from_causal_lm(tiny_spec.load_model(train=True))
+    pm = PreferenceModel.from_causal_lm(tiny_spec.load_model(train=True), pad_token_id=2)  # transformers pools the last token that is not 2
     gen = torch.Generator().manual_seed(0)
     groups = []
     for prompt, a, b in [(5, 3, 7), (9, 4, 4), (2, 0, 6), (3, 5, 5)]:  # (2, 0, 6): answer a is the prompt alone
@@ -153,16 +153,17 @@ def test_packed_rewards_and_gradients_are_those_of_each_transcript_alone(tiny_sp
             (p + torch.randint(3, 100, (a,), generator=gen).tolist(), p + [101] + torch.randint(3, 100, (b,), generator=gen).tolist())
         )
     groups.append((groups[0][0], groups[0][0]))  # identical answers
+    groups.append((groups[1][0] + [2], groups[1][1] + [2, 2]))  # transcripts ending with the pad token (an eos used as pad)
     for attention in ("sdpa", "eager"):
         pm.model.set_attn_implementation(attention)
-        packed = pm.packed(pack_shared_prefix(groups, 2))  # (5, 2)
+        packed = pm.packed(pack_shared_prefix(groups, 2, pool_skip=2)).view(-1, 2)  # (6, 2)
         ids, mask = pad([s for group in groups for s in group], 2)
-        alone = pm(ids, mask).view(-1, 2)  # (5, 2)
+        alone = pm(ids, mask).view(-1, 2)  # (6, 2)
         torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
         grads = []
         for rewards in (packed, alone):
             pm.zero_grad()
-            (rewards * torch.arange(10.0).view(5, 2)).sum().backward(retain_graph=True)
+            (rewards * torch.arange(12.0).view(6, 2)).sum().backward(retain_graph=True)
             grads.append(torch.cat([p.grad.flatten() for p in pm.parameters()]))
         torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
 

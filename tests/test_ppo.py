@@ -78,6 +78,7 @@ def test_response_only_log_probs_equal_the_full_computation(tiny_spec, monkeypat
 def test_packed_rollouts_score_and_train_as_the_rollouts_alone(tiny_spec):
     """batch_rollouts(group=k): each prompt's k answers in one packed row; log-probs, hidden states (what
     the value head reads), a separate critic's values, PM rewards and gradients are those of each rollout alone."""
+    from cai.models import packing_problem
     from cai.reward import PreferenceModel, pm_reward
     from cai.rl import CriticModel, response_logprobs
 
@@ -98,6 +99,12 @@ def test_packed_rollouts_score_and_train_as_the_rollouts_alone(tiny_spec):
         logp.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # scoring: the head in one go
+        torch.testing.assert_close(response_logprobs(model, packed)[0], outs[1][0].detach(), atol=1e-5, rtol=1e-5)
+    model.config.sliding_window = 4  # a window a custom mask would drop: the packed rows are not run
+    assert "sliding window" in packing_problem(model)
+    with torch.no_grad():
+        torch.testing.assert_close(response_logprobs(model, packed)[0], response_logprobs(model, alone)[0])
     pm = PreferenceModel.from_causal_lm(tiny_spec.load_model()).eval()
     critic = CriticModel(pm.backbone, pm.head)
     with torch.no_grad():
@@ -372,11 +379,13 @@ def test_critic_free_ppo_through_the_cli(upstream_of_ppo, tmp_path, advantage):
     assert len(first) == 8 and all(len(set(first[g : g + 4])) == 1 for g in (0, 4))  # two groups of 4 answers to one prompt
 
 
-def test_sharing_the_prompt_trains_as_each_answer_alone(upstream_of_ppo, tmp_path):
+@pytest.mark.parametrize("minibatch", [8, 4])
+def test_sharing_the_prompt_trains_as_each_answer_alone(upstream_of_ppo, tmp_path, minibatch):
     """`ppo.share_prompt` (on by default) packs each prompt's answers into one row for the actor, the
-    reference and the PM: the same run as `ppo.share_prompt=false`, up to float rounding."""
-    ppo = ("stage=ppo", "ppo.iterations=2", "ppo.rollouts=8", "ppo.samples_per_prompt=4", "ppo.max_new_tokens=8", "ppo.minibatch_size=8")
-    ppo += ("ppo.ppo_epochs=1", "ppo.lr=1e-3", "ppo.advantage=grpo", "logger=none")
+    reference and the PM: the same run as `ppo.share_prompt=false`, up to float rounding. With one
+    minibatch the update reuses the packed forward; with two, scoring runs packed and the update unpacked."""
+    ppo = ("stage=ppo", "ppo.iterations=2", "ppo.rollouts=8", "ppo.samples_per_prompt=4", "ppo.max_new_tokens=8")
+    ppo += (f"ppo.minibatch_size={minibatch}", "ppo.ppo_epochs=1", "ppo.lr=1e-3", "ppo.advantage=grpo", "logger=none")
     histories, tokens = [], []
     for share in ("true", "false"):
         root = tmp_path / share

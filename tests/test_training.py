@@ -56,13 +56,17 @@ def test_ppo_fits_deepspeeds_config_before_the_trainer_reads_it():
     deepspeed_for_manual_loop("auto", 0.5)  # other strategies: nothing to do
 
 
-def test_pack_shared_prefix_lays_out_the_prompt_once_and_each_answer_after_it():
+def test_pack_shared_prefix_lays_out_the_prompt_once_and_each_answer_after_it(monkeypatch):
+    from cai import training
     from cai.training import pack_shared_prefix
 
-    batch = pack_shared_prefix([([7, 8, 1, 2], [7, 8, 3]), ([7, 1], [7, 2])], pad_id=0)
-    assert batch["input_ids"].tolist() == [[7, 8, 1, 2, 3], [7, 1, 2, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 0, 0]]  # each answer at its own positions
-    assert batch["ends"].tolist() == [[3, 4], [1, 2]]
+    # Two groups: a pair, and a pair whose first sequence is all prefix of the second, ending with the pad id 0.
+    batch = pack_shared_prefix([([7, 8, 1, 2], [7, 8, 3]), ([7, 5], [7, 5, 0, 4, 0])], pad_id=0, pool_skip=0)
+    assert batch["input_ids"].tolist() == [[7, 8, 1, 2, 3], [7, 5, 0, 4, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 4]]  # each answer at its own positions
+    assert batch["row"].tolist() == [0, 0, 1, 1]
+    assert batch["columns"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 4, 0, 0], [0, 1, 0, 0, 0], [0, 1, 2, 3, 4]]
+    assert batch["ends"].tolist() == [3, 4, 1, 3]  # the last token that is not pool_skip, as transformers pools
     sees = batch["attention_mask"][0, 0].int().tolist()  # (T, T) of the first row: query row, key column
     assert sees == [
         [1, 0, 0, 0, 0],
@@ -71,4 +75,11 @@ def test_pack_shared_prefix_lays_out_the_prompt_once_and_each_answer_after_it():
         [1, 1, 1, 1, 0],
         [1, 1, 0, 0, 1],  # answer b: the prompt and itself, not answer a
     ]
-    assert batch["attention_mask"][1, 0].int().tolist()[3] == [0, 0, 0, 1, 0]  # a pad column sees itself only
+    short = pack_shared_prefix([([7, 1], [7, 2, 3]), ([5], [6])], pad_id=0)  # the second row: [5, 6] and padding
+    assert short["attention_mask"][1, 0].int().tolist()[3] == [0, 0, 0, 1]  # a pad column sees itself only
+    # A row longer than max(2 x its longest sequence, PACKED_ROW) is cut: 4 answers of 4 after a prompt of 4
+    # would make 20 tokens, past 2 x 8; three make 16.
+    monkeypatch.setattr(training, "PACKED_ROW", 0)
+    group = [[1, 2, 3, 4, 10 + i, 11, 12, 13] for i in range(4)]
+    cut = pack_shared_prefix([group], pad_id=0)
+    assert cut["row"].tolist() == [0, 0, 0, 1] and cut["input_ids"].shape == (2, 16)

@@ -130,6 +130,7 @@ def build(ctx: Context) -> dict | None:
     answers = {**answer(cfg, snaps, prompts), **external_answers}
     players = snaps + externals
     ratings, table = rate(cfg, players, answers, judge)
+    judge.close()  # every verdict is in: its engine's memory goes before the PM loads
     if not is_rank_zero():  # the answers and verdicts are on disk; rank 0 alone scores, writes the report and logs
         return None  # (several ranks writing frontier.png at once let rank 0 read a half-written one)
     # This run's PM scores every answer; when it is also the judge, the copy the judge loaded serves.

@@ -143,6 +143,7 @@ def draw(
     if is_rank_zero():
         out.open()
     ratings, table = rate(cfg, snaps, answers, judge)
+    judge.close()
     if not is_rank_zero():
         return path, [], table, runs, judge_info
     title = f"{len(runs)} runs and answer sets: Elo (judge: {judge.identity})"

@@ -29,8 +29,7 @@ from cai.config import instantiate
 from cai.constitution import Constitution
 from cai.data import human_pairs, read_hh_rlhf, source_hash
 from cai.distributed import is_rank_zero
-from cai.labels import Item, Labeller, labeller_from_config, labeller_report, report_principles
-from cai.models import placement
+from cai.labels import Item, Labeller, engine_identity, labeller_from_config, labeller_report, report_principles
 from cai.stages import Context, Stage
 from cai.templates import HELPFULNESS
 
@@ -116,7 +115,7 @@ def build(ctx: Context) -> dict:
         def make(chunk: list[dict], index: int) -> list[dict]:
             nonlocal labeller
             labeller = labeller or labeller_from_config(cfg, constitution)
-            ctx.extra["models"] = {"feedback_model": labeller.engine.placement() if labeller.engine else placement(labeller.model)}
+            ctx.extra["models"] = {"feedback_model": labeller.placement()}
             return ai_rows(cfg, constitution, chunk, labeller, index)
 
         out.write_shards(chunked(ctx.upstream["pairs"].rows(), cfg.pairs.shard_size), make, "label shards")
@@ -127,8 +126,8 @@ def build(ctx: Context) -> dict:
     if cfg.label.report_data and cfg.label.kind != "human" and is_rank_zero():
         labeller = labeller or labeller_from_config(cfg, constitution)
         write_report(ctx, labeller, constitution)
-    if labeller is not None and labeller.engine is not None:
-        labeller.engine.close()
+    if labeller is not None:
+        labeller.close()
     harmless = sum(r["kind"] == "red_team" for r in rows)
     return {
         "labels": len(rows),
@@ -164,8 +163,8 @@ def inputs(cfg: DictConfig) -> dict:
     if cfg.label.kind == "human":
         return {"data": source_hash(cfg.label.data, "label.data")}
     read = {"constitution": instantiate(cfg.constitution).digest()}
-    if cfg.label.get("engine", "hf") == "vllm":
-        read["engine_dtype"] = cfg.generation.dtype  # vLLM's precision decides the labels too
+    if (engine := engine_identity(cfg)) is not None:
+        read["engine"] = engine  # vLLM's precision decides the labels too
     return read
 
 

@@ -79,7 +79,7 @@ def collate_pairs(batch: list[dict], pad_id: int, share_prompt: bool) -> dict[st
     """
     p = torch.tensor([b["p"] for b in batch])
     if share_prompt:
-        return {**pack_shared_prefix([(b["a"], b["b"]) for b in batch], pad_id), "p": p}
+        return {**pack_shared_prefix([(b["a"], b["b"]) for b in batch], pad_id, pool_skip=pad_id), "p": p}
     ids, mask = pad([b["a"] for b in batch] + [b["b"] for b in batch], pad_id)  # (2B, T)
     return {"input_ids": ids, "attention_mask": mask, "p": p}
 
@@ -140,8 +140,8 @@ class PMModule(L.LightningModule):
         self.val_targets: list[float] = []
 
     def rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if "ends" in batch:  # packed: one row per comparison
-            r = self.pm.packed(batch).float()  # (B, 2)
+        if "ends" in batch:  # packed: one row per comparison, its answers a then b
+            r = self.pm.packed(batch).float().view(-1, 2)  # (B, 2)
             return r[:, 0], r[:, 1]
         r = self.pm(batch["input_ids"], batch["attention_mask"]).float()  # (2B,)
         n = batch["p"].shape[0]
@@ -182,15 +182,15 @@ class PMModule(L.LightningModule):
 # --- the stage -----------------------------------------------------------------------------------
 
 
-def loaders(cfg: DictConfig, tokenizer, rows: list[dict]) -> tuple[DataLoader, DataLoader | None, int, int]:
-    """Length-bucketed train batches and plain validation batches of encoded comparisons."""
+def loaders(cfg: DictConfig, tokenizer, rows: list[dict], share: bool) -> tuple[DataLoader, DataLoader | None, int, int]:
+    """Length-bucketed train batches and plain validation batches of encoded comparisons (packed if `share`)."""
     data = encode(tokenizer, rows, cfg.pm.max_length)
     if len(data) < 2:
         raise CaiError(f"pm: only {len(data)} comparisons; label more pairs (data.n_red_team)")
     random.Random(cfg.seed).shuffle(data)
     n_val = max(1, round(cfg.pm.val_fraction * len(data))) if cfg.pm.val_fraction > 0 else 0
     val, train = data[:n_val], data[n_val:]
-    pad_id, share = tokenizer.pad_token_id, cfg.pm.share_prompt
+    pad_id = tokenizer.pad_token_id
     row = (lambda d: len(d["a"]) + len(d["b"]) - common_prefix([d["a"], d["b"]])) if share else (lambda d: max(len(d["a"]), len(d["b"])))
     sampler = LengthBucketSampler([row(d) for d in train], cfg.pm.batch_size, cfg.seed)
     train_loader = DataLoader(train, batch_sampler=sampler, collate_fn=lambda b: collate_pairs(b, pad_id, share))
@@ -222,9 +222,12 @@ def build(ctx: Context) -> dict | None:
     spec = instantiate(cfg.pm_model)
     tokenizer = spec.load_tokenizer()
     rows = comparisons(cfg, ctx.upstream["label"].rows())
-    train_loader, val_loader, n_train, n_val = loaders(cfg, tokenizer, rows)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PMModule(spec, cfg.pm.lr, cfg.pm.warmup_ratio, cfg.pm.trainable, tokenizer.pad_token_id, cfg.peft, cfg.seed)
+    problem = module.pm.packing_problem() if cfg.pm.share_prompt else None
+    if problem is not None:
+        log.warning("pm.share_prompt: %s; each answer's transcript runs whole", problem)
+    train_loader, val_loader, n_train, n_val = loaders(cfg, tokenizer, rows, cfg.pm.share_prompt and problem is None)
     trainer, seconds = fit(
         module,
         train_loader,

@@ -34,6 +34,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -59,7 +60,7 @@ from cai.losses import (
     whiten,
 )
 from cai.metrics import boilerplate_rate, refusal_rate
-from cai.models import DTYPES, disable_dropout, frozen, placement, resolve_dtype, same_tokenizer
+from cai.models import DTYPES, disable_dropout, frozen, packing_problem, placement, resolve_dtype, same_tokenizer
 from cai.reward import PreferenceModel, pm_identity, pm_reward, resolve_pm_dir
 from cai.rl import Critic, CriticModel, Experience, RewardFn, Rollout, ValueHead, batch_rollouts, own_policy, response_logprobs
 from cai.stages import Context, Stage
@@ -129,6 +130,11 @@ class PPOModule(L.LightningModule):
         self.prompts = list(prompts)
         self.cfg = ppo
         self.seed = seed
+        # ppo.share_prompt: each prompt's answers packed into one row (its prompt run once), where the actor can run it.
+        problem = packing_problem(actor) if ppo.share_prompt and ppo.samples_per_prompt > 1 else None
+        if problem is not None:
+            log.warning("ppo.share_prompt: %s; every answer runs whole", problem)
+        self.pack_group = ppo.samples_per_prompt if ppo.share_prompt and problem is None else 1
         self.kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon, ppo.adaptive_kl)
         self.score_moments = RunningMoments()  # ppo.reward_norm=running
         # Log-probs, KL and values are computed in train mode (Lightning's), sampling in eval mode: with
@@ -217,11 +223,11 @@ class PPOModule(L.LightningModule):
         """True when an iteration's update is one step on all its rollouts (one PPO epoch, one minibatch)."""
         return self.cfg.ppo_epochs == 1 and self.cfg.minibatch_size >= self.cfg.rollouts
 
-    def rollout_batch(self, completions: list[Completion]) -> dict[str, torch.Tensor]:
-        """The rollouts as one right-padded batch on this rank's device (`batch_rollouts`)."""
+    def rollout_batch(self, completions: list[Completion]) -> dict[str, Any]:
+        """The rollouts as one right-padded batch on this rank's device (`batch_rollouts`), packed by prompt where it can be."""
         responses = [c.token_ids if c.token_ids else [self.tok.eos_token_id] for c in completions]
         prompts = [c.prompt_token_ids for c in completions]
-        batch = batch_rollouts(prompts, responses, self.tok.pad_token_id, self.cfg.samples_per_prompt if self.cfg.share_prompt else 1)
+        batch = batch_rollouts(prompts, responses, self.tok.pad_token_id, self.pack_group)
         return {k: {n: t.to(self.device) for n, t in v.items()} if k == "packed" else v.to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()
