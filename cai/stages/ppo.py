@@ -130,11 +130,7 @@ class PPOModule(L.LightningModule):
         self.prompts = list(prompts)
         self.cfg = ppo
         self.seed = seed
-        # ppo.share_prompt: each prompt's answers packed into one row (its prompt run once), where the actor can run it.
-        problem = packing_problem(actor) if ppo.share_prompt and ppo.samples_per_prompt > 1 else None
-        if problem is not None:
-            log.warning("ppo.share_prompt: %s; every answer runs whole", problem)
-        self.pack_group = ppo.samples_per_prompt if ppo.share_prompt and problem is None else 1
+        self.pack_group = pack_group(actor, ppo)
         self.kl_ctl = AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon, ppo.adaptive_kl)
         self.score_moments = RunningMoments()  # ppo.reward_norm=running
         # Log-probs, KL and values are computed in train mode (Lightning's), sampling in eval mode: with
@@ -368,6 +364,17 @@ class PPOModule(L.LightningModule):
         self.history = checkpoint.get("ppo_history", [])
         if self.ref is not None:
             checkpoint["state_dict"].update({f"ref.{k}": v for k, v in self.ref.state_dict().items()})
+
+
+def pack_group(actor: torch.nn.Module, ppo: DictConfig) -> int:
+    """`ppo.share_prompt`: how many answers to one prompt go in a packed row (its prompt run once); 1 is unpacked.
+
+    The samples_per_prompt answers of a prompt, where the actor can run a packed row (`packing_problem`).
+    """
+    problem = packing_problem(actor) if ppo.share_prompt and ppo.samples_per_prompt > 1 else None
+    if problem is not None:
+        log.warning("ppo.share_prompt: %s; every answer runs whole", problem)
+    return ppo.samples_per_prompt if ppo.share_prompt and problem is None else 1
 
 
 def train_ppo(
