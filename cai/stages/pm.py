@@ -35,9 +35,9 @@ from cai.training import (
     TRAINING_LOGGING_ONLY,
     LengthBucketSampler,
     adamw_with_cosine,
-    common_prefix,
     fit,
     pack_shared_prefix,
+    packed_length,
     pad,
     trained_placement,
 )
@@ -191,7 +191,7 @@ def loaders(cfg: DictConfig, tokenizer, rows: list[dict], share: bool) -> tuple[
     n_val = max(1, round(cfg.pm.val_fraction * len(data))) if cfg.pm.val_fraction > 0 else 0
     val, train = data[:n_val], data[n_val:]
     pad_id = tokenizer.pad_token_id
-    row = (lambda d: len(d["a"]) + len(d["b"]) - common_prefix([d["a"], d["b"]])) if share else (lambda d: max(len(d["a"]), len(d["b"])))
+    row = (lambda d: packed_length([d["a"], d["b"]])) if share else (lambda d: max(len(d["a"]), len(d["b"])))
     sampler = LengthBucketSampler([row(d) for d in train], cfg.pm.batch_size, cfg.seed)
     train_loader = DataLoader(train, batch_sampler=sampler, collate_fn=lambda b: collate_pairs(b, pad_id, share))
     val_loader = DataLoader(val, batch_size=cfg.pm.batch_size, collate_fn=lambda b: collate_pairs(b, pad_id, share)) if val else None
