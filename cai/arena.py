@@ -279,12 +279,10 @@ class FeedbackJudge(Judge):
         self._labeller = None
 
     def compare(self, pairs: list[tuple[dict, dict]]) -> list[float]:
-        from cai.labels import Item, Labeller, label_engine
+        from cai.labels import Item, labeller_for
 
         if self._labeller is None:
-            engine = label_engine(self.cfg, self.spec)
-            model, tok = None if engine else self.spec.load_model(), self.spec.load_tokenizer()
-            self._labeller = Labeller(model, tok, kind="soft", debias=True, batch_size=self.cfg.label.batch_size, engine=engine)
+            self._labeller = labeller_for(self.cfg, self.spec, kind="soft", debias=True, batch_size=self.cfg.label.batch_size)
             self.ran_on = self._labeller.placement()
         items = [Item(conversation(ra), ra["response"], rb["response"], (QUESTIONS[ra["kind"]],)) for ra, rb in pairs]
         return [r["p_a"] for r in self._labeller.label(items, desc="judging")]

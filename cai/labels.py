@@ -522,12 +522,9 @@ def labeller_from_config(cfg, constitution) -> Labeller:
     """The labeller that `label=` and `feedback_model=` describe, on the run's device."""
     from cai.config import instantiate
 
-    spec = instantiate(cfg.feedback_model)
-    engine = label_engine(cfg, spec)
-    return Labeller(
-        None if engine else spec.load_model(),
-        spec.load_tokenizer(),
-        engine=engine,
+    return labeller_for(
+        cfg,
+        instantiate(cfg.feedback_model),
         kind=cfg.label.kind,
         examples=constitution.rl_examples if cfg.label.few_shot else (),
         debias=cfg.label.debias,
@@ -542,6 +539,13 @@ def labeller_from_config(cfg, constitution) -> Labeller:
         ask=cfg.label.ask,
         reduce=cfg.label.reduce,
     )
+
+
+def labeller_for(cfg, spec, **options) -> Labeller:
+    """A Labeller of `spec`'s model with these Labeller options: on a vLLM engine under label.engine=vllm,
+    else the HF model loaded in this process. The label stage and the eval stage's feedback judge build theirs here."""
+    engine = label_engine(cfg, spec)
+    return Labeller(None if engine else spec.load_model(), spec.load_tokenizer(), engine=engine, **options)
 
 
 ENGINES = ("hf", "vllm")

@@ -321,12 +321,13 @@ def hh_accuracy(
 def pm_reward(pm: PreferenceModel, tokenizer, max_length: int, batch_size: int, group: int = 1):
     """PPO's reward role: a frozen PM scoring (conversation, completion) pairs -> list of floats.
 
-    group > 1: the answers come in consecutive groups of that many to one conversation, scored packed.
+    group > 1: the answers come in consecutive groups of that many to one conversation, scored packed
+    (a shorter last group too).
     """
 
     def reward_fn(conversations: Sequence[Sequence[Message]], completions: Sequence) -> list[float]:
         transcripts = [(c, a.text) for c, a in zip(conversations, completions)]
-        if group > 1 and len(transcripts) % group == 0:
+        if group > 1:
             return score_groups(pm, tokenizer, transcripts, group, max_length, batch_size, "ppo scoring")
         return score(pm, tokenizer, transcripts, max_length, batch_size, desc="ppo scoring")
 

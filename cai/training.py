@@ -551,7 +551,9 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
-PACKED_ROW = 2048  # tokens a packed row may reach beyond twice its longest sequence (attention grows with its square)
+# A packed row may hold up to max(2 x its longest sequence, PACKED_ROW) tokens; a group that would pass it is cut
+# into several rows (attention grows with the square of a row's length, while the prefix it saves grows linearly).
+PACKED_ROW = 2048
 
 
 def pack_shared_prefix(groups: Sequence[Sequence[Sequence[int]]], pad_id: int, pool_skip: int | None = None) -> dict[str, torch.Tensor]:

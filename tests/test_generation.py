@@ -91,3 +91,33 @@ def test_rollout_log_probs_are_the_actors_whatever_the_model_generation_config(t
         assert len(o.logprobs) == len(o.token_ids) > 0
         actor = recomputed[row][batch["action_mask"][row].bool()]
         assert torch.allclose(torch.tensor(o.logprobs), actor, atol=1e-4), (o.logprobs, actor.tolist())
+
+
+def test_repeated_prompts_are_prefilled_once_and_sample_from_the_actors_distribution(tiny_spec):
+    """PPO's k answers to one prompt: the prompt runs once (`shared_prefill`), and every answer is what a
+    whole prefill would give: greedy answers equal those of the distinct prompts alone, and the sampled
+    tokens' log-probs equal the actor's on the whole transcript, also for a shorter, left-padded prompt."""
+    import torch
+
+    from cai.generation.hf import shared_prefill
+    from cai.rl import batch_rollouts, token_logprobs
+
+    model, tok = tiny_spec.load_model(), tiny_spec.load_tokenizer()
+    gen = HFGenerator(model, tok, batch_size=8)
+    short, long = [{"role": "user", "content": "Why?"}], [{"role": "user", "content": "Tell me a long story about a fox"}]
+    convs = [long, long, long, short, short, CHAT]
+    ids = torch.tensor([[5, 6, 7], [5, 6, 7], [0, 8, 9]])
+    assert set(shared_prefill(model, ids, torch.ones_like(ids))) <= {"cache", "past_key_values"}
+    assert shared_prefill(model, ids[1:], torch.ones_like(ids[1:])) == {}  # nothing repeats: generate prefills as ever
+    greedy = SamplingParams(max_new_tokens=10, temperature=0, seed=0)
+    alone = {id(c): o.token_ids for c, o in zip((long, short, CHAT), gen.generate([long, short, CHAT], greedy))}
+    assert [o.token_ids for o in gen.generate(convs, greedy)] == [alone[id(c)] for c in convs]
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=1.0, seed=4, logprobs=True)
+    outs = gen.generate(convs, params)
+    batch = batch_rollouts([o.prompt_token_ids for o in outs], [o.token_ids for o in outs], tok.pad_token_id)
+    with torch.no_grad():
+        recomputed = token_logprobs(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["input_ids"])
+    for row, o in enumerate(outs):
+        actor = recomputed[row][batch["action_mask"][row].bool()]
+        assert torch.allclose(torch.tensor(o.logprobs), actor, atol=1e-4), (row, o.logprobs, actor.tolist())
+    assert len({tuple(o.token_ids) for o in outs[:3]}) > 1  # the repeats are sampled apart, not copied

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
@@ -59,8 +60,10 @@ class HFGenerator(Generator):
                 ids, mask = pad([prompts[i] for i in idx], pad_id, side="left")  # every prompt ends at the same column
                 width = ids.shape[1]
                 torch.manual_seed(derive_seed(params.seed, "batch", b))  # same seed and same prompts -> same text
+                ids, mask = ids.to(device), mask.to(device)
                 with own_config_hidden(self.model):
-                    out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+                    cache = shared_prefill(self.model, ids, mask)
+                    out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **cache)
                 sequences = out.sequences if params.logprobs else out
                 for row, i in enumerate(idx):
                     new = sequences[row, width:].tolist()
@@ -118,6 +121,32 @@ def exact_sampling(params: SamplingParams, pad_id: int, eos: int) -> GenerationC
         output_scores=params.logprobs,
         return_dict_in_generate=params.logprobs,
     )
+
+
+def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """The KV cache of a batch whose prompts repeat (PPO's k answers to a prompt), each distinct prompt computed once.
+
+    ids, mask: (B, W) left-padded. Returns {} when every prompt is distinct; else generate's cache
+    argument: the cache of every prompt but its last token (generate computes that one, and samples
+    from it), run on the distinct rows and copied to their repeats. Positions are those generate
+    gives a left-padded row (cumsum of the mask), so the tokens sampled are those of a whole prefill
+    up to float rounding; with k answers a prompt, the prompts cost a k-th of their forward.
+    """
+    rows = [tuple(r) for r in ids.tolist()]
+    first: dict[tuple, int] = {}
+    owner = [first.setdefault(r, len(first)) for r in rows]  # (B,) the distinct prompt each row repeats
+    if len(first) == len(rows) or ids.shape[1] < 2:
+        return {}
+    distinct = torch.tensor([owner.index(j) for j in range(len(first))], device=ids.device)
+    ids, mask = ids[distinct, :-1], mask[distinct, :-1]  # (D, W-1)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.25 names it `cache`
+    if not hasattr(cache, "batch_select_indices"):  # a legacy tuple cache: let generate prefill every row
+        return {}
+    cache.batch_select_indices(torch.tensor(owner, device=ids.device))  # (B, ...) each row gets its prompt's
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 @contextlib.contextmanager
