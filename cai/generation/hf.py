@@ -140,13 +140,14 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, An
     distinct = torch.tensor([owner.index(j) for j in range(len(first))], device=ids.device)
     ids, mask = ids[distinct, :-1], mask[distinct, :-1]  # (D, W-1)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    accepts = inspect.signature(model.forward).parameters
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}  # the logits are not used
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers >= 5.25 names it `cache`
     if not hasattr(cache, "batch_select_indices"):  # a legacy tuple cache: let generate prefill every row
         return {}
     cache.batch_select_indices(torch.tensor(owner, device=ids.device))  # (B, ...) each row gets its prompt's
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+    return {"cache" if "cache" in accepts else "past_key_values": cache}
 
 
 @contextlib.contextmanager
