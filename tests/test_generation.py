@@ -107,7 +107,9 @@ def test_repeated_prompts_are_prefilled_once_and_sample_from_the_actors_distribu
     short, long = [{"role": "user", "content": "Why?"}], [{"role": "user", "content": "Tell me a long story about a fox"}]
     convs = [long, long, long, short, short, CHAT]
     ids = torch.tensor([[5, 6, 7], [5, 6, 7], [0, 8, 9]])
-    assert set(shared_prefill(model, ids, torch.ones_like(ids))) <= {"cache", "past_key_values"}
+    shared = shared_prefill(model, ids, torch.ones_like(ids))
+    assert len(shared) == 1 and set(shared) <= {"cache", "past_key_values"}  # generate's cache argument, whatever its name
+    assert next(iter(shared.values())).get_seq_length() == 2  # every prompt token but the last, which generate runs
     assert shared_prefill(model, ids[1:], torch.ones_like(ids[1:])) == {}  # nothing repeats: generate prefills as ever
     greedy = SamplingParams(max_new_tokens=10, temperature=0, seed=0)
     alone = {id(c): o.token_ids for c, o in zip((long, short, CHAT), gen.generate([long, short, CHAT], greedy))}
