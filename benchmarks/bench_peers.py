@@ -231,6 +231,7 @@ def cai_args(precision: str, *groups: list[str]) -> list[str]:
 def held_out(root: Path) -> Path | None:
     """The second half of the shared hh-rlhf dev split (the first is for tuning), or None without it."""
     if not HH_DEV.exists():
+        print(f"no held-out comparisons at {HH_DEV} (set CAI_TEST_DATA to the shared data/ folder): no PM accuracy row", flush=True)
         return None
     import gzip
 

@@ -271,7 +271,7 @@ def test_a_retrained_policy_is_rated_afresh(make_cfg, tmp_path, monkeypatch):
     before = {s["label"]: s for s in json.loads((stage_path(cfg, "eval") / "elo.json").read_text())["snapshots"]}
     shutil.rmtree(stage_path(cfg, "ppo"))
     adamw = cai.stages.ppo.adamw
-    monkeypatch.setattr(cai.stages.ppo, "adamw", lambda params, lr, trainer=None: adamw(params, lr * 30, trainer))
+    monkeypatch.setattr(cai.stages.ppo, "adamw", lambda params, lr, trainer=None, clips=False: adamw(params, lr * 30, trainer, clips))
     summaries = {s["stage"]: s for s in run(cfg)}
     assert all("cached" in summaries[s]["metric"] for s in ("sl_data", "sft", "pairs", "label", "pm"))
     assert "cached" not in summaries["ppo"]["metric"] and "cached" not in summaries["eval"]["metric"]

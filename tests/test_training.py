@@ -43,6 +43,24 @@ def test_the_finite_guard_stops_at_nan_and_warns_on_exploding_weights(caplog):
         guard.on_train_end(Trainer, module)
 
 
+def test_adamw_is_fused_unless_mixed_precision_must_clip():
+    """The fused step is faster (the PM at bf16-mixed: about 9%); Lightning's AMP plugin refuses to clip its
+    gradients, so it is foreach exactly where mixed precision meets clipping (PPO, or trainer.gradient_clip_val)."""
+    import lightning as L
+
+    from cai.training import adamw
+
+    params = list(torch.nn.Linear(4, 4).parameters())
+    fused = lambda opt: bool(opt.defaults["fused"])  # noqa: E731
+    mixed, clipped = (
+        L.Trainer(precision="bf16-mixed", accelerator="cpu"),
+        L.Trainer(precision="bf16-mixed", accelerator="cpu", gradient_clip_val=1.0),
+    )
+    assert fused(adamw(params, 1e-3)) and fused(adamw(params, 1e-3, L.Trainer(precision="32-true", accelerator="cpu"), clips=True))
+    assert fused(adamw(params, 1e-3, mixed))  # SFT and the PM at bf16-mixed: nothing to clip
+    assert not fused(adamw(params, 1e-3, mixed, clips=True)) and not fused(adamw(params, 1e-3, clipped))
+
+
 def test_ppo_fits_deepspeeds_config_before_the_trainer_reads_it():
     """Under DeepSpeed, PPO's clipping must live in the engine's config, and its one-step loader gives
     Lightning no batch sampler to read a micro-batch size from (the H200 run failed there)."""

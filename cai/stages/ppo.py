@@ -345,7 +345,7 @@ class PPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("ref.")]
-        opt = adamw(params, self.cfg.lr, self.trainer)
+        opt = adamw(params, self.cfg.lr, self.trainer, clips=True)  # clip_gradients at every step
         # A constant schedule, only so LearningRateMonitor logs the rate as ppo/train/lr.
         constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": constant, "name": "ppo/train/lr"}}
