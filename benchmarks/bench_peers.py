@@ -331,10 +331,31 @@ def summarise(runs: dict[str, list[dict]], data: Path | None) -> dict:
     acc = {"cai": accuracy(runs["pm cai"][-1]["path"] + "/model", data), "trl": accuracy(runs["pm trl"][-1]["model"], data)}
     return {
         "rows": [{"measure": n, "cai": round(c, 3), "trl": round(t, 3), "cai/trl speed": speed(c, t, h)} for n, c, t, h in rows],
+        "per_round_speed": round_speeds(runs),
         "rl_split": split,
         "pm_accuracy": {"data": data.name if data else None, "comparisons": 200 if data else 0, **acc},
         "runs": strip_paths(runs),
     }
+
+
+def round_speeds(runs: dict[str, list[dict]]) -> dict[str, list[float | None]]:
+    """cai/TRL speed of each round: a cai run and the TRL run beside it share the machine's moment, so their
+    spread shows how far the machine's noise moves the medians' ratio."""
+
+    def per_iteration(r: dict) -> float:
+        return r["counts"]["seconds"] / r["counts"]["iterations"]
+
+    pairs = {
+        "SFT": ([r["counts"]["train_tokens_per_s"] for r in runs["sft cai"]], [r["train_tokens_per_s"] for r in runs["sft trl"]], True),
+        "PM": (
+            [r["counts"]["train_comparisons"] * 2 / r["counts"]["seconds"] for r in runs["pm cai"]],
+            [r["comparisons_per_s"] for r in runs["pm trl"]],
+            True,
+        ),
+        "RL grpo": ([per_iteration(r) for r in runs["rl cai grpo"]], [r["seconds_per_iteration"] for r in runs["rl trl"]], False),
+        "RL gae": ([per_iteration(r) for r in runs["rl cai gae"]], [r["seconds_per_iteration"] for r in runs["rl trl"]], False),
+    }
+    return {name: [speed(c, t, faster) for c, t in zip(cai, trl)] for name, (cai, trl, faster) in pairs.items()}
 
 
 def speed(cai_value: float, trl_value: float, higher_is_faster: bool | None) -> float | None:
@@ -350,6 +371,10 @@ def show(precision: str, res: dict, data: Path | None) -> None:
     for row in res["rows"]:
         ratio = row["cai/trl speed"]
         print(f"{row['measure']:44s} {row['cai']:10.2f} {row['trl']:10.2f} {'' if ratio is None else f'x{ratio:.2f}':>14s}")
+    print(
+        "cai/TRL speed of each round: "
+        + "; ".join(f"{k} " + ", ".join(f"x{v:.2f}" for v in vs) for k, vs in res["per_round_speed"].items())
+    )
     for name, split in res["rl_split"].items():
         print(f"  {name} split (s): " + ", ".join(f"{k} {v:.1f}" for k, v in split.items()))
     if data is not None:

@@ -553,8 +553,13 @@ ENGINES = ("hf", "vllm")
 
 def engine_identity(cfg) -> dict | None:
     """What label.engine adds to the identity of a label or a verdict: None for HF (the feedback model's
-    spec says it all), else the vLLM engine's dtype, since its numbers differ from HF's within float tolerance."""
-    return {"vllm": cfg.generation.dtype} if cfg.label.get("engine", "hf") == "vllm" else None
+    spec says it all), else the vLLM engine's dtype (auto resolved: a CPU's and a GPU's differ), since its
+    numbers differ from HF's within float tolerance."""
+    if cfg.label.engine != "vllm":
+        return None
+    from cai.generation.vllm import engine_dtype  # imports no vLLM
+
+    return {"vllm": engine_dtype(cfg.generation.dtype)}
 
 
 def label_engine(cfg, spec):
@@ -568,7 +573,7 @@ def label_engine(cfg, spec):
 
 def check_engine(cfg) -> None:
     """label.engine: hf, or vllm with generation=vllm and a multiple-choice label kind."""
-    engine = cfg.label.get("engine", "hf")
+    engine = cfg.label.engine
     check_choice("label.engine", engine, ENGINES)
     if engine == "vllm" and "vllm" not in str(cfg.generation.get("_target_", "")):
         raise CaiError("label.engine=vllm: the engine is built with generation=vllm's settings; add generation=vllm")

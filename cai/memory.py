@@ -403,6 +403,8 @@ class Planner:
         cfg, f = self.cfg, self.feedback
         if f is None or cfg.label.kind == "human":
             return []
+        if cfg.label.engine == "vllm" and self.setup.vllm_gib:  # the engine holds the feedback model inside its share
+            return [Role("label", "reward", kv_cache=self.setup.vllm_gib * GIB)]
         length = max(cfg.label.max_length, self.prompt + 2 * cfg.pairs.max_new_tokens)
         role = inference("label", "reward", f, self.dtype_bytes("feedback_model"), self.setup, cfg.label.batch_size, length, False)
         if cfg.label.kind == "cot":  # it generates its reasoning first

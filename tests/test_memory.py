@@ -136,3 +136,20 @@ def test_more_devices_shard_under_zero3_and_the_plan_suggests_it(tmp_path, capsy
     eight = memory.plan(cfg("trainer.devices=8", "strategy=deepspeed_zero3"), ("sft",)).stage_totals()["sft"]
     assert eight < one / 5  # weights, gradients and optimizer state split 8 ways; activations are not
     assert "strategy=deepspeed_zero3" in memory.candidates(cfg("trainer.devices=8"), "sft")
+
+
+def test_the_label_stage_on_vllm_is_planned_as_the_engines_share(tmp_path, qwen_7b):
+    """label.engine=vllm loads no HF feedback model: the stage needs what the engine reserves, as PPO's rollouts do."""
+    from hydra import compose, initialize_config_dir
+
+    import cai
+
+    def label_roles(*o):
+        base = ["logger=none", "model=hf", f"model.name_or_path={qwen_7b}", "model.dtype=bfloat16", "memory.device_gib=80"]
+        with initialize_config_dir(config_dir=str(cai.CONF), version_base=None):
+            return memory.plan(compose("train", overrides=[*base, *o]), ("label",)).roles
+
+    [hf] = label_roles("generation=vllm")
+    [engine] = label_roles("generation=vllm", "label.engine=vllm", "generation.gpu_memory_utilization=0.5")
+    assert hf.weights > 14 * 2**30 and hf.activations > 0  # the 7B feedback model's bf16 weights, in this process
+    assert (engine.weights, engine.activations, engine.kv_cache) == (0.0, 0.0, 0.5 * 80 * 2**30)

@@ -132,12 +132,15 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, An
     gives a left-padded row (cumsum of the mask), so the tokens sampled are those of a whole prefill
     up to float rounding; with k answers a prompt, the prompts cost a k-th of their forward.
     """
-    rows = [tuple(r) for r in ids.tolist()]
-    first: dict[tuple, int] = {}
-    owner = [first.setdefault(r, len(first)) for r in rows]  # (B,) the distinct prompt each row repeats
-    if len(first) == len(rows) or ids.shape[1] < 2:
+    index: dict[tuple, int] = {}  # a distinct prompt -> its number
+    owner, distinct = [], []  # (B,) the distinct prompt each row repeats; (D,) the first row of each
+    for row, prompt in enumerate(map(tuple, ids.tolist())):
+        if prompt not in index:
+            index[prompt] = len(distinct)
+            distinct.append(row)
+        owner.append(index[prompt])
+    if len(distinct) == len(owner) or ids.shape[1] < 2:
         return {}
-    distinct = torch.tensor([owner.index(j) for j in range(len(first))], device=ids.device)
     ids, mask = ids[distinct, :-1], mask[distinct, :-1]  # (D, W-1)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     accepts = inspect.signature(model.forward).parameters
