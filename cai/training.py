@@ -84,7 +84,7 @@ def adamw(params, lr: float, trainer: L.Trainer | None = None, clips: bool = Fal
     """
     params = list(params)
     amp = trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision)
-    clips = clips or bool(trainer is not None and (trainer.gradient_clip_val or 0) > 0)
+    clips = clips or bool(amp and (trainer.gradient_clip_val or 0) > 0)  # Lightning's own clipping
     fused = not (amp and clips) and all(p.device.type in ("cpu", "cuda") for p in params if isinstance(p, torch.Tensor))
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)
 
