@@ -313,7 +313,7 @@ def summarise(runs: dict[str, list[dict]], data: Path | None) -> dict:
     sft_cai = [{**r["counts"], "peak_rss_gb": r["usage"]["peak_rss_gb"]} for r in runs["sft cai"]]
     pm_cai = [{**r["counts"], "peak_rss_gb": r["usage"]["peak_rss_gb"]} for r in runs["pm cai"]]
     for r in pm_cai:
-        r["comparisons_per_s"] = r["train_comparisons"] * 2 / r["seconds"]  # two epochs
+        r["comparisons_per_s"] = pm_rate(r)
     rows = [
         ("SFT training tokens/s", median(sft_cai, "train_tokens_per_s"), median(runs["sft trl"], "train_tokens_per_s"), True),
         ("SFT peak RSS GiB", median(sft_cai, "peak_rss_gb"), median(runs["sft trl"], "peak_rss_gb"), None),
@@ -324,7 +324,7 @@ def summarise(runs: dict[str, list[dict]], data: Path | None) -> dict:
     split = {}
     for name in ("rl cai grpo", "rl cai gae"):
         rs = runs[name]
-        it = statistics.median(r["counts"]["seconds"] / r["counts"]["iterations"] for r in rs)
+        it = statistics.median(per_iteration(r) for r in rs)
         rows.append((f"RL s/iteration, {name[3:]} vs TRL GRPO", it, trl_it, False))
         rows.append((f"RL peak RSS GiB, {name[3:]}", statistics.median(r["usage"]["peak_rss_gb"] for r in rs), trl_peak, None))
         split[name[3:]] = ppo_split(rs[-1])
@@ -341,14 +341,10 @@ def summarise(runs: dict[str, list[dict]], data: Path | None) -> dict:
 def round_speeds(runs: dict[str, list[dict]]) -> dict[str, list[float | None]]:
     """cai/TRL speed of each round: a cai run and the TRL run beside it share the machine's moment, so their
     spread shows how far the machine's noise moves the medians' ratio."""
-
-    def per_iteration(r: dict) -> float:
-        return r["counts"]["seconds"] / r["counts"]["iterations"]
-
     pairs = {
         "SFT": ([r["counts"]["train_tokens_per_s"] for r in runs["sft cai"]], [r["train_tokens_per_s"] for r in runs["sft trl"]], True),
         "PM": (
-            [r["counts"]["train_comparisons"] * 2 / r["counts"]["seconds"] for r in runs["pm cai"]],
+            [pm_rate(r["counts"]) for r in runs["pm cai"]],
             [r["comparisons_per_s"] for r in runs["pm trl"]],
             True,
         ),
@@ -356,6 +352,16 @@ def round_speeds(runs: dict[str, list[dict]]) -> dict[str, list[float | None]]:
         "RL gae": ([per_iteration(r) for r in runs["rl cai gae"]], [r["seconds_per_iteration"] for r in runs["rl trl"]], False),
     }
     return {name: [speed(c, t, faster) for c, t in zip(cai, trl)] for name, (cai, trl, faster) in pairs.items()}
+
+
+def pm_rate(counts: dict) -> float:
+    """A cai PM run's comparisons/s, from its manifest's counts: two epochs over its train comparisons."""
+    return counts["train_comparisons"] * 2 / counts["seconds"]
+
+
+def per_iteration(run: dict) -> float:
+    """A cai PPO run's seconds per iteration."""
+    return run["counts"]["seconds"] / run["counts"]["iterations"]
 
 
 def speed(cai_value: float, trl_value: float, higher_is_faster: bool | None) -> float | None:
