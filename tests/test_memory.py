@@ -38,6 +38,16 @@ def qwen_7b(tmp_path_factory) -> Path:
     return d
 
 
+def qwen_cfg(qwen_7b: Path, *overrides: str):
+    """The composed config of a run on Qwen2.5-7B's shape (planned only: its weights are never read)."""
+    from hydra import compose, initialize_config_dir
+
+    import cai
+
+    with initialize_config_dir(config_dir=str(cai.CONF), version_base=None):
+        return compose("train", overrides=["logger=none", "model=hf", f"model.name_or_path={qwen_7b}", *overrides])
+
+
 def run(tmp_path: Path, capsys, *overrides: str) -> tuple[object, str]:
     """`python train.py` in this process: what it exited with (a refusal is its one line) and what it printed."""
     code = train_in_process("logger=none", f"paths.root={tmp_path}", f"paths.output={tmp_path}/out", *overrides)
@@ -124,13 +134,9 @@ def test_a_plan_that_does_not_fit_is_one_line_before_any_model_loads(tmp_path, c
 
 def test_more_devices_shard_under_zero3_and_the_plan_suggests_it(tmp_path, capsys, qwen_7b):
     """Planned for 8 GPUs of 40 GiB (trainer.devices=8 on this machine only plans: stage=check runs nothing)."""
-    from hydra import compose, initialize_config_dir
-
-    import cai
 
     def cfg(*o):
-        with initialize_config_dir(config_dir=str(cai.CONF), version_base=None):
-            return compose("train", overrides=["logger=none", "model=hf", f"model.name_or_path={qwen_7b}", "memory.device_gib=40", *o])
+        return qwen_cfg(qwen_7b, "memory.device_gib=40", *o)
 
     one = memory.plan(cfg("trainer.devices=1"), ("sft",)).stage_totals()["sft"]
     eight = memory.plan(cfg("trainer.devices=8", "strategy=deepspeed_zero3"), ("sft",)).stage_totals()["sft"]
@@ -140,14 +146,9 @@ def test_more_devices_shard_under_zero3_and_the_plan_suggests_it(tmp_path, capsy
 
 def test_the_label_stage_on_vllm_is_planned_as_the_engines_share(tmp_path, qwen_7b):
     """label.engine=vllm loads no HF feedback model: the stage needs what the engine reserves, as PPO's rollouts do."""
-    from hydra import compose, initialize_config_dir
-
-    import cai
 
     def label_roles(*o):
-        base = ["logger=none", "model=hf", f"model.name_or_path={qwen_7b}", "model.dtype=bfloat16", "memory.device_gib=80"]
-        with initialize_config_dir(config_dir=str(cai.CONF), version_base=None):
-            return memory.plan(compose("train", overrides=[*base, *o]), ("label",)).roles
+        return memory.plan(qwen_cfg(qwen_7b, "model.dtype=bfloat16", "memory.device_gib=80", *o), ("label",)).roles
 
     [hf] = label_roles("generation=vllm")
     [engine] = label_roles("generation=vllm", "label.engine=vllm", "generation.gpu_memory_utilization=0.5")
