@@ -123,3 +123,32 @@ def test_repeated_prompts_are_prefilled_once_and_sample_from_the_actors_distribu
         actor = recomputed[row][batch["action_mask"][row].bool()]
         assert torch.allclose(torch.tensor(o.logprobs), actor, atol=1e-4), (row, o.logprobs, actor.tolist())
     assert len({tuple(o.token_ids) for o in outs[:3]}) > 1  # the repeats are sampled apart, not copied
+
+
+def test_the_sampler_draws_from_the_tempered_top_p_distribution():
+    """The sampler's draws and log-probs, against a distribution worked by hand.
+
+    p = (0.5, 0.25, 0.15, 0.07, 0.03); temperature 0.5 squares it: (0.25, 0.0625, 0.0225, 0.0049,
+    0.0009) / 0.3408 = (0.734, 0.183, 0.066, 0.014, 0.003); top-p 0.9 drops the tokens whose upward
+    cumulative mass stays within 0.1 (the last three), leaving (0.25, 0.0625) / 0.3125 = (0.8, 0.2).
+    """
+    import math
+
+    import torch
+
+    from cai.generation.hf import Sampler
+
+    n = 20_000
+    logits = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]).log().expand(n, 5).clone()  # (n, V)
+    torch.manual_seed(0)
+    sampler = Sampler(SamplingParams(temperature=0.5, top_p=0.9, logprobs=True))
+    out = sampler(torch.zeros((n, 1), dtype=torch.long), logits)
+    assert ((out == 0).sum(1) == 1).all() and torch.isinf(out).sum() == n * 4  # one token left possible per row
+    drawn = out.argmax(1)
+    share = torch.bincount(drawn, minlength=5) / n
+    assert abs(share[0] - 0.8) < 0.012 and abs(share[1] - 0.2) < 0.012 and share[2:].sum() == 0  # 4 standard errors
+    expected = torch.where(drawn == 0, math.log(0.8), math.log(0.2))
+    assert torch.allclose(sampler.logprobs[0], expected, atol=1e-5)
+    greedy = Sampler(SamplingParams(temperature=0, logprobs=True))
+    assert greedy(torch.zeros((1, 1), dtype=torch.long), logits[:1]).argmax() == 0
+    assert abs(greedy.logprobs[0].item() - math.log(0.5)) < 1e-6
