@@ -438,11 +438,16 @@ def check_finite(node: Any, where: str = "") -> None:
         raise CaiError(f"{where}: must be a finite number, got {node} (fix it in conf/ or on the command line: {where}=...)")
 
 
+def uses_vllm(cfg: DictConfig) -> bool:
+    """True when the run generates with vLLM (`generation=vllm`): the generation section's target says so."""
+    return "vllm" in str(cfg.generation.get("_target_", ""))
+
+
 def check_ranges(cfg: DictConfig) -> None:
     """Check every ranged field (counts, batch sizes, epochs, learning rates, fractions) before any model loads."""
     check_finite({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"})
     sections = dict(RANGED_SECTIONS)
-    sections["generation"] = VLLMGenerationConfig if "vllm" in str(cfg.generation.get("_target_", "")) else HFGenerationConfig
+    sections["generation"] = VLLMGenerationConfig if uses_vllm(cfg) else HFGenerationConfig
     for section, schema in sections.items():
         for f in dataclasses.fields(schema):
             bounds = f.metadata.get("range")

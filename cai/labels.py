@@ -31,6 +31,7 @@ from statistics import mean
 import torch
 from tqdm.auto import tqdm
 
+from cai.config import uses_vllm
 from cai.constitution import RLExample, RLPrinciple
 from cai.data import Message, human_pairs
 from cai.errors import CaiError, check_choice
@@ -575,7 +576,7 @@ def check_engine(cfg) -> None:
     """label.engine: hf, or vllm with generation=vllm and a multiple-choice label kind."""
     engine = cfg.label.engine
     check_choice("label.engine", engine, ENGINES)
-    if engine == "vllm" and "vllm" not in str(cfg.generation.get("_target_", "")):
+    if engine == "vllm" and not uses_vllm(cfg):
         raise CaiError("label.engine=vllm: the engine is built with generation=vllm's settings; add generation=vllm")
     if engine == "vllm" and cfg.label.kind in LIKELIHOOD_KINDS:
         raise CaiError(

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cai.config import uses_vllm
 from cai.errors import CaiError
 
 log = logging.getLogger(__name__)
@@ -329,7 +330,7 @@ def setup_of(cfg: DictConfig, devices: int, total_bytes: float, gpu: bool) -> Se
 
     deepspeed = cfg.strategy.name == "deepspeed"
     precision = "bf16-mixed" if gpu and cfg.trainer.precision == "auto" else resolve_precision(cfg.trainer.precision)
-    vllm = "vllm" in str(cfg.generation.get("_target_", "")) and gpu
+    vllm = uses_vllm(cfg) and gpu
     return Setup(
         devices=devices,
         zero=int(cfg.strategy.zero_stage) if deepspeed else 0,

@@ -41,7 +41,7 @@ import torch
 from omegaconf import DictConfig
 
 from cai.artifacts import fingerprint, write_json
-from cai.config import instantiate
+from cai.config import instantiate, uses_vllm
 from cai.data import Message, Prompt, load_prompts
 from cai.distributed import all_gather, mean, rank, world
 from cai.errors import CaiError, check_choice
@@ -83,7 +83,6 @@ FROZEN_DTYPES = ("bfloat16", "float32")
 # The policy is saved in files of at most this size (with an index): safetensors serialises a file's
 # tensors into one buffer before writing it, so smaller files bound that buffer.
 SHARD = "100MB"
-VLLM = "cai.generation.vllm.VLLMGenerator"
 
 
 class PPOModule(L.LightningModule):
@@ -544,7 +543,7 @@ def build(ctx: Context) -> dict | None:
     args = (actor, tok, reward_fn, conversations(prompts), cfg.ppo, cfg.seed, critic, cfg.generation.batch_size, ctx.tracker)
     # generation=vllm: one engine for the run (on a GPU it shares the device with the trainer, within
     # generation.gpu_memory_utilization); the actor's weights are pushed into it before every rollout.
-    engine = instantiate(cfg.generation, model=spec, weight_sync=True) if cfg.generation._target_ == VLLM else None
+    engine = instantiate(cfg.generation, model=spec, weight_sync=True) if uses_vllm(cfg) else None
     module = PPOModule(
         *args, snapshot_dir=out.path / "snapshots", engine=engine, ref_dtype=spec.torch_dtype, frozen_dtype=frozen_dtype, lora=lora
     )
